@@ -1,0 +1,190 @@
+"""`flywheel …`: serve the app, migrate the database, manage users and tokens (later: worker, train, model, demo).
+
+Every command has --help. Errors print one line `flywheel: error: …` and exit non-zero.
+"""
+
+import argparse
+import getpass
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
+from app import migrate
+from app.db import make_engine, make_session_factory, transaction
+from app.errors import NotFound, ServiceError
+from app.models import Role
+from app.services import tokens, users
+from app.settings import Settings
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def read_password(prompt: str = "Password: ") -> str:
+    """From a prompt (asked twice) on a terminal, else the first line of stdin; never from argv (it leaks to `ps`)."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(prompt)
+        if getpass.getpass("Again: ") != first:
+            raise CLIError("the two passwords differ")
+        return first
+    line = sys.stdin.readline()
+    if not line:
+        raise CLIError("no password on stdin")
+    return line.rstrip("\r\n")
+
+
+def _session_factory(settings: Settings):
+    return make_session_factory(make_engine(settings.resolved_database_url))
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
+    if not args.no_migrate:
+        migrate.upgrade(settings.resolved_database_url)
+    host, port = args.host or settings.host, args.port or settings.port
+    print(f"Flywheel serving on http://{host}:{port}", file=sys.stderr)
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers, proxy_headers=True)
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> None:
+    migrate.upgrade(settings.resolved_database_url, args.revision)
+    print(f"database at {args.revision}")
+
+
+def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> None:
+    migrate.downgrade(settings.resolved_database_url, args.revision)
+    print(f"database at {args.revision}")
+
+
+def cmd_users_create(args: argparse.Namespace, settings: Settings) -> None:
+    password = read_password()
+    with transaction(_session_factory(settings)) as session:
+        user = users.create_user(session, username=args.name, password=password, role=Role(args.role))
+        print(f"created {user.username} ({user.role.value})")
+
+
+def cmd_users_list(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        for user in users.list_users(session):
+            state = "disabled" if user.disabled else "enabled"
+            print(f"{user.id}\t{user.username}\t{user.role.value}\t{state}")
+
+
+def _user_named(session, name: str):
+    user = users.get_by_username(session, username=name)
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return user
+
+
+def cmd_users_set_role(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        user = users.update_user(session, user_id=_user_named(session, args.name).id, role=Role(args.role))
+        print(f"{user.username} is now {user.role.value}")
+
+
+def cmd_users_disable(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        user = users.update_user(session, user_id=_user_named(session, args.name).id, disabled=not args.enable)
+        print(f"{user.username} is {'disabled' if user.disabled else 'enabled'}")
+
+
+def cmd_tokens_create(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        user = _user_named(session, args.user)
+        token, secret = tokens.create_token(session, user=user, name=args.name, expires_in_days=args.expires_in_days)
+    print(f"token {token.id} for {args.user} (shown once, store it now):", file=sys.stderr)
+    print(secret)
+
+
+def cmd_tokens_list(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        for t in tokens.list_tokens(session, user=_user_named(session, args.user)):
+            state = "revoked" if t.revoked_at else "active"
+            print(f"{t.id}\t{t.name}\t{t.prefix}…\t{state}")
+
+
+def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        token = tokens.revoke_token(session, token_id=args.id)
+        print(f"token {token.id} ({token.name}) revoked")
+
+
+def _add(sub, name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__.split("\n")[0])
+    groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = _add(groups, "serve", cmd_serve, "migrate the database and serve the web app")
+    serve.add_argument("--host", help="bind address (default FLYWHEEL_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default FLYWHEEL_PORT or 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
+
+    db = groups.add_parser("db", help="database schema", description="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    _add(db, "upgrade", cmd_db_upgrade, "upgrade the schema").add_argument("revision", nargs="?", default="head")
+    _add(db, "downgrade", cmd_db_downgrade, "downgrade the schema").add_argument("revision", help="e.g. -1 or base")
+
+    user_cmds = groups.add_parser("users", help="accounts", description="accounts").add_subparsers(
+        dest="users_command", required=True, metavar="ACTION"
+    )
+    create = _add(user_cmds, "create", cmd_users_create, "create an account (password from stdin or a prompt)")
+    create.add_argument("name")
+    create.add_argument("--role", choices=[r.value for r in Role], default=Role.user.value)
+    _add(user_cmds, "list", cmd_users_list, "list accounts")
+    set_role = _add(user_cmds, "set-role", cmd_users_set_role, "change an account's role")
+    set_role.add_argument("name")
+    set_role.add_argument("role", choices=[r.value for r in Role])
+    disable = _add(user_cmds, "disable", cmd_users_disable, "disable an account (ends its sessions)")
+    disable.add_argument("name")
+    disable.set_defaults(enable=False)
+    enable = _add(user_cmds, "enable", cmd_users_disable, "enable a disabled account")
+    enable.add_argument("name")
+    enable.set_defaults(enable=True)
+
+    token_cmds = groups.add_parser("tokens", help="API tokens", description="API tokens").add_subparsers(
+        dest="tokens_command", required=True, metavar="ACTION"
+    )
+    tcreate = _add(token_cmds, "create", cmd_tokens_create, "create an API token for a user (printed once)")
+    tcreate.add_argument("user")
+    tcreate.add_argument("--name", required=True, help="what the token is for")
+    tcreate.add_argument("--expires-in-days", type=int, help="expiry (default: never)")
+    _add(token_cmds, "list", cmd_tokens_list, "list a user's tokens").add_argument("user")
+    _add(token_cmds, "revoke", cmd_tokens_revoke, "revoke a token by id").add_argument("id", type=int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+        args.handler(args, settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"flywheel: error: settings: {first.get('msg')}", file=sys.stderr)
+        return 2
+    except (CLIError, ServiceError) as exc:
+        print(f"flywheel: error: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"flywheel: error: database: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""FastAPI dependencies. A route's signature says who may call it: `CurrentUser`, `AnnotatorUser`, `AdminUser`."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, CookieSigner, tokens_equal
+from app.db import transaction
+from app.errors import Forbidden, Unauthorized
+from app.models import Role, User
+from app.services.sessions import resolve_session
+from app.services.tokens import resolve_token
+from app.settings import Settings
+
+ROLE_LEVEL = {Role.user: 0, Role.annotator: 1, Role.admin: 2}
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    with factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling and how: `via` is "token" (Bearer), "session" (cookie) or "anonymous"."""
+
+    user: User | None
+    via: str
+    csrf_token: str
+
+
+def _bearer_secret(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("Authorization header must be 'Bearer <token>'")
+    return secret.strip()
+
+
+def resolve_principal(request: Request) -> Principal:
+    """Authenticate once per request (cached on request.state): a Bearer token wins over the cookie."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    secret = _bearer_secret(request)
+    anon_csrf = request.scope.get("state", {}).get("csrf_nonce", "")
+    if secret is not None:
+        with transaction(factory) as session:
+            user = resolve_token(session, secret=secret)
+        if user is None:
+            raise Unauthorized("invalid, expired or revoked API token")
+        principal = Principal(user, "token", "")
+    else:
+        signer: CookieSigner = request.app.state.signer
+        token = signer.unsign(request.cookies.get(SESSION_COOKIE))
+        principal = Principal(None, "anonymous", anon_csrf)
+        if token:
+            with factory() as session:
+                login = resolve_session(session, token=token)
+                if login is not None:
+                    principal = Principal(login.user, "session", login.csrf_token)
+    request.state.principal = principal
+    return principal
+
+
+async def csrf_protect(request: Request) -> None:
+    """Every unsafe request that a browser could send on its own (cookie or form) must echo the CSRF token."""
+    if request.method not in UNSAFE_METHODS or request.headers.get("authorization"):
+        return
+    expected = resolve_principal(request).csrf_token
+    submitted = request.headers.get(CSRF_HEADER)
+    if submitted is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        submitted = (await request.form()).get(CSRF_FIELD)
+    if not expected or not isinstance(submitted, str) or not tokens_equal(expected, submitted):
+        raise Forbidden("CSRF token missing or invalid; reload the page and try again")
+
+
+def get_optional_user(request: Request) -> User | None:
+    return resolve_principal(request).user
+
+
+def require_user(request: Request) -> User:
+    user = resolve_principal(request).user
+    if user is None:
+        raise Unauthorized("log in or send an API token")
+    return user
+
+
+def require_role(role: Role):
+    def check(user: Annotated[User, Depends(require_user)]) -> User:
+        if ROLE_LEVEL[user.role] < ROLE_LEVEL[role]:
+            raise Forbidden(f"this needs the {role.value} role")
+        return user
+
+    return check
+
+
+OptionalUser = Annotated[User | None, Depends(get_optional_user)]
+CurrentUser = Annotated[User, Depends(require_user)]
+AnnotatorUser = Annotated[User, Depends(require_role(Role.annotator))]
+AdminUser = Annotated[User, Depends(require_role(Role.admin))]

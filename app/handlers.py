@@ -1,0 +1,61 @@
+"""One error shape: JSON `{"detail": "..."}` for the API, an HTML page (or an htmx toast) for browsers."""
+
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import ServiceError, TooManyRequests, Unauthorized
+from app.templating import is_htmx, render
+
+API_PREFIXES = ("/api/", "/v1/")
+
+
+def wants_json(request: Request) -> bool:
+    return request.url.path.startswith(API_PREFIXES) or "application/json" in request.headers.get("accept", "")
+
+
+def error_response(request: Request, status_code: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    if wants_json(request):
+        return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+    if status_code == 401 and request.method == "GET" and not is_htmx(request):
+        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+    if is_htmx(request):  # keep the page as it is and show the message as an out-of-band toast
+        headers["HX-Reswap"] = "none"
+        response = render(
+            request, "partials/toast.html", {"message": message, "level": "error"}, status_code=status_code
+        )
+    else:
+        response = render(
+            request, "error.html", {"status_code": status_code, "message": message}, status_code=status_code
+        )
+    response.headers.update(headers)
+    return response
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "form"))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", "invalid"))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequests) else None
+        if isinstance(exc, Unauthorized) and wants_json(request):
+            headers = {"WWW-Authenticate": "Bearer"}
+        return error_response(request, exc.status_code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(request, 422, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))

@@ -1,0 +1,59 @@
+"""The application factory: `create_app(settings)` wires settings, database, middleware and routers.
+
+Run with `flywheel serve` (or `uvicorn app.main:app`); tests build their own app with their own settings.
+"""
+
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app.auth import CookieSigner, LoginRateLimiter
+from app.db import make_engine, make_session_factory
+from app.deps import csrf_protect
+from app.handlers import install_error_handlers
+from app.middleware import BrowserSecurityMiddleware
+from app.routes import account, admin, api, auth, pages
+from app.settings import Settings
+from app.templating import TEMPLATES_DIR, make_templates
+
+STATIC_DIR = TEMPLATES_DIR.parent / "static"
+
+
+CSRF = Depends(csrf_protect)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. The database is migrated by `flywheel serve` / `flywheel db upgrade`, not here: with several
+    server processes, one migration must run before any of them starts; /readyz reports a database behind."""
+    settings = settings or Settings()
+    engine = make_engine(settings.resolved_database_url)
+    signer = CookieSigner(settings.resolved_secret_key())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="Flywheel", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.signer = signer
+    app.state.templates = make_templates()
+    app.state.login_limiter = LoginRateLimiter(settings.login_max_failures, settings.login_window_s)
+
+    app.add_middleware(BrowserSecurityMiddleware, signer=signer, secure_cookie=settings.cookie_secure)
+    install_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    for module in (pages, auth, account, admin):
+        app.include_router(module.router, dependencies=[CSRF])
+    app.include_router(api.router, prefix="/api/v1", dependencies=[CSRF])
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`uvicorn app.main:app` builds the app on first access, not at import (no import-time side effects)."""
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,63 @@
+"""Pure ASGI middleware (safe for streaming responses): security headers and the anonymous CSRF cookie."""
+
+import secrets
+from http.cookies import SimpleCookie
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import CSRF_COOKIE, CookieSigner
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'",
+    ),
+]
+
+
+def _cookies(scope: Scope) -> dict[str, str]:
+    jar: SimpleCookie = SimpleCookie()
+    for name, value in scope.get("headers", []):
+        if name == b"cookie":
+            try:
+                jar.load(value.decode("latin-1"))
+            except Exception:  # a malformed Cookie header is the client's problem; treat it as absent
+                return {}
+    return {key: morsel.value for key, morsel in jar.items()}
+
+
+class BrowserSecurityMiddleware:
+    """Adds security headers and gives every browser a signed CSRF nonce (double-submit) before it logs in."""
+
+    def __init__(self, app: ASGIApp, signer: CookieSigner, secure_cookie: bool | None = None) -> None:
+        self.app = app
+        self.signer = signer
+        self.secure_cookie = secure_cookie
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        nonce = self.signer.unsign(_cookies(scope).get(CSRF_COOKIE))
+        set_cookie = nonce is None
+        if nonce is None:
+            nonce = secrets.token_urlsafe(32)
+        scope.setdefault("state", {})["csrf_nonce"] = nonce
+        secure = self.secure_cookie if self.secure_cookie is not None else scope.get("scheme") == "https"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in SECURITY_HEADERS if name not in present]
+                if set_cookie:
+                    cookie = f"{CSRF_COOKIE}={self.signer.sign(nonce)}; Path=/; HttpOnly; SameSite=Lax"
+                    headers.append((b"set-cookie", (cookie + ("; Secure" if secure else "")).encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -1,0 +1,52 @@
+"""REST API under /api/v1 (Bearer tokens or the browser session). Later issues add jobs, rankings, feedback."""
+
+from fastapi import APIRouter, status
+
+from app.deps import AdminUser, CurrentUser, SessionDep
+from app.schemas import TokenCreate, TokenCreated, TokenPublic, UserCreate, UserPublic, UserUpdate
+from app.services import tokens, users
+
+router = APIRouter(tags=["api"])
+
+
+@router.get("/me", response_model=UserPublic)
+def me(user: CurrentUser) -> UserPublic:
+    return UserPublic.model_validate(user)
+
+
+@router.get("/users", response_model=list[UserPublic])
+def list_users(session: SessionDep, admin: AdminUser) -> list[UserPublic]:
+    return [UserPublic.model_validate(u) for u in users.list_users(session)]
+
+
+@router.post("/users", response_model=UserPublic, status_code=status.HTTP_201_CREATED)
+def create_user(body: UserCreate, session: SessionDep, admin: AdminUser) -> UserPublic:
+    user = users.create_user(session, username=body.username, password=body.password, role=body.role)
+    session.commit()
+    return UserPublic.model_validate(user)
+
+
+@router.patch("/users/{user_id}", response_model=UserPublic)
+def update_user(user_id: int, body: UserUpdate, session: SessionDep, admin: AdminUser) -> UserPublic:
+    user = users.update_user(session, user_id=user_id, role=body.role, disabled=body.disabled)
+    session.commit()
+    return UserPublic.model_validate(user)
+
+
+@router.get("/tokens", response_model=list[TokenPublic])
+def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenPublic]:
+    return [TokenPublic.model_validate(t) for t in tokens.list_tokens(session, user=user)]
+
+
+@router.post("/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+def create_token(body: TokenCreate, session: SessionDep, user: CurrentUser) -> TokenCreated:
+    token, secret = tokens.create_token(session, user=user, name=body.name, expires_in_days=body.expires_in_days)
+    session.commit()
+    return TokenCreated(**TokenPublic.model_validate(token).model_dump(), token=secret)
+
+
+@router.delete("/tokens/{token_id}", response_model=TokenPublic)
+def revoke_token(token_id: int, session: SessionDep, user: CurrentUser) -> TokenPublic:
+    token = tokens.revoke_token(session, token_id=token_id, user=user)
+    session.commit()
+    return TokenPublic.model_validate(token)

@@ -1,0 +1,1 @@
+"""Logic that routes and the CLI share. Keyword-only functions over a Session; they never commit (callers do)."""

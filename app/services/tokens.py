@@ -1,0 +1,62 @@
+"""API tokens for REST: shown once at creation, stored as a SHA-256 hash, revocable, optionally expiring."""
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth import new_api_token, sha256_hex
+from app.errors import Invalid, NotFound
+from app.models import ApiToken, User, utcnow
+
+MAX_TOKEN_DAYS = 3650
+LAST_USED_GRANULARITY = timedelta(minutes=1)  # fewer writes: last use is recorded to the minute
+
+
+def create_token(
+    session: Session, *, user: User, name: str, expires_in_days: int | None = None
+) -> tuple[ApiToken, str]:
+    """Create a token; returns the row and the only copy of the secret."""
+    name = name.strip()
+    if not 1 <= len(name) <= 100:
+        raise Invalid("token name must be 1–100 characters")
+    if expires_in_days is not None and not 1 <= expires_in_days <= MAX_TOKEN_DAYS:
+        raise Invalid(f"expires_in_days must be between 1 and {MAX_TOKEN_DAYS}")
+    secret = new_api_token()
+    expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
+    token = ApiToken(
+        user_id=user.id, name=name, token_hash=sha256_hex(secret), prefix=secret[:10], expires_at=expires_at
+    )
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def list_tokens(session: Session, *, user: User) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id.desc())))
+
+
+def revoke_token(session: Session, *, token_id: int, user: User | None = None) -> ApiToken:
+    """Revoke a token; with `user`, only one of that user's own (others look like they do not exist)."""
+    token = session.get(ApiToken, token_id)
+    if token is None or (user is not None and token.user_id != user.id):
+        raise NotFound(f"token {token_id} not found")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+    session.flush()
+    return token
+
+
+def is_usable(token: ApiToken, now: datetime) -> bool:
+    return token.revoked_at is None and (token.expires_at is None or token.expires_at > now)
+
+
+def resolve_token(session: Session, *, secret: str) -> User | None:
+    """The enabled owner of a live token, or None. Records the last use."""
+    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == sha256_hex(secret)))
+    now = utcnow()
+    if token is None or not is_usable(token, now) or token.user.disabled:
+        return None
+    if token.last_used_at is None or now - token.last_used_at > LAST_USED_GRANULARITY:
+        token.last_used_at = now
+    return token.user

@@ -1,0 +1,81 @@
+"""All of Flywheel's knobs in one place; every field is read from an env var `FLYWHEEL_<NAME>`.
+
+Nothing here is read at import time: `Settings()` is built by the app factory and the CLI, so tests can pass their own.
+"""
+
+import os
+import secrets
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Keys that appear in docs, examples and tutorials; a server using one of them can have its cookies forged.
+WEAK_SECRET_KEYS = frozenset({"", "changeme", "change-me", "secret", "dev", "development", "flywheel", "please-change"})
+MIN_SECRET_KEY_LENGTH = 32
+SECRET_KEY_FILE = "secret_key"
+
+
+class Environment(StrEnum):
+    development = "development"
+    production = "production"
+
+
+class SignupMode(StrEnum):
+    open = "open"
+    invite_only = "invite-only"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_file=None, extra="ignore")
+
+    environment: Environment = Field(Environment.production, description="`development` relaxes the secret key check.")
+    data_dir: Path = Field(Path("./data"), description="Where the SQLite file, models and the secret key live.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file under the data dir.")
+    secret_key: str | None = Field(None, description="Signs session cookies; generated into the data dir if unset.")
+    signup_mode: SignupMode = Field(SignupMode.open, description="`open` or `invite-only` (admins create accounts).")
+    host: str = Field("127.0.0.1", description="Address `flywheel serve` binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `flywheel serve` binds.")
+    session_max_age_s: int = Field(14 * 24 * 3600, gt=0, description="Lifetime of a login session.")
+    login_max_failures: int = Field(5, gt=0, description="Failed logins per window before an account/address waits.")
+    login_window_s: int = Field(300, gt=0, description="The window of the login rate limit, in seconds.")
+    cookie_secure: bool | None = Field(
+        None, description="Force the Secure cookie flag; default: when the request is HTTPS."
+    )
+
+    @model_validator(mode="after")
+    def _check_secret_key(self) -> "Settings":
+        if self.secret_key is None or self.environment == Environment.development:
+            return self
+        if self.secret_key.strip().lower() in WEAK_SECRET_KEYS or len(self.secret_key) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError(
+                f"FLYWHEEL_SECRET_KEY is weak: use at least {MIN_SECRET_KEY_LENGTH} random characters "
+                "(or unset it to have one generated into the data directory)"
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'flywheel.db').resolve()}"
+
+    def resolved_secret_key(self) -> str:
+        """The configured key, or one generated once and kept in the data directory so sessions survive restarts."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / SECRET_KEY_FILE
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{SECRET_KEY_FILE}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(secrets.token_urlsafe(48))
+        tmp.chmod(0o600)
+        try:  # link() refuses to overwrite: when two processes race, both end up reading the one that won
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return path.read_text().strip()

@@ -1,0 +1,1 @@
+"""Flywheel's model core: the transformer, sampling, checkpoints, tokenizer, data and trainers (pure torch)."""

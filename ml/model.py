@@ -1,0 +1,368 @@
+"""The decoder-only transformer: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, and a KV cache.
+
+The layout is Llama's (and Qwen2's with `qkv_bias=True`), so Hugging Face checkpoints map onto it one to one
+(see ml/hf.py), except that q/k/v and gate/up are each one fused matrix: one GEMM instead of three (or two) is
+what makes training and decoding faster than transformers' own modules on the same shape.
+
+A reward model or a value function is the same network with `scalar_head=True`: `score_head` maps each position
+to one number instead of vocabulary logits.
+
+Try it on CPU:
+    python -c "import torch; from ml.model import ModelConfig, Transformer; \
+m = Transformer(ModelConfig.tiny()); print(m(torch.randint(0, 256, (2, 16)))[0].shape)"
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a model; saved as config.json beside its weights."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    intermediate_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head} do not divide")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 256, **overrides: Any) -> ModelConfig:
+        """A 2-layer model for tests and CPU smoke runs."""
+        shape = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, max_seq_len=256)
+        return cls(vocab_size=vocab_size, **{**shape, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, ignoring keys that are not fields (config.json also holds metadata)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class KVCache:
+    """Per-layer keys and values, preallocated to `max_len` positions, for incremental decoding.
+
+    Storage is allocated on the first write with the dtype of the keys written, so bf16 autocast needs no flag.
+    `key_mask` remembers which cached positions are real tokens when a batch was left-padded (None: all are).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int) -> None:
+        self.n_layer, self.batch_size, self.n_kv_head = n_layer, batch_size, n_kv_head
+        self.head_dim, self.max_len = head_dim, max_len
+        self.k: Tensor | None = None  # (n_layer, B, n_kv_head, max_len, head_dim)
+        self.v: Tensor | None = None
+        self.key_mask: Tensor | None = None  # (B, max_len) bool, True = real token
+        self.pos = 0  # positions filled so far (the same for every row)
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch_size: int, max_len: int | None = None) -> KVCache:
+        c = model.config
+        return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len or c.max_seq_len)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv_head, T, head_dim) at the current position; return all keys/values so far."""
+        if self.k is None:
+            shape = (self.n_layer, self.batch_size, self.n_kv_head, self.max_len, self.head_dim)
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+
+    def record_mask(self, attention_mask: Tensor | None, T: int) -> None:
+        """Remember which of the next T positions are real tokens (called once per forward, before layers)."""
+        if attention_mask is None and self.key_mask is None:
+            return
+        if self.key_mask is None:
+            self.key_mask = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=attention_mask.device)
+        new = attention_mask if attention_mask is not None else True
+        self.key_mask[:, self.pos : self.pos + T] = new
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+    def expand(self, n: int) -> KVCache:
+        """Repeat each row n times in place (prefill a prompt once, then decode n candidates of it)."""
+        if n == 1:
+            return self
+        if self.k is not None:  # copy only the filled positions, once
+            self.k, self.v = (self._repeat_filled(t, n) for t in (self.k, self.v))
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.repeat_interleave(n, dim=0)
+        self.batch_size *= n
+        return self
+
+    def _repeat_filled(self, t: Tensor, n: int) -> Tensor:
+        out = t.new_empty((t.size(0), t.size(1) * n, *t.shape[2:]))  # (n_layer, B*n, n_kv_head, max_len, hd)
+        out[:, :, :, : self.pos] = t[:, :, :, : self.pos].repeat_interleave(n, dim=1)
+        return out
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.key_mask = None
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings, in Llama's rotate-half layout (HF parity)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, start: int, T: int, position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Return cos, sin broadcastable to (B, n_head, T, head_dim)."""
+        if position_ids is None:
+            return self.cos[start : start + T], self.sin[start : start + T]  # (T, head_dim)
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)  # (B, 1, T, head_dim)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles; x is (B, H, T, head_dim)."""
+    d = x.size(-1) // 2
+    rotated = torch.cat([-x[..., d:], x[..., :d]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with one fused q/k/v projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv_proj = nn.Linear(config.n_embd, qkv_out, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool, kv_cache: KVCache | None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
+        gqa = self.n_kv_head != self.n_head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with one fused gate/up projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool, kv_cache: KVCache | None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def document_positions(doc_ids: Tensor) -> Tensor:
+    """Position of each token within its document, for packed rows: (B, T) doc ids -> (B, T) positions."""
+    T = doc_ids.size(1)
+    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_index = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - start_index
+
+
+def build_attention_mask(
+    T: int, past: int, key_valid: Tensor | None, doc_ids: Tensor | None, device: torch.device
+) -> Tensor:
+    """Boolean (B or 1, 1, T, past+T) mask, True = may attend: causal, real keys only, same document only.
+
+    Every query may always attend to itself so that padding rows never see an all-masked row (which gives NaN).
+    """
+    q_pos = torch.arange(past, past + T, device=device).view(T, 1)
+    k_pos = torch.arange(past + T, device=device).view(1, past + T)
+    mask = (k_pos <= q_pos).view(1, 1, T, past + T)
+    if key_valid is not None:  # (B, past+T)
+        mask = mask & key_valid[:, None, None, :]
+    if doc_ids is not None:  # (B, T), no cache
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask | (k_pos == q_pos).view(1, 1, T, past + T)
+
+
+class Transformer(nn.Module):
+    """Token ids -> next-token logits (or one scalar per position with `scalar_head=True`)."""
+
+    def __init__(self, config: ModelConfig, scalar_head: bool = False) -> None:
+        super().__init__()
+        self.config, self.scalar_head = config, scalar_head
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        if scalar_head:
+            self.score_head = nn.Linear(config.n_embd, 1, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) everywhere; residual output projections get std/sqrt(2*n_layer) (GPT-2) so the
+        residual stream's variance does not grow with depth."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        for block in self.layers:
+            nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) -> (logits (B, T, vocab) or values (B, T), mean cross-entropy over targets != -100 or None).
+
+        attention_mask: (B, T) bool, True = real token, for left-padded rows; with a cache it covers the new
+        tokens only (the cache remembers earlier ones). doc_ids: (B, T) document of each token in packed rows;
+        tokens attend within their document only and positions restart at each document.
+        """
+        B, T = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+        key_valid = attention_mask  # (B, past+T) or None
+        if kv_cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids is for training on packed rows, not for cached decoding")
+            kv_cache.record_mask(attention_mask, T)
+            key_valid = kv_cache.key_mask[:, : past + T] if kv_cache.key_mask is not None else None
+        if position_ids is None and doc_ids is not None:
+            position_ids = document_positions(doc_ids)
+        elif position_ids is None and key_valid is not None:
+            position_ids = (key_valid.cumsum(-1)[:, past:] - 1).clamp(min=0)  # left padding does not shift
+        mask, is_causal = None, False
+        if key_valid is not None or doc_ids is not None or (past > 0 and T > 1):
+            mask = build_attention_mask(T, past, key_valid, doc_ids, idx.device)
+        else:
+            is_causal = past == 0 and T > 1  # one new token after a cache sees every cached key
+        rope = self.rotary(past, T, position_ids)
+        x = self.embed_tokens(idx)  # (B, T, n_embd)
+        for block in self.layers:
+            x = block(x, rope, mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.norm(x)
+        if self.scalar_head:
+            return self.score_head(x).squeeze(-1), None  # (B, T)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count (a tied lm_head is counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embedding else n
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention's 12*L*d*T (PaLM)."""
+        T = seq_len or self.config.max_seq_len
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def configure_optimizer(
+        self, weight_decay: float = 0.1, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95)
+    ) -> torch.optim.AdamW:
+        """AdamW decaying only matrices (not norms, biases); fused kernel when the parameters allow it."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        kwargs: dict[str, Any] = {}
+        if "fused" in inspect.signature(torch.optim.AdamW).parameters and all(p.is_floating_point() for p in params):
+            kwargs["fused"] = True
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
+
+
+def scalar_model_from(lm: Transformer) -> Transformer:
+    """A scalar-head copy of a language model's body (reward model or value function initialised from a policy)."""
+    model = Transformer(lm.config, scalar_head=True).to(next(lm.parameters()).device)
+    state = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
+    model.load_state_dict(state, strict=False)
+    return model
