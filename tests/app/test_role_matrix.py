@@ -1,0 +1,128 @@
+"""Who may call what: every registered route × anonymous / user / annotator / admin gets exactly the intended status.
+
+Adding a route without adding it here fails `test_every_route_is_in_the_matrix`.
+"""
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.models import Role
+from app.services import tokens
+from tests.factories import PASSWORD, csrf_from, login, make_user
+
+ROLES = ("anonymous", "user", "annotator", "admin")
+_names = itertools.count()
+
+
+@dataclass
+class Caller:
+    client: TestClient
+    csrf: str
+    token_id: int
+    target_user_id: int
+
+
+def form(**data: Any) -> Callable[[Caller], dict]:
+    return lambda c: {"data": {**data, "csrf_token": c.csrf}}
+
+
+def body(**data: Any) -> Callable[[Caller], dict]:
+    return lambda c: {"json": data, "headers": {"X-CSRF-Token": c.csrf}}
+
+
+def new_user_form(c: Caller) -> dict:
+    return {"data": {"username": f"new{next(_names)}", "password": PASSWORD, "role": "user", "csrf_token": c.csrf}}
+
+
+def new_user_body(c: Caller) -> dict:
+    return {"json": {"username": f"api{next(_names)}", "password": PASSWORD}, "headers": {"X-CSRF-Token": c.csrf}}
+
+
+def nothing(c: Caller) -> dict:
+    return {}
+
+
+# (method, path) -> (status for anonymous, user, annotator, admin), request arguments
+MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller], dict]]] = {
+    ("GET", "/openapi.json"): ((200, 200, 200, 200), nothing),
+    ("GET", "/docs"): ((200, 200, 200, 200), nothing),
+    ("GET", "/docs/oauth2-redirect"): ((200, 200, 200, 200), nothing),
+    ("GET", "/redoc"): ((200, 200, 200, 200), nothing),
+    ("GET", "/"): ((200, 200, 200, 200), nothing),
+    ("GET", "/healthz"): ((200, 200, 200, 200), nothing),
+    ("GET", "/readyz"): ((200, 200, 200, 200), nothing),
+    ("GET", "/login"): ((200, 303, 303, 303), nothing),
+    ("POST", "/login"): ((401, 401, 401, 401), form(username="ghost", password="not the password")),
+    ("GET", "/signup"): ((200, 200, 200, 200), nothing),
+    ("POST", "/signup"): ((409, 409, 409, 409), form(username="admin", password=PASSWORD, password_confirm=PASSWORD)),
+    ("POST", "/logout"): ((303, 303, 303, 303), form()),
+    ("GET", "/account/tokens"): ((303, 200, 200, 200), nothing),
+    ("POST", "/account/tokens"): ((401, 201, 201, 201), form(name="matrix")),
+    ("POST", "/account/tokens/{token_id}/revoke"): ((401, 303, 303, 303), form()),
+    ("GET", "/admin/users"): ((303, 403, 403, 200), nothing),
+    ("POST", "/admin/users"): ((401, 403, 403, 303), new_user_form),
+    ("POST", "/admin/users/{user_id}"): ((401, 403, 403, 303), form(role="user")),
+    ("GET", "/api/v1/me"): ((401, 200, 200, 200), nothing),
+    ("GET", "/api/v1/users"): ((401, 403, 403, 200), nothing),
+    ("POST", "/api/v1/users"): ((401, 403, 403, 201), new_user_body),
+    ("PATCH", "/api/v1/users/{user_id}"): ((401, 403, 403, 200), body(role="user")),
+    ("GET", "/api/v1/tokens"): ((401, 200, 200, 200), nothing),
+    ("POST", "/api/v1/tokens"): ((401, 201, 201, 201), body(name="matrix")),
+    ("DELETE", "/api/v1/tokens/{token_id}"): ((401, 200, 200, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
+}
+
+
+def registered_routes(app: FastAPI) -> Iterator[tuple[str, str]]:
+    """(method, path) of every endpoint, also inside included routers (FastAPI may keep those as nested objects)."""
+    for route in app.routes:
+        contexts = route.effective_route_contexts() if hasattr(route, "effective_route_contexts") else [route]
+        for ctx in contexts:
+            for method in getattr(ctx, "methods", None) or ():
+                if method != "HEAD":
+                    yield method, ctx.path
+
+
+def test_every_route_is_in_the_matrix(app: FastAPI) -> None:
+    routes = set(registered_routes(app))
+    assert routes, "found no routes: the walker is broken"
+    missing = routes - MATRIX.keys()
+    assert not missing, f"routes without an entry in the role matrix: {sorted(missing)}"
+    stale = MATRIX.keys() - routes
+    assert not stale, f"matrix entries for routes that no longer exist: {sorted(stale)}"
+
+
+@pytest.fixture
+def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
+    make_user(db, "admin", Role.admin)  # also the name that POST /signup collides with
+    target = make_user(db, "target")
+    result = {}
+    for role in ROLES:
+        client = TestClient(app)
+        if role == "anonymous":
+            result[role] = Caller(client, csrf_from(client.get("/login").text), 10_000, target.id)
+            continue
+        user = make_user(db, f"as-{role}", Role(role))
+        token, _ = tokens.create_token(db, user=user, name="to revoke")
+        db.commit()
+        result[role] = Caller(client, login(client, user.username), token.id, target.id)
+    return result
+
+
+def test_role_matrix(callers: dict[str, Caller]) -> None:
+    failures = []
+    # Logout last: it ends the caller's session.
+    for (method, path), (expected, make_args) in sorted(MATRIX.items(), key=lambda kv: kv[0][1] == "/logout"):
+        for role, want in zip(ROLES, expected, strict=True):
+            caller = callers[role]
+            url = path.format(token_id=caller.token_id, user_id=caller.target_user_id)
+            response = caller.client.request(method, url, follow_redirects=False, **make_args(caller))
+            if response.status_code != want:
+                failures.append(f"{role:9} {method:6} {url}: got {response.status_code}, want {want}")
+    assert not failures, "\n".join(failures)
