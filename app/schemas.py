@@ -1,10 +1,11 @@
 """Request and response bodies of the REST API, in families: <Thing>Create, <Thing>Update, <Thing>Public."""
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models import Role
+from app.models import JobStatus, Role
 
 
 class UserPublic(BaseModel):
@@ -54,3 +55,33 @@ class TokenPublic(BaseModel):
 
 class TokenCreated(TokenPublic):
     token: str = Field(description="The secret. Shown once: store it now.")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="pretrain, sft, reward, rl, dpo, kto, evaluate or candidates")
+    params: dict[str, Any] = Field(default_factory=dict, description="the trainer's options for this job")
+    priority: int = Field(0, ge=-100, le=100)
+    max_attempts: int = Field(3, ge=1, le=10)
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    type: str
+    params: dict[str, Any]
+    status: JobStatus
+    priority: int
+    worker_id: str | None
+    progress: float
+    metrics: list[dict[str, Any]]
+    log_tail: str
+    error: str | None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

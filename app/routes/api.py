@@ -1,10 +1,11 @@
-"""REST API under /api/v1 (Bearer tokens or the browser session). Later issues add jobs, rankings, feedback."""
+"""REST API under /api/v1 (Bearer tokens or the browser session). Later issues add rankings, feedback, models."""
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 
 from app.deps import AdminUser, CurrentUser, SessionDep
-from app.schemas import TokenCreate, TokenCreated, TokenPublic, UserCreate, UserPublic, UserUpdate
-from app.services import tokens, users
+from app.models import JobStatus
+from app.schemas import JobCreate, JobPublic, TokenCreate, TokenCreated, TokenPublic, UserCreate, UserPublic, UserUpdate
+from app.services import jobs, tokens, users
 
 router = APIRouter(tags=["api"])
 
@@ -50,3 +51,36 @@ def revoke_token(token_id: int, session: SessionDep, user: CurrentUser) -> Token
     token = tokens.revoke_token(session, token_id=token_id, user=user)
     session.commit()
     return TokenPublic.model_validate(token)
+
+
+@router.get("/jobs", response_model=list[JobPublic])
+def list_jobs(
+    session: SessionDep, admin: AdminUser, status: JobStatus | None = None, limit: int = Query(100, ge=1, le=1000)
+) -> list[JobPublic]:
+    return [JobPublic.model_validate(j) for j in jobs.list_jobs(session, status=status, limit=limit)]
+
+
+@router.post("/jobs", response_model=JobPublic, status_code=status.HTTP_201_CREATED)
+def create_job(body: JobCreate, session: SessionDep, admin: AdminUser) -> JobPublic:
+    job = jobs.enqueue(
+        session,
+        type=body.type,
+        params=body.params,
+        created_by_id=admin.id,
+        priority=body.priority,
+        max_attempts=body.max_attempts,
+    )
+    session.commit()
+    return JobPublic.model_validate(job)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+def get_job(job_id: int, session: SessionDep, admin: AdminUser) -> JobPublic:
+    return JobPublic.model_validate(jobs.get_job(session, job_id=job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: int, session: SessionDep, admin: AdminUser) -> JobPublic:
+    job = jobs.cancel(session, job_id=job_id)
+    session.commit()
+    return JobPublic.model_validate(job)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.models import Role
-from app.services import tokens
+from app.services import jobs, tokens
 from tests.factories import PASSWORD, csrf_from, login, make_user
 
 ROLES = ("anonymous", "user", "annotator", "admin")
@@ -27,6 +27,7 @@ class Caller:
     csrf: str
     token_id: int
     target_user_id: int
+    job_id: int
 
 
 def form(**data: Any) -> Callable[[Caller], dict]:
@@ -76,6 +77,10 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/api/v1/tokens"): ((401, 200, 200, 200), nothing),
     ("POST", "/api/v1/tokens"): ((401, 201, 201, 201), body(name="matrix")),
     ("DELETE", "/api/v1/tokens/{token_id}"): ((401, 200, 200, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
+    ("GET", "/api/v1/jobs"): ((401, 403, 403, 200), nothing),
+    ("POST", "/api/v1/jobs"): ((401, 403, 403, 201), body(type="reward")),
+    ("GET", "/api/v1/jobs/{job_id}"): ((401, 403, 403, 200), nothing),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): ((401, 403, 403, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
 }
 
 
@@ -102,16 +107,18 @@ def test_every_route_is_in_the_matrix(app: FastAPI) -> None:
 def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
     make_user(db, "admin", Role.admin)  # also the name that POST /signup collides with
     target = make_user(db, "target")
+    job = jobs.enqueue(db, type="reward")
+    db.commit()
     result = {}
     for role in ROLES:
         client = TestClient(app)
         if role == "anonymous":
-            result[role] = Caller(client, csrf_from(client.get("/login").text), 10_000, target.id)
+            result[role] = Caller(client, csrf_from(client.get("/login").text), 10_000, target.id, job.id)
             continue
         user = make_user(db, f"as-{role}", Role(role))
         token, _ = tokens.create_token(db, user=user, name="to revoke")
         db.commit()
-        result[role] = Caller(client, login(client, user.username), token.id, target.id)
+        result[role] = Caller(client, login(client, user.username), token.id, target.id, job.id)
     return result
 
 
@@ -121,7 +128,7 @@ def test_role_matrix(callers: dict[str, Caller]) -> None:
     for (method, path), (expected, make_args) in sorted(MATRIX.items(), key=lambda kv: kv[0][1] == "/logout"):
         for role, want in zip(ROLES, expected, strict=True):
             caller = callers[role]
-            url = path.format(token_id=caller.token_id, user_id=caller.target_user_id)
+            url = path.format(token_id=caller.token_id, user_id=caller.target_user_id, job_id=caller.job_id)
             response = caller.client.request(method, url, follow_redirects=False, **make_args(caller))
             if response.status_code != want:
                 failures.append(f"{role:9} {method:6} {url}: got {response.status_code}, want {want}")
