@@ -41,13 +41,35 @@ def _session_factory(settings: Settings):
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import subprocess
+
     import uvicorn
 
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
     host, port = args.host or settings.host, args.port or settings.port
+    worker = None
+    if not args.no_worker:  # the embedded default: one worker process beside the web server
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     print(f"Flywheel serving on http://{host}:{port}", file=sys.stderr)
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers, proxy_headers=True)
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers, proxy_headers=True)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
+    import logging
+
+    from app.worker import Worker, WorkerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    worker = Worker(settings, WorkerConfig(poll_s=args.poll, lease_s=args.lease))
+    worker.install_signal_handlers()
+    print(f"worker {worker.worker_id} waiting for jobs", file=sys.stderr)
+    worker.run(once=args.once)
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> None:
@@ -129,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default FLYWHEEL_PORT or 8000)")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
+    serve.add_argument("--no-worker", action="store_true", help="run no embedded worker (run `flywheel worker`s)")
+
+    worker = _add(groups, "worker", cmd_worker, "claim and run training jobs from the queue")
+    worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+    worker.add_argument("--lease", type=float, default=60.0, help="seconds a job stays ours without a heartbeat")
 
     db = groups.add_parser("db", help="database schema", description="database schema").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"

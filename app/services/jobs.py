@@ -151,6 +151,18 @@ def finish(session: Session, *, job_id: int, worker_id: str, status: JobStatus, 
     return True
 
 
+def release(session: Session, *, job_id: int, worker_id: str) -> bool:
+    """Give a running job back to the queue (the worker is shutting down); the attempt is not counted."""
+    job = _owned_running(session, job_id=job_id, worker_id=worker_id)
+    if job is None:
+        return False
+    job.status = JobStatus.cancelled if job.cancel_requested else JobStatus.queued
+    job.attempts = max(0, job.attempts - 1)
+    job.worker_id = None
+    job.lease_expires_at = None
+    return True
+
+
 def cancel(session: Session, *, job_id: int) -> Job:
     """A queued job is cancelled at once; a running one is asked to stop (its worker sees it at the next heartbeat)."""
     job = get_job(session, job_id=job_id)
