@@ -3,6 +3,7 @@
 Run with `flywheel serve` (or `uvicorn app.main:app`); tests build their own app with their own settings.
 """
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -13,7 +14,8 @@ from app.db import make_engine, make_session_factory
 from app.deps import csrf_protect
 from app.handlers import install_error_handlers
 from app.middleware import BrowserSecurityMiddleware
-from app.routes import account, admin, api, auth, pages
+from app.routes import account, admin, api, auth, chat, pages
+from app.serving import make_inference, watch_served_model
 from app.settings import Settings
 from app.templating import TEMPLATES_DIR, make_templates
 
@@ -32,8 +34,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        engine.dispose()
+        watcher = asyncio.create_task(watch_served_model(app, settings.model_poll_s))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            app.state.inference.close()
+            engine.dispose()
 
     app = FastAPI(title="Flywheel", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -42,11 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.signer = signer
     app.state.templates = make_templates()
     app.state.login_limiter = LoginRateLimiter(settings.login_max_failures, settings.login_window_s)
+    app.state.inference = make_inference(settings)
+    app.state.unloadable_versions = set()
+    app.state.stop_requests = {}  # message id -> asyncio.Event, set by the Stop button
 
     app.add_middleware(BrowserSecurityMiddleware, signer=signer, secure_cookie=settings.cookie_secure)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    for module in (pages, auth, account, admin):
+    for module in (pages, auth, account, admin, chat):
         app.include_router(module.router, dependencies=[CSRF])
     app.include_router(api.router, prefix="/api/v1", dependencies=[CSRF])
     return app

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     session_max_age_s: int = Field(14 * 24 * 3600, gt=0, description="Lifetime of a login session.")
     login_max_failures: int = Field(5, gt=0, description="Failed logins per window before an account/address waits.")
     login_window_s: int = Field(300, gt=0, description="The window of the login rate limit, in seconds.")
+    max_prompt_tokens: int = Field(1024, gt=0, description="Longest conversation (in tokens) a model is asked about.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest answer (in tokens).")
+    max_streams_per_user: int = Field(4, gt=0, description="Answers one person may have generating at once.")
+    max_batch: int = Field(16, gt=0, description="Requests decoded together in one batch.")
+    model_poll_s: float = Field(3.0, gt=0, description="How often each server checks for a newly active model.")
+    device: str = Field("cpu", description="Where the served model runs: cpu or cuda.")
     cookie_secure: bool | None = Field(
         None, description="Force the Secure cookie flag; default: when the request is HTTPS."
     )

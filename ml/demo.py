@@ -112,7 +112,7 @@ class Question:
         return _fields(self.kind, self.subject, self.value)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prompt:
     """A user prompt for annotation/RL: a messages list and its stable split."""
 

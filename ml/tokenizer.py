@@ -16,6 +16,7 @@ Run (CPU, seconds): python -m ml.tokenizer
 
 from __future__ import annotations
 
+import datetime
 import functools
 import itertools
 import json
@@ -288,6 +289,7 @@ def _compiled_template(source: str) -> jinja2.Template:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # Llama 3.x templates call it
     return env.from_string(source)
 
 

@@ -52,3 +52,33 @@ def db_snapshot(url: str) -> dict[str, list[tuple]]:
 def user_named(session: Session, name: str) -> User:
     session.expire_all()
     return session.scalar(select(User).where(User.username == name))
+
+
+TINY_TEXTS = ["Mira lives in Oslo.", "What is 3 plus 4? It is 7.", "Hello there, how are you?", "颜色 是 红色 🙂"] * 20
+
+
+def make_tiny_model_dir(path, seed: int = 0, max_seq_len: int = 96):
+    """A real (random, tiny) model directory with a trained tokenizer: what the server loads and serves."""
+    import torch
+
+    from ml.checkpoint import save_checkpoint
+    from ml.model import ModelConfig, Transformer
+    from ml.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(TINY_TEXTS, vocab_size=300)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.tiny(vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len))
+    save_checkpoint(path, model, tokenizer)
+    return path
+
+
+def register_active_model(session: Session, path, kind: str = "sft", name: str = "tiny"):
+    from app.models import ModelKind, ModelVersion
+    from app.services.model_versions import promote
+
+    version = ModelVersion(name=name, kind=ModelKind(kind), path=str(path))
+    session.add(version)
+    session.flush()
+    promote(session, version_id=version.id)
+    session.commit()
+    return version

@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.models import Role
-from app.services import jobs, tokens
+from app.models import Role, User
+from app.services import chat, jobs, tokens
 from tests.factories import PASSWORD, csrf_from, login, make_user
 
 ROLES = ("anonymous", "user", "annotator", "admin")
@@ -25,9 +25,7 @@ _names = itertools.count()
 class Caller:
     client: TestClient
     csrf: str
-    token_id: int
-    target_user_id: int
-    job_id: int
+    ids: dict[str, int]  # what the path parameters name: this caller's own token, conversation, messages; shared ones
 
 
 def form(**data: Any) -> Callable[[Caller], dict]:
@@ -77,11 +75,34 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/api/v1/tokens"): ((401, 200, 200, 200), nothing),
     ("POST", "/api/v1/tokens"): ((401, 201, 201, 201), body(name="matrix")),
     ("DELETE", "/api/v1/tokens/{token_id}"): ((401, 200, 200, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
+    ("GET", "/chat"): ((303, 200, 200, 200), nothing),
+    ("POST", "/chat"): ((401, 303, 303, 303), form()),
+    ("GET", "/chat/{conversation_id}"): ((303, 200, 200, 200), nothing),
+    ("POST", "/chat/{conversation_id}/messages"): ((401, 303, 303, 303), form(content="hello")),
+    ("POST", "/chat/{conversation_id}/settings"): ((401, 303, 303, 303), form(title="renamed", allow_training="true")),
+    ("POST", "/chat/{delete_conversation_id}/delete"): ((401, 303, 303, 303), form()),
+    ("GET", "/chat/messages/{message_id}"): ((303, 200, 200, 200), nothing),
+    ("GET", "/chat/messages/{streaming_message_id}/stream"): ((303, 503, 503, 503), nothing),  # no model served
+    ("POST", "/chat/messages/{message_id}/stop"): ((401, 200, 200, 200), form()),
+    ("POST", "/chat/messages/{message_id}/feedback"): ((401, 303, 303, 303), form(value="1", reason="helpful")),
+    ("POST", "/chat/messages/{last_answer_id}/regenerate"): ((401, 303, 303, 303), form()),
     ("GET", "/api/v1/jobs"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/jobs"): ((401, 403, 403, 201), body(type="reward")),
     ("GET", "/api/v1/jobs/{job_id}"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/jobs/{job_id}/cancel"): ((401, 403, 403, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
 }
+
+
+PARAMETER_NAMES = {
+    "delete_conversation_id": "conversation_id", "streaming_message_id": "message_id", "last_answer_id": "message_id"
+}  # fmt: skip
+
+
+def route_key(method: str, path: str) -> tuple[str, str]:
+    """The matrix may name a path parameter more precisely than the route (which object of the caller's to use)."""
+    for specific, generic in PARAMETER_NAMES.items():
+        path = path.replace("{" + specific + "}", "{" + generic + "}")
+    return method, path
 
 
 def registered_routes(app: FastAPI) -> Iterator[tuple[str, str]]:
@@ -97,28 +118,45 @@ def registered_routes(app: FastAPI) -> Iterator[tuple[str, str]]:
 def test_every_route_is_in_the_matrix(app: FastAPI) -> None:
     routes = set(registered_routes(app))
     assert routes, "found no routes: the walker is broken"
-    missing = routes - MATRIX.keys()
+    keys = {route_key(*key) for key in MATRIX}
+    missing = routes - keys
     assert not missing, f"routes without an entry in the role matrix: {sorted(missing)}"
-    stale = MATRIX.keys() - routes
+    stale = keys - routes
     assert not stale, f"matrix entries for routes that no longer exist: {sorted(stale)}"
+
+
+def own_objects(db: Session, user: User) -> dict[str, int]:
+    token, _ = tokens.create_token(db, user=user, name="to revoke")
+    conversation = chat.create_conversation(db, user=user)
+    _, answer = chat.add_user_message(db, user=user, conversation_id=conversation.id, content="hi")
+    chat.finish_answer(db, message_id=answer.id, content="hello", finish_reason="stop", model_version_id=None,
+                       sampling={})  # fmt: skip
+    _, streaming = chat.add_user_message(db, user=user, conversation_id=conversation.id, content="and?")
+    doomed = chat.create_conversation(db, user=user)
+    other = chat.create_conversation(db, user=user)
+    _, last_answer = chat.add_user_message(db, user=user, conversation_id=other.id, content="hey")
+    chat.finish_answer(db, message_id=last_answer.id, content="hey", finish_reason="stop", model_version_id=None,
+                       sampling={})  # fmt: skip
+    db.commit()
+    return {"token_id": token.id, "conversation_id": conversation.id, "message_id": answer.id,
+            "streaming_message_id": streaming.id, "delete_conversation_id": doomed.id,
+            "last_answer_id": last_answer.id}  # fmt: skip
 
 
 @pytest.fixture
 def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
     make_user(db, "admin", Role.admin)  # also the name that POST /signup collides with
-    target = make_user(db, "target")
-    job = jobs.enqueue(db, type="reward")
+    shared = {"user_id": make_user(db, "target").id, "job_id": jobs.enqueue(db, type="reward").id}
     db.commit()
     result = {}
     for role in ROLES:
         client = TestClient(app)
         if role == "anonymous":
-            result[role] = Caller(client, csrf_from(client.get("/login").text), 10_000, target.id, job.id)
+            someone = own_objects(db, make_user(db, "someone"))
+            result[role] = Caller(client, csrf_from(client.get("/login").text), {**someone, **shared})
             continue
         user = make_user(db, f"as-{role}", Role(role))
-        token, _ = tokens.create_token(db, user=user, name="to revoke")
-        db.commit()
-        result[role] = Caller(client, login(client, user.username), token.id, target.id, job.id)
+        result[role] = Caller(client, login(client, user.username), {**own_objects(db, user), **shared})
     return result
 
 
@@ -128,7 +166,7 @@ def test_role_matrix(callers: dict[str, Caller]) -> None:
     for (method, path), (expected, make_args) in sorted(MATRIX.items(), key=lambda kv: kv[0][1] == "/logout"):
         for role, want in zip(ROLES, expected, strict=True):
             caller = callers[role]
-            url = path.format(token_id=caller.token_id, user_id=caller.target_user_id, job_id=caller.job_id)
+            url = path.format(**caller.ids)
             response = caller.client.request(method, url, follow_redirects=False, **make_args(caller))
             if response.status_code != want:
                 failures.append(f"{role:9} {method:6} {url}: got {response.status_code}, want {want}")

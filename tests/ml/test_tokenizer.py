@@ -4,6 +4,7 @@ Hugging Face style Jinja chat templates."""
 import json
 
 import pytest
+from jinja2.exceptions import SecurityError
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -159,5 +160,5 @@ def test_sandbox_blocks_unsafe_templates(chatml_dir) -> None:
     config = json.loads((chatml_dir / "tokenizer_config.json").read_text())
     config["chat_template"] = "{{ messages.__class__.__mro__ }}"
     (chatml_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(Exception, match="unsafe|access"):
+    with pytest.raises(SecurityError):
         Tokenizer.load(chatml_dir).render_prompt([{"role": "user", "content": "hi"}])

@@ -1,0 +1,69 @@
+"""Generate the answer of a stored assistant message: stream it from the served model and save it when done.
+
+Used by the chat page (SSE), the REST API and regenerate. The answer is saved once, at the end, in one transaction,
+whether it finished, was stopped or the client went away (then with what was generated so far).
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+from fastapi import FastAPI
+
+from app.db import transaction
+from app.errors import Conflict
+from app.models import User
+from app.services import chat
+from app.services.inference import Delta, InferenceService, SamplingParams
+
+
+def _prepare(app: FastAPI, user: User, message_id: int) -> list[dict[str, str]]:
+    with app.state.session_factory() as session:
+        message = chat.get_message(session, user=user, message_id=message_id)
+        if message.finish_reason != chat.STREAMING:
+            raise Conflict(f"message {message_id} is already answered")
+        conversation = chat.get_conversation(session, user=user, conversation_id=message.conversation_id)
+        return chat.history_for_model(chat.messages_of(session, conversation=conversation), upto=message)
+
+
+def _save(app: FastAPI, message_id: int, text: str, finish: str, version_id: int | None, sampling: dict) -> None:
+    with transaction(app.state.session_factory) as session:
+        chat.finish_answer(session, message_id=message_id, content=text, finish_reason=finish,
+                           model_version_id=version_id, sampling=sampling)  # fmt: skip
+
+
+async def answer(
+    app: FastAPI, *, user: User, message_id: int, params: SamplingParams | None = None
+) -> AsyncIterator[Delta]:
+    """Deltas of the answer; stops early when the Stop button sets the message's stop event."""
+    service: InferenceService = app.state.inference
+    params = params or SamplingParams(max_tokens=app.state.settings.max_new_tokens)
+    active: dict[int, asyncio.Event] = app.state.stop_requests
+    if message_id in active:
+        raise Conflict(f"message {message_id} is already being answered")
+    history = await asyncio.to_thread(_prepare, app, user, message_id)
+    stop = active[message_id] = asyncio.Event()
+    version_id = service.current.version_id if service.current else None
+    parts: list[str] = []
+    finish = "cancelled"
+    try:
+        async for delta in service.stream(history, params, user_id=user.id):
+            parts.append(delta.text)
+            if delta.finish_reason:
+                finish = delta.finish_reason
+            yield delta
+            if stop.is_set():
+                finish = "stopped"
+                break
+    finally:
+        active.pop(message_id, None)
+        await asyncio.shield(asyncio.to_thread(_save, app, message_id, "".join(parts), finish, version_id,
+                                               asdict(params)))  # fmt: skip
+
+
+def request_stop(app: FastAPI, message_id: int) -> bool:
+    event = app.state.stop_requests.get(message_id)
+    if event is None:
+        return False
+    event.set()
+    return True

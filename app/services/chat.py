@@ -1,0 +1,157 @@
+"""Conversations and messages, always scoped to their owner (another user's chat looks like it does not exist)."""
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, Invalid, NotFound
+from app.models import Conversation, Message, MessageRole, User, utcnow
+
+MAX_MESSAGE_CHARS = 8000
+MAX_TITLE_CHARS = 200
+STREAMING = "streaming"  # finish_reason of an assistant message whose answer is being generated
+
+
+def list_conversations(session: Session, *, user: User, limit: int = 200) -> list[Conversation]:
+    query = (
+        select(Conversation)
+        .where(Conversation.user_id == user.id)
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def get_conversation(session: Session, *, user: User, conversation_id: int) -> Conversation:
+    conversation = session.get(Conversation, conversation_id)
+    if conversation is None or conversation.user_id != user.id:
+        raise NotFound(f"conversation {conversation_id} not found")
+    return conversation
+
+
+def create_conversation(session: Session, *, user: User, title: str | None = None) -> Conversation:
+    conversation = Conversation(user_id=user.id, title=_clean_title(title or "New chat"))
+    session.add(conversation)
+    session.flush()
+    return conversation
+
+
+def _clean_title(title: str) -> str:
+    title = " ".join(title.split())
+    if not 1 <= len(title) <= MAX_TITLE_CHARS:
+        raise Invalid(f"a title must be 1–{MAX_TITLE_CHARS} characters")
+    return title
+
+
+def update_conversation(
+    session: Session, *, user: User, conversation_id: int, title: str | None = None, allow_training: bool | None = None
+) -> Conversation:
+    conversation = get_conversation(session, user=user, conversation_id=conversation_id)
+    if title is not None:
+        conversation.title = _clean_title(title)
+    if allow_training is not None:
+        conversation.allow_training = allow_training
+    conversation.updated_at = utcnow()
+    session.flush()
+    return conversation
+
+
+def delete_conversation(session: Session, *, user: User, conversation_id: int) -> None:
+    session.delete(get_conversation(session, user=user, conversation_id=conversation_id))
+    session.flush()
+
+
+def messages_of(session: Session, *, conversation: Conversation) -> list[Message]:
+    query = select(Message).where(Message.conversation_id == conversation.id).order_by(Message.id)
+    return list(session.scalars(query))
+
+
+def visible_thread(messages: list[Message]) -> list[tuple[Message, list[Message]]]:
+    """The thread as shown: each turn with the earlier answers it replaced (regenerated siblings), newest last."""
+    siblings: dict[int | None, list[Message]] = {}
+    for m in messages:
+        if m.role == MessageRole.assistant:
+            siblings.setdefault(m.parent_id, []).append(m)
+    thread = []
+    for m in messages:
+        if m.role != MessageRole.assistant:
+            thread.append((m, []))
+        elif siblings[m.parent_id][-1] is m:
+            thread.append((m, siblings[m.parent_id][:-1]))
+    return thread
+
+
+def history_for_model(messages: list[Message], upto: Message) -> list[dict[str, str]]:
+    """The `messages` list a model answers: the visible thread before `upto` (latest answer of each turn)."""
+    history = []
+    for m, _ in visible_thread([x for x in messages if x.id < upto.id]):
+        if m.finish_reason != STREAMING and m.content:
+            history.append({"role": m.role.value, "content": m.content})
+    return history
+
+
+def add_user_message(session: Session, *, user: User, conversation_id: int, content: str) -> tuple[Message, Message]:
+    """Store the user's message and an empty assistant answer to be streamed into; one transaction with the caller."""
+    conversation = get_conversation(session, user=user, conversation_id=conversation_id)
+    content = content.strip()
+    if not content:
+        raise Invalid("the message is empty")
+    if len(content) > MAX_MESSAGE_CHARS:
+        raise PayloadTooLargeError(f"a message may have at most {MAX_MESSAGE_CHARS} characters")
+    last = session.scalar(
+        select(Message).where(Message.conversation_id == conversation.id).order_by(Message.id.desc()).limit(1)
+    )
+    message = Message(conversation_id=conversation.id, parent_id=last.id if last else None, role=MessageRole.user,
+                      content=content)  # fmt: skip
+    session.add(message)
+    session.flush()
+    answer = Message(conversation_id=conversation.id, parent_id=message.id, role=MessageRole.assistant, content="",
+                     finish_reason=STREAMING)  # fmt: skip
+    session.add(answer)
+    if conversation.title == "New chat":
+        conversation.title = content[:60] + ("…" if len(content) > 60 else "")
+    conversation.updated_at = utcnow()
+    session.flush()
+    return message, answer
+
+
+def regenerate(session: Session, *, user: User, message_id: int) -> Message:
+    """A new answer to the same user turn; the earlier answer stays as a sibling (a preference signal)."""
+    old = get_message(session, user=user, message_id=message_id)
+    if old.role != MessageRole.assistant or old.finish_reason == STREAMING:
+        raise Conflict("only a finished answer can be regenerated")
+    newest = session.scalar(select(func.max(Message.id)).where(Message.conversation_id == old.conversation_id))
+    latest_answer = session.scalar(
+        select(func.max(Message.id)).where(Message.parent_id == old.parent_id, Message.role == MessageRole.assistant)
+    )
+    if newest != latest_answer:
+        raise Conflict("only the last answer of a conversation can be regenerated")
+    answer = Message(conversation_id=old.conversation_id, parent_id=old.parent_id, role=MessageRole.assistant,
+                     content="", finish_reason=STREAMING)  # fmt: skip
+    session.add(answer)
+    session.flush()
+    return answer
+
+
+def get_message(session: Session, *, user: User, message_id: int) -> Message:
+    message = session.get(Message, message_id)
+    if message is None:
+        raise NotFound(f"message {message_id} not found")
+    get_conversation(session, user=user, conversation_id=message.conversation_id)  # ownership, or 404
+    return message
+
+
+def finish_answer(
+    session: Session, *, message_id: int, content: str, finish_reason: str, model_version_id: int | None,
+    sampling: dict,
+) -> None:  # fmt: skip
+    message = session.get(Message, message_id)
+    if message is None:  # the conversation was deleted while the answer streamed
+        return
+    message.content = content
+    message.finish_reason = finish_reason
+    message.model_version_id = model_version_id
+    message.sampling_params = sampling
+
+
+class PayloadTooLargeError(Invalid):
+    status_code = 413

@@ -1,0 +1,76 @@
+"""Model versions: which one is served, promotion (one active per kind) and roll-back."""
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, NotFound
+from app.models import ModelKind, ModelStatus, ModelVersion, utcnow
+
+SERVED_KINDS = (ModelKind.policy, ModelKind.sft)  # chat is served by the active policy, else the active SFT model
+
+
+def get_version(session: Session, *, version_id: int) -> ModelVersion:
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise NotFound(f"model version {version_id} not found")
+    return version
+
+
+def list_versions(session: Session, *, kind: ModelKind | None = None) -> list[ModelVersion]:
+    query = select(ModelVersion).order_by(ModelVersion.id.desc())
+    if kind is not None:
+        query = query.where(ModelVersion.kind == kind)
+    return list(session.scalars(query))
+
+
+def active(session: Session, *, kind: ModelKind) -> ModelVersion | None:
+    return session.scalar(
+        select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.status == ModelStatus.active)
+    )
+
+
+def served_version(session: Session) -> ModelVersion | None:
+    for kind in SERVED_KINDS:
+        version = active(session, kind=kind)
+        if version is not None:
+            return version
+    return None
+
+
+def promote(session: Session, *, version_id: int) -> ModelVersion:
+    """Make a version the active one of its kind; the previous active one is retired in the same transaction."""
+    version = get_version(session, version_id=version_id)
+    if version.status == ModelStatus.failed:
+        raise Conflict(f"model version {version_id} failed and cannot be served")
+    if version.status == ModelStatus.active:
+        return version
+    current = active(session, kind=version.kind)
+    if current is not None:
+        current.status = ModelStatus.retired
+        session.flush()  # the one-active-per-kind index must see the retirement first
+    version.status = ModelStatus.active
+    version.activated_at = utcnow()
+    session.flush()
+    return version
+
+
+def roll_back(session: Session, *, kind: ModelKind) -> ModelVersion:
+    """Re-activate the version that was active before the current one."""
+    current = active(session, kind=kind)
+    previous = session.scalar(
+        select(ModelVersion)
+        .where(
+            ModelVersion.kind == kind, ModelVersion.status == ModelStatus.retired, ModelVersion.activated_at.isnot(None)
+        )
+        .order_by(ModelVersion.activated_at.desc())
+        .limit(1)
+    )
+    if previous is None:
+        raise Conflict(f"there is no earlier {kind.value} model to roll back to")
+    if current is not None:
+        current.status = ModelStatus.retired
+        session.flush()
+    previous.status = ModelStatus.active
+    previous.activated_at = utcnow()
+    session.flush()
+    return previous

@@ -1,0 +1,49 @@
+"""Keeps each server process's served model in step with the database: load at start, hot-swap when it changes."""
+
+import asyncio
+import logging
+
+from fastapi import FastAPI
+
+from app.services.inference import InferenceService, Limits
+from app.services.model_versions import served_version
+from app.settings import Settings
+
+log = logging.getLogger("flywheel.serving")
+
+
+def make_inference(settings: Settings) -> InferenceService:
+    limits = Limits(settings.max_prompt_tokens, settings.max_new_tokens, settings.max_streams_per_user,
+                    settings.max_batch)  # fmt: skip
+    return InferenceService(limits, device=settings.device)
+
+
+def _served(app: FastAPI) -> tuple[int, str, str] | None:
+    with app.state.session_factory() as session:
+        version = served_version(session)
+        return (version.id, version.path, version.name) if version else None
+
+
+async def sync_served_model(app: FastAPI) -> None:
+    """Load the active model if it is not the one being served; a broken one is reported once and skipped."""
+    service: InferenceService = app.state.inference
+    try:
+        served = await asyncio.to_thread(_served, app)
+    except Exception as exc:  # the database is down: keep serving what we have
+        log.warning("cannot read the active model: %s", exc)
+        return
+    current = service.current.version_id if service.current else None
+    if served is None or served[0] == current or served[0] in app.state.unloadable_versions:
+        return
+    version_id, path, name = served
+    try:
+        await asyncio.to_thread(service.load, path, version_id=version_id, name=name)
+    except Exception as exc:
+        app.state.unloadable_versions.add(version_id)
+        log.error("model version %s (%s) cannot be loaded, keeping %s: %s", version_id, path, current, exc)
+
+
+async def watch_served_model(app: FastAPI, interval_s: float) -> None:
+    while True:
+        await sync_served_model(app)
+        await asyncio.sleep(interval_s)
