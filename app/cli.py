@@ -136,6 +136,32 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> None:
         print(f"token {token.id} ({token.name}) revoked")
 
 
+# `flywheel train NAME …` runs the trainer module's own command line (its add_arguments + main), imported only then.
+TRAINERS = {
+    "pretrain": ("ml.train.pretrain", "pretrain a base model on the demo world or your text"),
+    "sft": ("ml.train.sft", "supervised fine-tuning on dialogues (assistant tokens only)"),
+    "reward": ("ml.train.reward", "train a reward model from rankings and thumbs"),
+    "rl": ("ml.train.rl", "RL against a reward model (PPO, GRPO, RLOO) with a KL penalty"),
+    "dpo": ("ml.train.dpo", "offline DPO from preference pairs (or KTO from thumbs)"),
+}
+
+
+def run_module_cli(module_name: str, prog: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise CLIError(f"{prog} is not available in this version ({exc.name} is missing)") from exc
+    parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or "").split("\n\n")[0])
+    module.add_arguments(parser)
+    return module.main(parser.parse_args(argv))
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    return run_module_cli(TRAINERS[args.trainer][0], f"flywheel train {args.trainer}", args.rest)
+
+
 def _add(sub, name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(handler=handler)
@@ -181,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     enable.add_argument("name")
     enable.set_defaults(enable=True)
 
+    train = groups.add_parser("train", help="train models from the command line", description="train models")
+    trainers = train.add_subparsers(dest="trainer", required=True, metavar="STAGE")
+    for name, (_, help_text) in TRAINERS.items():
+        stage = trainers.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        stage.add_argument("rest", nargs=argparse.REMAINDER)
+        stage.set_defaults(handler=cmd_train)
+
     token_cmds = groups.add_parser("tokens", help="API tokens", description="API tokens").add_subparsers(
         dest="tokens_command", required=True, metavar="ACTION"
     )
@@ -198,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings()
-        args.handler(args, settings)
+        code = args.handler(args, settings)
+        if isinstance(code, int):
+            return code
     except ValidationError as exc:
         first = exc.errors()[0]
         print(f"flywheel: error: settings: {first.get('msg')}", file=sys.stderr)
