@@ -1,11 +1,11 @@
 """Request and response bodies of the REST API, in families: <Thing>Create, <Thing>Update, <Thing>Public."""
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models import JobStatus, Role
+from app.models import JobStatus, MessageRole, ModelKind, ModelStatus, Role
 
 
 class UserPublic(BaseModel):
@@ -85,3 +85,102 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class ConversationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(None, max_length=200)
+
+
+class ConversationUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(None, max_length=200)
+    allow_training: bool | None = None
+
+
+class ConversationPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    title: str
+    allow_training: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessagePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    conversation_id: int
+    parent_id: int | None
+    role: MessageRole
+    content: str
+    model_version_id: int | None
+    finish_reason: str | None
+    created_at: datetime
+
+
+class ConversationDetail(ConversationPublic):
+    messages: list[MessagePublic]
+
+
+class SamplingFields(BaseModel):
+    max_tokens: int = Field(128, ge=1, le=4096)
+    temperature: float = Field(0.8, ge=0, le=2)
+    top_p: float | None = Field(0.95, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+
+class MessageCreate(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    content: str = Field(min_length=1, description="the user's message (at most 8000 characters)")
+    stream: bool = Field(False, description="answer as server-sent events instead of one JSON body")
+
+
+class ExchangePublic(BaseModel):
+    user_message: MessagePublic
+    answer: MessagePublic
+
+
+class FeedbackSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    value: Literal[1, -1]
+    reason: str | None = Field(None, max_length=64)
+    comment: str | None = Field(None, max_length=2000)
+
+
+class FeedbackPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    message_id: int
+    value: int
+    reason: str | None
+    comment: str | None
+    updated_at: datetime
+
+
+class ModelVersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    kind: ModelKind
+    status: ModelStatus
+    parent_id: int | None
+    job_id: int | None
+    metrics: dict[str, Any]
+    training_data: dict[str, Any]
+    created_at: datetime
+    activated_at: datetime | None
+
+
+class RollBack(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ModelKind

@@ -3,9 +3,20 @@
 from fastapi import APIRouter, Query, status
 
 from app.deps import AdminUser, CurrentUser, SessionDep
-from app.models import JobStatus
-from app.schemas import JobCreate, JobPublic, TokenCreate, TokenCreated, TokenPublic, UserCreate, UserPublic, UserUpdate
-from app.services import jobs, tokens, users
+from app.models import JobStatus, ModelKind
+from app.schemas import (
+    JobCreate,
+    JobPublic,
+    ModelVersionPublic,
+    RollBack,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
+    UserCreate,
+    UserPublic,
+    UserUpdate,
+)
+from app.services import jobs, model_versions, tokens, users
 
 router = APIRouter(tags=["api"])
 
@@ -84,3 +95,24 @@ def cancel_job(job_id: int, session: SessionDep, admin: AdminUser) -> JobPublic:
     job = jobs.cancel(session, job_id=job_id)
     session.commit()
     return JobPublic.model_validate(job)
+
+
+@router.get("/models", response_model=list[ModelVersionPublic])
+def list_models(session: SessionDep, admin: AdminUser, kind: ModelKind | None = None) -> list[ModelVersionPublic]:
+    return [ModelVersionPublic.model_validate(v) for v in model_versions.list_versions(session, kind=kind)]
+
+
+@router.post("/models/{version_id}/promote", response_model=ModelVersionPublic)
+def promote_model(version_id: int, session: SessionDep, admin: AdminUser) -> ModelVersionPublic:
+    """Make this version the active one of its kind (servers pick it up within seconds)."""
+    version = model_versions.promote(session, version_id=version_id)
+    session.commit()
+    return ModelVersionPublic.model_validate(version)
+
+
+@router.post("/models/rollback", response_model=ModelVersionPublic)
+def roll_back_model(body: RollBack, session: SessionDep, admin: AdminUser) -> ModelVersionPublic:
+    """Re-activate the version of this kind that was active before the current one."""
+    version = model_versions.roll_back(session, kind=body.kind)
+    session.commit()
+    return ModelVersionPublic.model_validate(version)

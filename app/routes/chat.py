@@ -61,6 +61,7 @@ def send(
     request: Request, session: SessionDep, user: CurrentUser, conversation_id: int,
     content: Annotated[str, Form(max_length=20_000)],
 ) -> Response:  # fmt: skip
+    answering.require_model(request.app)
     message, answer = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=content)
     session.commit()
     if is_htmx(request):

@@ -14,7 +14,7 @@ from app.db import transaction
 from app.errors import Conflict
 from app.models import User
 from app.services import chat
-from app.services.inference import Delta, InferenceService, SamplingParams
+from app.services.inference import Delta, InferenceService, ModelUnavailable, SamplingParams
 
 
 def _prepare(app: FastAPI, user: User, message_id: int) -> list[dict[str, str]]:
@@ -59,6 +59,12 @@ async def answer(
         active.pop(message_id, None)
         await asyncio.shield(asyncio.to_thread(_save, app, message_id, "".join(parts), finish, version_id,
                                                asdict(params)))  # fmt: skip
+
+
+def require_model(app: FastAPI) -> None:
+    """Refuse a message before storing it when there is nothing to answer it."""
+    if app.state.inference.current is None:
+        raise ModelUnavailable("no model is being served yet; an admin must train or import one")
 
 
 def request_stop(app: FastAPI, message_id: int) -> bool:

@@ -120,8 +120,12 @@ def test_enums_are_checked_in_the_database(session: Session) -> None:
         session.commit()
     session.rollback()
     with pytest.raises(IntegrityError):  # and by the CHECK constraint for raw SQL
-        session.execute(text("INSERT INTO users (username, password_hash, role, disabled, created_at) "
-                             "VALUES ('y', 'x', 'emperor', false, CURRENT_TIMESTAMP)"))
+        session.execute(
+            text(
+                "INSERT INTO users (username, password_hash, role, disabled, created_at) "
+                "VALUES ('y', 'x', 'emperor', false, CURRENT_TIMESTAMP)"
+            )
+        )
         session.commit()
 
 

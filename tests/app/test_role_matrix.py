@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.models import Role, User
+from app.models import ModelKind, ModelVersion, Role, User
 from app.services import chat, jobs, tokens
 from tests.factories import PASSWORD, csrf_from, login, make_user
 
@@ -78,7 +78,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/chat"): ((303, 200, 200, 200), nothing),
     ("POST", "/chat"): ((401, 303, 303, 303), form()),
     ("GET", "/chat/{conversation_id}"): ((303, 200, 200, 200), nothing),
-    ("POST", "/chat/{conversation_id}/messages"): ((401, 303, 303, 303), form(content="hello")),
+    ("POST", "/chat/{conversation_id}/messages"): ((401, 503, 503, 503), form(content="hello")),  # no model served
     ("POST", "/chat/{conversation_id}/settings"): ((401, 303, 303, 303), form(title="renamed", allow_training="true")),
     ("POST", "/chat/{delete_conversation_id}/delete"): ((401, 303, 303, 303), form()),
     ("GET", "/chat/messages/{message_id}"): ((303, 200, 200, 200), nothing),
@@ -86,6 +86,19 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/chat/messages/{message_id}/stop"): ((401, 200, 200, 200), form()),
     ("POST", "/chat/messages/{message_id}/feedback"): ((401, 303, 303, 303), form(value="1", reason="helpful")),
     ("POST", "/chat/messages/{last_answer_id}/regenerate"): ((401, 303, 303, 303), form()),
+    ("GET", "/api/v1/conversations"): ((401, 200, 200, 200), nothing),
+    ("POST", "/api/v1/conversations"): ((401, 201, 201, 201), body(title="api")),
+    ("GET", "/api/v1/conversations/{conversation_id}"): ((401, 200, 200, 200), nothing),
+    ("PATCH", "/api/v1/conversations/{conversation_id}"): ((401, 200, 200, 200), body(allow_training=False)),
+    ("DELETE", "/api/v1/conversations/{api_delete_conversation_id}"): ((401, 204, 204, 204), body()),
+    ("POST", "/api/v1/conversations/{conversation_id}/messages"): ((401, 503, 503, 503), body(content="hi")),
+    ("PUT", "/api/v1/messages/{message_id}/feedback"): ((401, 200, 200, 200), body(value=-1, reason="wrong")),
+    ("DELETE", "/api/v1/messages/{message_id}/feedback"): ((401, 204, 204, 204), body()),
+    ("GET", "/api/v1/models"): ((401, 403, 403, 200), nothing),
+    ("POST", "/api/v1/models/{version_id}/promote"): ((401, 403, 403, 200), body()),
+    ("POST", "/api/v1/models/rollback"): ((401, 403, 403, 409), body(kind="policy")),  # nothing to roll back to
+    ("GET", "/v1/models"): ((401, 200, 200, 200), nothing),
+    ("POST", "/v1/chat/completions"): ((401, 503, 503, 503), body(messages=[{"role": "user", "content": "hi"}])),
     ("GET", "/api/v1/jobs"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/jobs"): ((401, 403, 403, 201), body(type="reward")),
     ("GET", "/api/v1/jobs/{job_id}"): ((401, 403, 403, 200), nothing),
@@ -94,7 +107,8 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
 
 
 PARAMETER_NAMES = {
-    "delete_conversation_id": "conversation_id", "streaming_message_id": "message_id", "last_answer_id": "message_id"
+    "delete_conversation_id": "conversation_id", "streaming_message_id": "message_id", "last_answer_id": "message_id",
+    "api_delete_conversation_id": "conversation_id",
 }  # fmt: skip
 
 
@@ -133,6 +147,7 @@ def own_objects(db: Session, user: User) -> dict[str, int]:
                        sampling={})  # fmt: skip
     _, streaming = chat.add_user_message(db, user=user, conversation_id=conversation.id, content="and?")
     doomed = chat.create_conversation(db, user=user)
+    api_doomed = chat.create_conversation(db, user=user)
     other = chat.create_conversation(db, user=user)
     _, last_answer = chat.add_user_message(db, user=user, conversation_id=other.id, content="hey")
     chat.finish_answer(db, message_id=last_answer.id, content="hey", finish_reason="stop", model_version_id=None,
@@ -140,13 +155,17 @@ def own_objects(db: Session, user: User) -> dict[str, int]:
     db.commit()
     return {"token_id": token.id, "conversation_id": conversation.id, "message_id": answer.id,
             "streaming_message_id": streaming.id, "delete_conversation_id": doomed.id,
-            "last_answer_id": last_answer.id}  # fmt: skip
+            "last_answer_id": last_answer.id, "api_delete_conversation_id": api_doomed.id}  # fmt: skip
 
 
 @pytest.fixture
 def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
     make_user(db, "admin", Role.admin)  # also the name that POST /signup collides with
-    shared = {"user_id": make_user(db, "target").id, "job_id": jobs.enqueue(db, type="reward").id}
+    version = ModelVersion(name="unloadable", kind=ModelKind.policy, path="/nonexistent")
+    db.add(version)
+    db.flush()
+    shared = {"user_id": make_user(db, "target").id, "job_id": jobs.enqueue(db, type="reward").id,
+              "version_id": version.id}  # fmt: skip
     db.commit()
     result = {}
     for role in ROLES:

@@ -1,0 +1,112 @@
+"""REST for chat under /api/v1: conversations, messages (answered as JSON or server-sent events), feedback."""
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from app.deps import CurrentUser, SessionDep
+from app.schemas import (
+    ConversationCreate,
+    ConversationDetail,
+    ConversationPublic,
+    ConversationUpdate,
+    ExchangePublic,
+    FeedbackPublic,
+    FeedbackSet,
+    MessageCreate,
+    MessagePublic,
+)
+from app.services import answering, chat, feedback
+from app.services.inference import SamplingParams
+
+router = APIRouter(tags=["chat"])
+
+
+@router.get("/conversations", response_model=list[ConversationPublic])
+def list_conversations(session: SessionDep, user: CurrentUser) -> list[ConversationPublic]:
+    return [ConversationPublic.model_validate(c) for c in chat.list_conversations(session, user=user)]
+
+
+@router.post("/conversations", response_model=ConversationPublic, status_code=status.HTTP_201_CREATED)
+def create_conversation(body: ConversationCreate, session: SessionDep, user: CurrentUser) -> ConversationPublic:
+    conversation = chat.create_conversation(session, user=user, title=body.title)
+    session.commit()
+    return ConversationPublic.model_validate(conversation)
+
+
+@router.get("/conversations/{conversation_id}", response_model=ConversationDetail)
+def get_conversation(conversation_id: int, session: SessionDep, user: CurrentUser) -> ConversationDetail:
+    conversation = chat.get_conversation(session, user=user, conversation_id=conversation_id)
+    messages = [MessagePublic.model_validate(m) for m in chat.messages_of(session, conversation=conversation)]
+    return ConversationDetail(**ConversationPublic.model_validate(conversation).model_dump(), messages=messages)
+
+
+@router.patch("/conversations/{conversation_id}", response_model=ConversationPublic)
+def update_conversation(
+    conversation_id: int, body: ConversationUpdate, session: SessionDep, user: CurrentUser
+) -> ConversationPublic:
+    conversation = chat.update_conversation(session, user=user, conversation_id=conversation_id, title=body.title,
+                                            allow_training=body.allow_training)  # fmt: skip
+    session.commit()
+    return ConversationPublic.model_validate(conversation)
+
+
+@router.delete("/conversations/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_conversation(conversation_id: int, session: SessionDep, user: CurrentUser) -> Response:
+    chat.delete_conversation(session, user=user, conversation_id=conversation_id)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/conversations/{conversation_id}/messages",
+    response_model=ExchangePublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "with stream=true: delta/done events"}},
+)
+async def send_message(
+    conversation_id: int, body: MessageCreate, request: Request, session: SessionDep, user: CurrentUser
+) -> ExchangePublic | StreamingResponse:
+    """Store the user's message and answer it with the served model (the whole answer, or streamed)."""
+    answering.require_model(request.app)
+    message, answer = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=body.content)
+    session.commit()
+    params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed)
+    deltas = answering.answer(request.app, user=user, message_id=answer.id, params=params)
+    if body.stream:
+        return StreamingResponse(_events(deltas, message.id, answer.id), media_type="text/event-stream")
+    async for _ in deltas:
+        pass
+    session.expire_all()
+    return ExchangePublic(user_message=MessagePublic.model_validate(message),
+                          answer=MessagePublic.model_validate(chat.get_message(session, user=user,
+                                                                               message_id=answer.id)))  # fmt: skip
+
+
+async def _events(deltas, user_message_id: int, answer_id: int) -> AsyncIterator[str]:
+    yield f"event: start\ndata: {json.dumps({'user_message_id': user_message_id, 'answer_id': answer_id})}\n\n"
+    try:
+        async for delta in deltas:
+            if delta.text:
+                yield f"event: delta\ndata: {json.dumps({'text': delta.text})}\n\n"
+            if delta.finish_reason:
+                yield f"event: done\ndata: {json.dumps({'finish_reason': delta.finish_reason})}\n\n"
+    finally:
+        await deltas.aclose()
+
+
+@router.put("/messages/{message_id}/feedback", response_model=FeedbackPublic)
+def set_feedback(message_id: int, body: FeedbackSet, session: SessionDep, user: CurrentUser) -> FeedbackPublic:
+    vote = feedback.set_feedback(session, user=user, message_id=message_id, value=body.value, reason=body.reason,
+                                 comment=body.comment)  # fmt: skip
+    session.commit()
+    return FeedbackPublic.model_validate(vote)
+
+
+@router.delete("/messages/{message_id}/feedback", status_code=status.HTTP_204_NO_CONTENT)
+def clear_feedback(message_id: int, session: SessionDep, user: CurrentUser) -> Response:
+    feedback.clear_feedback(session, user=user, message_id=message_id)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
