@@ -142,7 +142,8 @@ TRAINERS = {
     "sft": ("ml.train.sft", "supervised fine-tuning on dialogues (assistant tokens only)"),
     "reward": ("ml.train.reward", "train a reward model from rankings and thumbs"),
     "rl": ("ml.train.rl", "RL against a reward model (PPO, GRPO, RLOO) with a KL penalty"),
-    "dpo": ("ml.train.dpo", "offline DPO from preference pairs (or KTO from thumbs)"),
+    "dpo": ("ml.train.dpo", "offline DPO from preference pairs"),
+    "kto": ("ml.train.dpo", "offline KTO from thumbs up/down"),
 }
 
 
@@ -154,7 +155,10 @@ def run_module_cli(module_name: str, prog: str, argv: list[str]) -> int:
     except ModuleNotFoundError as exc:
         raise CLIError(f"{prog} is not available in this version ({exc.name} is missing)") from exc
     parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or "").split("\n\n")[0])
-    module.add_arguments(parser)
+    if prog.endswith(" kto"):
+        module.add_arguments(parser, algo="kto")
+    else:
+        module.add_arguments(parser)
     return module.main(parser.parse_args(argv))
 
 

@@ -14,7 +14,7 @@ from app.db import make_engine, make_session_factory
 from app.deps import csrf_protect
 from app.handlers import install_error_handlers
 from app.middleware import BrowserSecurityMiddleware
-from app.routes import account, admin, api, api_chat, auth, chat, openai_compat, pages
+from app.routes import account, admin, annotate, api, api_annotate, api_chat, auth, chat, openai_compat, pages
 from app.serving import make_inference, watch_served_model
 from app.settings import Settings
 from app.templating import TEMPLATES_DIR, make_templates
@@ -56,10 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BrowserSecurityMiddleware, signer=signer, secure_cookie=settings.cookie_secure)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    for module in (pages, auth, account, admin, chat):
+    for module in (pages, auth, account, admin, chat, annotate):
         app.include_router(module.router, dependencies=[CSRF])
     app.include_router(api.router, prefix="/api/v1", dependencies=[CSRF])
     app.include_router(api_chat.router, prefix="/api/v1", dependencies=[CSRF])
+    app.include_router(api_annotate.router, prefix="/api/v1", dependencies=[CSRF])
     app.include_router(openai_compat.router, prefix="/v1", dependencies=[CSRF])
     return app
 

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models import JobStatus, MessageRole, ModelKind, ModelStatus, Role
+from app.models import JobStatus, MessageRole, ModelKind, ModelStatus, RankingStatus, Role
 
 
 class UserPublic(BaseModel):
@@ -184,3 +184,51 @@ class RollBack(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: ModelKind
+
+
+class CandidatePublic(BaseModel):
+    id: int
+    label: str
+    content: str
+
+
+class TaskPublic(BaseModel):
+    set_id: int
+    prompt_id: int
+    messages: list[dict[str, str]]
+    candidates: list[CandidatePublic]
+
+
+class RankEntry(BaseModel):
+    candidate_id: int
+    rank: int = Field(ge=1, description="1 is best; equal ranks are ties")
+
+
+class RankingCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: RankingStatus = RankingStatus.ranked
+    ranking: list[RankEntry] = Field(default_factory=list, max_length=20)
+    flag_reason: str | None = Field(None, max_length=200)
+    time_spent_ms: int | None = Field(None, ge=0)
+
+
+class RankingPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    candidate_set_id: int
+    status: RankingStatus
+    time_spent_ms: int | None
+    created_at: datetime
+    ranking: list[RankEntry]
+
+
+class PromptImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jsonl: str = Field(max_length=10_000_000, description='one {"messages": [...]} or {"prompt": "..."} per line')
+
+
+class ImportResult(BaseModel):
+    added: int

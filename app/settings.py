@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, gt=0, description="Requests decoded together in one batch.")
     model_poll_s: float = Field(3.0, gt=0, description="How often each server checks for a newly active model.")
     device: str = Field("cpu", description="Where the served model runs: cpu or cuda.")
+    candidates_per_set: int = Field(4, ge=2, le=9, description="K: answers sampled for annotators to rank.")
+    annotations_per_set: int = Field(3, ge=1, description="Distinct annotators who rank each candidate set.")
     cookie_secure: bool | None = Field(
         None, description="Force the Secure cookie flag; default: when the request is HTTPS."
     )

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ModelKind, ModelVersion, Role, User
-from app.services import chat, jobs, tokens
+from app.models import ModelKind, ModelVersion, Prompt, PromptSource, Role, User
+from app.services import annotation, chat, jobs, prompts, tokens
 from tests.factories import PASSWORD, csrf_from, login, make_user
 
 ROLES = ("anonymous", "user", "annotator", "admin")
@@ -99,6 +100,13 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/api/v1/models/rollback"): ((401, 403, 403, 409), body(kind="policy")),  # nothing to roll back to
     ("GET", "/v1/models"): ((401, 200, 200, 200), nothing),
     ("POST", "/v1/chat/completions"): ((401, 503, 503, 503), body(messages=[{"role": "user", "content": "hi"}])),
+    ("GET", "/annotate"): ((303, 403, 200, 200), nothing),
+    ("POST", "/annotate/sets/{set_id}"): ((401, 403, 303, 303), form(action="skip")),
+    ("GET", "/annotate/guidelines"): ((303, 403, 200, 200), nothing),
+    ("POST", "/annotate/guidelines"): ((401, 403, 403, 303), form(text="Rank carefully.")),
+    ("GET", "/api/v1/annotation/next"): ((401, 403, 200, 200), nothing),
+    ("POST", "/api/v1/annotation/sets/{api_set_id}/ranking"): ((401, 403, 201, 201), body(status="skipped")),
+    ("POST", "/api/v1/prompts/import"): ((401, 403, 403, 201), body(jsonl='{"prompt": "Where does Mira live?"}')),
     ("GET", "/api/v1/jobs"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/jobs"): ((401, 403, 403, 201), body(type="reward")),
     ("GET", "/api/v1/jobs/{job_id}"): ((401, 403, 403, 200), nothing),
@@ -108,7 +116,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
 
 PARAMETER_NAMES = {
     "delete_conversation_id": "conversation_id", "streaming_message_id": "message_id", "last_answer_id": "message_id",
-    "api_delete_conversation_id": "conversation_id",
+    "api_delete_conversation_id": "conversation_id", "api_set_id": "set_id",
 }  # fmt: skip
 
 
@@ -164,8 +172,12 @@ def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
     version = ModelVersion(name="unloadable", kind=ModelKind.policy, path="/nonexistent")
     db.add(version)
     db.flush()
+    prompts.add_prompts(db, items=[([{"role": "user", "content": "Hi?"}], None)], source=PromptSource.demo)
+    prompt_id = db.scalar(select(Prompt.id))
+    sets = [annotation.create_set(db, prompt_id=prompt_id, answers=[("a", 1), ("b", 1)], model_version_id=None,
+                                  params={}) for _ in range(2)]  # fmt: skip
     shared = {"user_id": make_user(db, "target").id, "job_id": jobs.enqueue(db, type="reward").id,
-              "version_id": version.id}  # fmt: skip
+              "version_id": version.id, "set_id": sets[0].id, "api_set_id": sets[1].id}  # fmt: skip
     db.commit()
     result = {}
     for role in ROLES:

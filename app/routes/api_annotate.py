@@ -1,0 +1,46 @@
+"""REST for annotators under /api/v1: the next task and rankings; prompt import for admins."""
+
+from fastapi import APIRouter, Request, Response, status
+
+from app.deps import AdminUser, AnnotatorUser, SessionDep
+from app.models import Prompt
+from app.routes.annotate import LABELS
+from app.schemas import CandidatePublic, ImportResult, PromptImport, RankEntry, RankingCreate, RankingPublic, TaskPublic
+from app.services import annotation, prompts, tasks
+
+router = APIRouter(tags=["annotation"])
+
+
+@router.get("/annotation/next", response_model=TaskPublic, responses={204: {"description": "nothing to annotate"}})
+async def next_task(request: Request, session: SessionDep, annotator: AnnotatorUser) -> TaskPublic | Response:
+    """The next candidate set for this annotator (sampled from the served model when none is waiting)."""
+    set_id = await tasks.next_task(request.app, annotator)
+    if set_id is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    cset = annotation.get_set(session, set_id=set_id)
+    prompt = session.get(Prompt, cset.prompt_id)
+    candidates = [CandidatePublic(id=c.id, label=LABELS[c.position], content=c.content) for c in cset.candidates]
+    return TaskPublic(set_id=cset.id, prompt_id=prompt.id, messages=prompt.messages, candidates=candidates)
+
+
+@router.post("/annotation/sets/{set_id}/ranking", response_model=RankingPublic, status_code=status.HTTP_201_CREATED)
+def submit_ranking(set_id: int, body: RankingCreate, session: SessionDep, annotator: AnnotatorUser) -> RankingPublic:
+    ranking = annotation.submit_ranking(
+        session, annotator=annotator, set_id=set_id, status=body.status,
+        entries=[(e.candidate_id, e.rank) for e in body.ranking], flag_reason=body.flag_reason,
+        time_spent_ms=body.time_spent_ms,
+    )  # fmt: skip
+    session.commit()
+    entries = [RankEntry(candidate_id=e.candidate_id, rank=e.rank) for e in ranking.entries]
+    return RankingPublic(
+        id=ranking.id, candidate_set_id=ranking.candidate_set_id, status=ranking.status,
+        time_spent_ms=ranking.time_spent_ms, created_at=ranking.created_at, ranking=entries,
+    )  # fmt: skip
+
+
+@router.post("/prompts/import", response_model=ImportResult, status_code=status.HTTP_201_CREATED)
+def import_prompts(body: PromptImport, session: SessionDep, admin: AdminUser) -> ImportResult:
+    """Add prompts from JSONL text; a bad line rejects the whole file with the line number."""
+    added = prompts.import_jsonl(session, text=body.jsonl)
+    session.commit()
+    return ImportResult(added=added)

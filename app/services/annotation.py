@@ -1,0 +1,182 @@
+"""Annotation: hand out the next candidate set to rank, take rankings, measure agreement between annotators.
+
+Each set is ranked by `per_set` distinct annotators; nobody sees a set twice; the sets with the fewest rankings go
+first. A ranking names every candidate of its set exactly once (equal ranks are ties) and lands whole or not at all.
+"""
+
+import itertools
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, Invalid, NotFound
+from app.models import Candidate, CandidateSet, Prompt, Ranking, RankingEntry, RankingStatus, User
+
+MAX_FLAG_REASON = 200
+MAX_TIME_SPENT_MS = 24 * 3600 * 1000
+
+
+def next_set(session: Session, *, annotator: User, per_set: int) -> CandidateSet | None:
+    """The existing set that most needs this annotator: not ranked by them, fewest rankings, oldest."""
+    counts = select(Ranking.candidate_set_id, func.count().label("n")).group_by(Ranking.candidate_set_id).subquery()
+    mine = select(Ranking.candidate_set_id).where(Ranking.annotator_id == annotator.id)
+    query = (
+        select(CandidateSet)
+        .outerjoin(counts, counts.c.candidate_set_id == CandidateSet.id)
+        .where(CandidateSet.id.not_in(mine), func.coalesce(counts.c.n, 0) < per_set)
+        .order_by(func.coalesce(counts.c.n, 0), CandidateSet.id)
+        .limit(1)
+    )
+    return session.scalar(query)
+
+
+def prompt_needing_candidates(session: Session, *, annotator: User) -> Prompt | None:
+    """A prompt with the fewest candidate sets that this annotator has not ranked yet."""
+    sets = select(CandidateSet.prompt_id, func.count().label("n")).group_by(CandidateSet.prompt_id).subquery()
+    seen = (
+        select(CandidateSet.prompt_id)
+        .join(Ranking, Ranking.candidate_set_id == CandidateSet.id)
+        .where(Ranking.annotator_id == annotator.id)
+    )
+    query = (
+        select(Prompt)
+        .outerjoin(sets, sets.c.prompt_id == Prompt.id)
+        .where(Prompt.id.not_in(seen))
+        .order_by(func.coalesce(sets.c.n, 0), Prompt.id)
+        .limit(1)
+    )
+    return session.scalar(query)
+
+
+def create_set(
+    session: Session, *, prompt_id: int, answers: list[tuple[str, int | None]], model_version_id: int | None,
+    params: dict, seed: int | None = None,
+) -> CandidateSet:  # fmt: skip
+    """Store K answers in a random order (positions are what annotators see as A, B, C…)."""
+    if len(answers) < 2:
+        raise Invalid("a candidate set needs at least two answers")
+    order = list(range(len(answers)))
+    random.Random(seed).shuffle(order)
+    cset = CandidateSet(prompt_id=prompt_id, model_version_id=model_version_id, params=params)
+    session.add(cset)
+    session.flush()
+    for position, index in enumerate(order):
+        text, tokens = answers[index]
+        session.add(Candidate(candidate_set_id=cset.id, position=position, content=text, token_count=tokens))
+    session.flush()
+    session.refresh(cset)
+    return cset
+
+
+def get_set(session: Session, *, set_id: int) -> CandidateSet:
+    cset = session.get(CandidateSet, set_id)
+    if cset is None:
+        raise NotFound(f"candidate set {set_id} not found")
+    return cset
+
+
+def dense_ranks(ranks: dict[int, int]) -> dict[int, int]:
+    """{candidate: rank} with any positive ranks → 1, 2, 3… keeping order and ties."""
+    levels = {r: i + 1 for i, r in enumerate(sorted(set(ranks.values())))}
+    return {c: levels[r] for c, r in ranks.items()}
+
+
+def validate_ranks(cset: CandidateSet, entries: list[tuple[int, int]]) -> dict[int, int]:
+    ids = [c.id for c in cset.candidates]
+    named = [candidate_id for candidate_id, _ in entries]
+    repeated = sorted({c for c in named if named.count(c) > 1})
+    if repeated:
+        raise Invalid(f"candidate {repeated[0]} is ranked more than once")
+    foreign = sorted(set(named) - set(ids))
+    if foreign:
+        raise Invalid(f"candidate {foreign[0]} is not in set {cset.id}")
+    missing = sorted(set(ids) - set(named))
+    if missing:
+        raise Invalid(f"candidate {missing[0]} of set {cset.id} has no rank")
+    if any(rank < 1 for _, rank in entries):
+        raise Invalid("ranks start at 1 (best)")
+    return dense_ranks(dict(entries))
+
+
+def submit_ranking(
+    session: Session, *, annotator: User, set_id: int, status: RankingStatus, entries: list[tuple[int, int]],
+    flag_reason: str | None = None, time_spent_ms: int | None = None,
+) -> Ranking:  # fmt: skip
+    """One annotator's verdict: ranked (every candidate once), skipped, or flagged (all bad or unsafe)."""
+    cset = get_set(session, set_id=set_id)
+    ranks = validate_ranks(cset, entries) if status == RankingStatus.ranked else {}
+    if status != RankingStatus.ranked and entries:
+        raise Invalid(f"a {status.value} set takes no ranks")
+    if flag_reason is not None and len(flag_reason) > MAX_FLAG_REASON:
+        raise Invalid(f"a flag reason may have at most {MAX_FLAG_REASON} characters")
+    if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
+        raise Invalid("time_spent_ms must be between 0 and one day")
+    ranking = Ranking(candidate_set_id=cset.id, annotator_id=annotator.id, status=status,
+                      flag_reason=flag_reason if status == RankingStatus.flagged else None,
+                      time_spent_ms=time_spent_ms)  # fmt: skip
+    ranking.entries = [RankingEntry(candidate_id=c, rank=r) for c, r in ranks.items()]
+    try:
+        with session.begin_nested():
+            session.add(ranking)
+    except IntegrityError as exc:
+        raise Conflict(f"you have already ranked set {set_id}") from exc
+    return ranking
+
+
+def kendall_tau_b(a: list[float], b: list[float]) -> float | None:
+    """Kendall's tau-b between two rankings of the same items (lower = better; ties allowed); None if undefined."""
+    concordant = discordant = ties_a = ties_b = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        da, db = a[i] - a[j], b[i] - b[j]
+        if da == 0:
+            ties_a += 1
+        if db == 0:
+            ties_b += 1
+        if da * db > 0:
+            concordant += 1
+        elif da * db < 0:
+            discordant += 1
+    pairs = len(a) * (len(a) - 1) // 2
+    denominator = math.sqrt((pairs - ties_a) * (pairs - ties_b))
+    return None if denominator == 0 else (concordant - discordant) / denominator
+
+
+@dataclass
+class Agreement:
+    overall: float | None
+    per_annotator: dict[str, tuple[float, int]]  # username -> (mean tau to consensus, rankings counted)
+    sets_compared: int
+
+
+def agreement(session: Session) -> Agreement:
+    """Kendall's tau of each ranking to its set's consensus (mean rank over the set's annotators)."""
+    rows = session.execute(
+        select(Ranking.id, Ranking.candidate_set_id, User.username, RankingEntry.candidate_id, RankingEntry.rank)
+        .join(RankingEntry, RankingEntry.ranking_id == Ranking.id)
+        .join(User, User.id == Ranking.annotator_id)
+        .where(Ranking.status == RankingStatus.ranked)
+    ).all()
+    by_set: dict[int, dict[tuple[int, str], dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
+    for ranking_id, set_id, username, candidate_id, rank in rows:
+        by_set[set_id][(ranking_id, username)][candidate_id] = rank
+    taus: dict[str, list[float]] = defaultdict(list)
+    compared = 0
+    for rankings in by_set.values():
+        if len(rankings) < 2:
+            continue
+        compared += 1
+        candidates = sorted(next(iter(rankings.values())))
+        consensus = [sum(r[c] for r in rankings.values()) / len(rankings) for c in candidates]
+        for (_, username), ranks in rankings.items():
+            tau = kendall_tau_b([ranks[c] for c in candidates], consensus)
+            if tau is not None:
+                taus[username].append(tau)
+    per_annotator = {u: (sum(t) / len(t), len(t)) for u, t in sorted(taus.items())}
+    everything = [t for ts in taus.values() for t in ts]
+    overall = sum(everything) / len(everything) if everything else None
+    return Agreement(overall, per_annotator, compared)

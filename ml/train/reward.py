@@ -1,0 +1,386 @@
+"""Reward model: a scalar-head copy of the SFT model that scores prompt + answer at the answer's last token.
+
+Trained the way InstructGPT did from annotators' rankings of K answers to one prompt: every ordered pair of a ranking
+is a Bradley-Terry comparison, all pairs of one ranking sit in one batch element and its loss is their mean, so a
+ranking of K counts once, not K-choose-2 times (which overfits). Ties give no pair. End users' thumbs add a logistic
+loss on the reward itself (up = +1, down = -1), and a prompt with both an up and a down answer also gives a ranking.
+
+Rewards only mean something relative to each other, so after training they are shifted so that the reference answers
+(`--reference` dialogues' final answers, by default every answer in the training data) average 0: a policy's mean
+reward is then "better or worse than the data". The score head has no bias, so the shift is stored as
+`reward_offset` in config.json's metadata and `RewardModel` applies it; always score through `RewardModel`.
+
+Run (CPU, after ml.train.sft):
+    python -m ml.train.reward --sft /tmp/fw-sft --out /tmp/fw-rm --rankings rankings.jsonl --thumbs thumbs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml.examples import (
+    ComparisonBatch,
+    EncodedRanking,
+    Message,
+    SequenceBatch,
+    Thumb,
+    comparison_batch,
+    describe_sources,
+    encode_answer,
+    encode_ranking,
+    load_dialogues,
+    load_rankings,
+    load_thumbs,
+    sequence_batch,
+    split_heldout,
+    thumb_rankings,
+)
+from ml.model import Transformer, scalar_model_from
+from ml.tokenizer import Tokenizer
+from ml.train import common
+from ml.train.common import Distributed, LoopConfig, ProgressCallback
+from ml.train.losses import bradley_terry_loss, logistic_loss, pairwise_accuracy
+
+
+def score_sequences(model: nn.Module, batch: SequenceBatch) -> Tensor:
+    """(N,) reward of each right-padded sequence, read at its last real token."""
+    values, _ = model(batch.input_ids)  # (N, T): causal, so padding to the right changes nothing
+    return values.gather(1, batch.last_index[:, None]).squeeze(1).float()
+
+
+@torch.no_grad()
+def score_encoded(
+    model: nn.Module, encoded: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32
+) -> Tensor:
+    """(N,) raw rewards (no offset) of encoded sequences, in batches, on CPU."""
+    device = next(model.parameters()).device
+    scores = [
+        score_sequences(model, sequence_batch(encoded[i : i + batch_size], pad_id).to(device))
+        for i in range(0, len(encoded), batch_size)
+    ]
+    return torch.cat(scores).cpu() if scores else torch.zeros(0)
+
+
+class RewardModel:
+    """A trained reward model ready to score: the network, its tokenizer and the normalising offset."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, offset: float = 0.0) -> None:
+        if not model.scalar_head:
+            raise ValueError("a reward model needs a scalar head")
+        self.model, self.tokenizer, self.offset = model.eval(), tokenizer, offset
+        self.max_len = model.config.max_seq_len
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> RewardModel:
+        model, meta = load_checkpoint(directory, device=device)
+        if not model.scalar_head:
+            raise ValueError(f"{directory} is a language model, not a reward model")
+        return cls(model, Tokenizer.load(directory), float(meta.get("reward_offset", 0.0)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[Message]], answers: list[str], batch_size: int = 32) -> Tensor:
+        """(N,) normalised rewards of answers[i] to prompts[i]."""
+        encoded = [encode_answer(self.tokenizer, p, a, self.max_len) for p, a in zip(prompts, answers, strict=True)]
+        return self.score_encoded(encoded, batch_size)
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]], batch_size: int = 32) -> Tensor:
+        """(N,) normalised rewards of token sequences (prompt ids + answer ids, scored at their last token)."""
+        return self.score_encoded([(s[-self.max_len :], [1] * len(s[-self.max_len :])) for s in sequences], batch_size)
+
+    def score_encoded(self, encoded: list[tuple[list[int], list[int]]], batch_size: int = 32) -> Tensor:
+        return score_encoded(self.model, encoded, int(self.tokenizer.pad_id or 0), batch_size) + self.offset
+
+    def __call__(self, prompt: list[Message], answer: str) -> float:
+        """A scorer: (prompt messages, answer text) -> reward, like the demo world's gold scorer."""
+        return float(self.score([prompt], [answer])[0])
+
+
+@dataclass
+class RewardConfig:
+    """Flags of a reward-model run. rankings / thumbs / reference: JSONL paths or record objects (from Python)."""
+
+    sft: str
+    out: str
+    rankings: list[Any] = field(default_factory=list)
+    thumbs: list[Any] = field(default_factory=list)
+    reference: list[Any] = field(default_factory=list)  # dialogues; empty: every answer in the training data
+    steps: int = 200
+    batch_size: int = 8  # rankings (and as many thumbs) per micro-step, over all processes
+    grad_accum: int = 1
+    max_len: int | None = None
+    lr: float = 3e-4
+    min_lr: float | None = None
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    thumb_weight: float = 1.0
+    heldout_fraction: float = 0.1
+    eval_every: int = 50
+    save_every: int = 0
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = False
+
+    def validate(self) -> None:
+        if not self.rankings and not self.thumbs:
+            raise ValueError("give --rankings and/or --thumbs to train a reward model on")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0 or not 0 <= self.heldout_fraction < 1:
+            raise ValueError("--lr must be positive and the held-out fraction in [0, 1)")
+
+
+@dataclass
+class RewardData:
+    """Tokenised rankings (given ones plus those from thumbs) and thumbs, split into train / held out."""
+
+    rankings: dict[str, list[EncodedRanking]]
+    thumbs: dict[str, list[tuple[tuple[list[int], list[int]], bool]]]
+    reference: list[tuple[list[int], list[int]]]
+    pad_id: int
+
+    def batch(self, split: str, idx_r: list[int], idx_t: list[int]) -> tuple[ComparisonBatch, Tensor]:
+        rankings = [self.rankings[split][i] for i in idx_r]
+        thumbs = [self.thumbs[split][i] for i in idx_t]
+        cb = comparison_batch(rankings, self.pad_id, extra=[enc for enc, _ in thumbs])
+        return cb, torch.tensor([label for _, label in thumbs], dtype=torch.bool)
+
+
+def build_reward_data(config: RewardConfig, tokenizer: Tokenizer, max_len: int) -> RewardData:
+    rankings = load_rankings(config.rankings) if config.rankings else []
+    thumbs = load_thumbs(config.thumbs) if config.thumbs else []
+    r_train, r_held = split_heldout(rankings, config.heldout_fraction, config.seed)
+    t_train, t_held = split_heldout(thumbs, config.heldout_fraction, config.seed)
+    r_train, r_held = r_train + thumb_rankings(t_train), r_held + thumb_rankings(t_held)
+    if not any(min(r.ranks) < max(r.ranks) for r in r_train) and not t_train:
+        raise ValueError("the training data holds no comparison (every ranking is one big tie) and no thumbs")
+    if config.reference:
+        pairs = [_last_answer(d.messages) for d in load_dialogues(config.reference)]
+    else:
+        pairs = {(repr(r.prompt), a): (r.prompt, a) for r in r_train for a in r.answers}
+        pairs.update({(repr(t.prompt), t.completion): (t.prompt, t.completion) for t in t_train})
+        pairs = list(pairs.values())
+
+    def enc(t: Thumb) -> tuple[tuple[list[int], list[int]], bool]:
+        return encode_answer(tokenizer, t.prompt, t.completion, max_len), t.label
+
+    return RewardData(
+        rankings={"train": [encode_ranking(tokenizer, r, max_len) for r in r_train],
+                  "heldout": [encode_ranking(tokenizer, r, max_len) for r in r_held]},
+        thumbs={"train": [enc(t) for t in t_train], "heldout": [enc(t) for t in t_held]},
+        reference=[encode_answer(tokenizer, p, a, max_len) for p, a in pairs],
+        pad_id=int(tokenizer.pad_id or 0),
+    )  # fmt: skip
+
+
+def _last_answer(messages: list[Message]) -> tuple[list[Message], str]:
+    i = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:i], messages[i]["content"]
+
+
+def reward_loss(model: nn.Module, batch: tuple[ComparisonBatch, Tensor], thumb_weight: float = 1.0) -> Tensor:
+    """Bradley-Terry over the rankings' pairs plus thumb_weight * logistic loss on the thumbs, from one forward."""
+    cb, labels = batch
+    scores = score_sequences(model, cb.sequences)  # (N,)
+    loss = bradley_terry_loss(cb.grid(scores), cb.ranks) if cb.ranks.numel() else scores.sum() * 0.0
+    if labels.numel():
+        loss = loss + thumb_weight * logistic_loss(cb.extra_scores(scores), labels)
+    return loss
+
+
+@torch.no_grad()
+def evaluate_rewards(model: nn.Module, data: RewardData, split: str = "heldout", batch_size: int = 16) -> dict:
+    """Held-out BT loss, pairwise accuracy over all pairs, thumbs accuracy (sign of the reward), all deterministic."""
+    model = common.unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses, right, pairs, thumbs_right = [], 0.0, 0, 0
+    n_r, n_t = len(data.rankings[split]), len(data.thumbs[split])
+    for i in range(0, n_r, batch_size):
+        cb, _ = data.batch(split, list(range(i, min(i + batch_size, n_r))), [])
+        cb = cb.to(device)
+        grid = cb.grid(score_sequences(model, cb.sequences))
+        losses.append(float(bradley_terry_loss(grid, cb.ranks)) * len(cb.ranks))
+        acc, n = pairwise_accuracy(grid, cb.ranks)
+        right, pairs = right + float(acc) * int(n), pairs + int(n)
+    for i in range(0, n_t, batch_size):
+        cb, labels = data.batch(split, [], list(range(i, min(i + batch_size, n_t))))
+        scores = cb.extra_scores(score_sequences(model, cb.to(device).sequences)).cpu()
+        thumbs_right += int(((scores > 0) == labels).sum())
+    model.train(was_training)
+    out: dict[str, float] = {}
+    if pairs:
+        out.update(val_loss=sum(losses) / n_r, val_acc=right / pairs, val_pairs=pairs)
+    if n_t:
+        out["val_thumb_acc"] = thumbs_right / n_t
+    return out
+
+
+def normalise(model: Transformer, reference: list[tuple[list[int], list[int]]], pad_id: int) -> float:
+    """The offset that makes the reference answers' mean reward 0; folded into the score head's bias if it has one
+    (and 0 returned), else returned for the checkpoint's metadata."""
+    model.eval()
+    with torch.no_grad():
+        offset = -float(score_encoded(model, reference, pad_id).mean()) if reference else 0.0
+        if model.score_head.bias is not None:
+            model.score_head.bias += offset
+            return 0.0
+    return offset
+
+
+def train_reward(config: RewardConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Train a reward model into config.out; returns metrics (val_acc, val_loss, reward_mean, reward_std, ...)."""
+    config.validate()
+    dist = common.init_distributed(config.device)
+    try:
+        return _run(config, dist, on_progress)
+    finally:
+        common.close_distributed(dist)
+
+
+def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback | None) -> dict[str, Any]:
+    out = Path(config.out)
+    state_path = out / common.TRAIN_STATE
+    if not config.resume and (state_path.exists() or (out / "config.json").exists()):
+        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    lm, _ = load_checkpoint(config.sft, device=dist.device)
+    torch.manual_seed(config.seed)  # the new score head's initialisation
+    model = lm if lm.scalar_head else scalar_model_from(lm)  # a reward model continues; an LM gives its trunk
+    del lm
+    tokenizer = Tokenizer.load(config.sft)
+    max_len = min(config.max_len or model.config.max_seq_len, model.config.max_seq_len)
+    data = build_reward_data(config, tokenizer, max_len)
+    model.train()
+    optimizer = model.configure_optimizer(weight_decay=config.weight_decay, lr=config.lr, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(config.seed)
+    start_step = 0
+    if config.resume:
+        start_step, _ = common.load_train_state(state_path, model, optimizer, generator)
+    trained = common.wrap_ddp(model, dist)
+    rows = dist.rows(config.batch_size)
+    n_r, n_t = len(data.rankings["train"]), len(data.thumbs["train"])
+
+    def pick(n: int) -> list[int]:
+        return torch.randint(0, n, (config.batch_size,), generator=generator)[rows].tolist() if n else []
+
+    def next_batch() -> tuple[ComparisonBatch, Tensor]:
+        cb, labels = data.batch("train", pick(n_r), pick(n_t))
+        return cb.to(dist.device), labels.to(dist.device)
+
+    metrics: dict[str, Any] = {"train_rankings": n_r, "train_thumbs": n_t}
+    metrics.update(heldout_rankings=len(data.rankings["heldout"]), heldout_thumbs=len(data.thumbs["heldout"]))
+
+    def save(step: int) -> None:
+        if dist.is_main:
+            common.save_train_state(state_path, model, optimizer, step, generator)
+        dist.barrier()
+
+    loop = LoopConfig(
+        max_steps=config.steps, lr=config.lr, min_lr=config.lr / 10 if config.min_lr is None else config.min_lr,
+        warmup=config.warmup, grad_accum=config.grad_accum, grad_clip=config.grad_clip, eval_every=config.eval_every,
+        save_every=config.save_every, tokens_per_step=0,
+    )  # fmt: skip
+
+    def record(info: dict[str, Any]) -> None:
+        metrics.update({k: v for k, v in info.items() if k not in ("lr", "grad_norm")})
+
+    progress = common.chain(record, common.ProgressBar() if config.progress else None, on_progress)
+    losses = common.train_loop(
+        trained, optimizer, loop, dist, start_step=start_step, next_batch=next_batch,
+        loss_fn=lambda m, b: reward_loss(m, b, config.thumb_weight),
+        evaluate=lambda: evaluate_rewards(trained, data), save=save, on_progress=progress,
+    )  # fmt: skip
+    metrics.update(_finish(config, model, tokenizer, data, dist))
+    return {**metrics, "losses": losses, "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
+
+
+def _finish(
+    config: RewardConfig, model: Transformer, tokenizer: Tokenizer, data: RewardData, dist: Distributed
+) -> dict:
+    """Normalise, measure the rewards of the held-out answers, and save the model with its offset."""
+    offset = normalise(model, data.reference, data.pad_id)
+    scorer = RewardModel(model, tokenizer, offset)
+    held = [c for r in data.rankings["heldout"] for c in r.candidates] + [e for e, _ in data.thumbs["heldout"]]
+    scores = scorer.score_encoded(held or data.reference)
+    metrics = {"reward_offset": offset, "reward_mean": float(scores.mean()), "reward_std": float(scores.std())}
+    metrics["reference_mean"] = float(scorer.score_encoded(data.reference).mean()) if data.reference else 0.0
+    if dist.is_main:
+        record = {**asdict(config), **{k: describe_sources(getattr(config, k)) for k in ("rankings", "thumbs")}}
+        record["reference"] = describe_sources(config.reference)
+        extra = {"kind": "reward", "parent": str(config.sft), "reward_offset": offset, "reward": record}
+        save_checkpoint(config.out, model, tokenizer=tokenizer, extra=extra)
+    dist.barrier()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `flywheel train reward` and `python -m ml.train.reward`."""
+    d = RewardConfig(sft="", out="")
+    add = parser.add_argument
+    add("--sft", required=True, metavar="DIR", help="the SFT model whose trunk initialises the reward model")
+    add("--out", required=True, metavar="DIR", help="model directory to write")
+    add("--rankings", nargs="*", default=[], metavar="FILE", help="JSONL: {prompt, answers, ranking|order}")
+    add("--thumbs", nargs="*", default=[], metavar="FILE", help="JSONL: {prompt, completion, label}")
+    add("--reference", nargs="*", default=[], metavar="FILE",
+        help="JSONL dialogues whose final answers average reward 0 (default: the training answers)")  # fmt: skip
+    add("--steps", type=int, default=d.steps, help="total optimizer steps (default %(default)s)")
+    add("--batch-size", type=int, default=d.batch_size, help="rankings (and thumbs) per micro-step")
+    add("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
+    add("--max-len", type=int, default=None, help="longest prompt + answer in tokens (default: the model's)")
+    add("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    add("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    add("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
+    add("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this; 0 disables")
+    add("--thumb-weight", type=float, default=d.thumb_weight, help="weight of the thumbs' logistic loss")
+    add("--heldout-fraction", type=float, default=d.heldout_fraction, help="share of rankings/thumbs held out")
+    add("--eval-every", type=int, default=d.eval_every, help="held-out accuracy every N steps; 0: at the end")
+    add("--save-every", type=int, default=d.save_every, help="save train_state.pt every N steps")
+    add("--resume", action="store_true", help="continue from --out's train_state.pt")
+    add("--seed", type=int, default=d.seed, help="seed for data order and the held-out split")
+    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    add("--progress", action="store_true", help="draw a progress line on stderr")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = RewardConfig(**{k: v for k, v in vars(args).items() if k in RewardConfig.__dataclass_fields__})
+        metrics = train_reward(config)
+    except (ValueError, OSError) as e:
+        print(f"reward: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reward: interrupted", file=sys.stderr)
+        return 130
+    if metrics["rank"] == 0:
+        acc = f"held-out pairwise accuracy {metrics['val_acc']:.3f}, " if "val_acc" in metrics else ""
+        print(
+            f"saved {metrics['out']}: {acc}reward mean {metrics['reward_mean']:+.3f} std {metrics['reward_std']:.3f} "
+            f"(reference answers at 0), {metrics['elapsed_s']:.0f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m ml.train.reward", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
