@@ -47,6 +47,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
+    if not args.no_bootstrap:
+        from app.bootstrap import bootstrap_demo_model, seed_demo_prompts
+
+        bootstrap_demo_model(settings)
+        seed_demo_prompts(settings)
     host, port = args.host or settings.host, args.port or settings.port
     worker = None
     if not args.no_worker:  # the embedded default: one worker process beside the web server
@@ -166,6 +171,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return run_module_cli(TRAINERS[args.trainer][0], f"flywheel train {args.trainer}", args.rest)
 
 
+def cmd_demo_experiment(args: argparse.Namespace, settings: Settings) -> int:
+    return run_module_cli("ml.experiment", "flywheel demo experiment", args.rest)
+
+
 def _add(sub, name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(handler=handler)
@@ -182,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
     serve.add_argument("--no-worker", action="store_true", help="run no embedded worker (run `flywheel worker`s)")
+    serve.add_argument("--no-bootstrap", action="store_true", help="do not train the demo model on first start")
 
     worker = _add(groups, "worker", cmd_worker, "claim and run training jobs from the queue")
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
@@ -217,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         stage = trainers.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
         stage.add_argument("rest", nargs=argparse.REMAINDER)
         stage.set_defaults(handler=cmd_train)
+
+    demo = groups.add_parser("demo", help="the built-in demo world", description="the built-in demo world")
+    demo_cmds = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    experiment = demo_cmds.add_parser(
+        "experiment", help="the whole pipeline on the demo world, with numbers", add_help=False, prefix_chars="\0"
+    )
+    experiment.add_argument("rest", nargs=argparse.REMAINDER)
+    experiment.set_defaults(handler=cmd_demo_experiment)
 
     token_cmds = groups.add_parser("tokens", help="API tokens", description="API tokens").add_subparsers(
         dest="tokens_command", required=True, metavar="ACTION"

@@ -1,0 +1,75 @@
+"""First start: with no model to serve, train the demo model (short pretrain + SFT on the demo world) and fill the
+prompt pool from the demo world, so that chat and annotation work on a fresh machine. Runs in `flywheel serve`
+before the web server starts, with a progress line; later starts find the model and skip all of this.
+"""
+
+import sys
+import time
+
+from app.db import make_engine, make_session_factory, transaction
+from app.models import ModelKind, ModelStatus, ModelVersion, PromptSource, Split
+from app.services import prompts
+from app.services.model_versions import served_version
+from app.settings import Settings
+
+DEMO_PROMPTS = 600
+
+
+def _progress(stage: str):
+    bar_start = time.monotonic()
+
+    def report(info: dict) -> None:
+        step, total = info.get("step", 0), info.get("max_steps", 1)
+        loss = info.get("loss")
+        line = f"\r  {stage}: step {step}/{total}" + (f"  loss {loss:.3f}" if isinstance(loss, float) else "")
+        print(f"{line}  {time.monotonic() - bar_start:.0f}s ", end="", file=sys.stderr, flush=True)
+
+    return report
+
+
+def seed_demo_prompts(settings: Settings, seed: int = 0) -> int:
+    from ml.demo import World
+
+    items = [(p.messages, Split(p.split)) for p in World(seed).prompts(DEMO_PROMPTS)]
+    factory = make_session_factory(make_engine(settings.resolved_database_url))
+    with transaction(factory) as session:
+        return prompts.add_prompts(session, items=items, source=PromptSource.demo)
+
+
+def bootstrap_demo_model(
+    settings: Settings, pretrain_steps: int = 300, sft_steps: int = 150, demo_docs: int = 8000, n_embd: int = 128
+) -> bool:
+    """Train and register the demo model when nothing is served; False when there was nothing to do."""
+    factory = make_session_factory(make_engine(settings.resolved_database_url))
+    with factory() as session:
+        if served_version(session) is not None:
+            return False
+    from ml.train.pretrain import PretrainConfig, pretrain
+    from ml.train.sft import SFTConfig, sft
+
+    models = settings.data_dir / "models"
+    base, chat = models / "demo-base", models / "demo-sft"
+    print("No model yet: training the demo model once (a few minutes on a laptop CPU).", file=sys.stderr)
+    base_metrics = pretrain(
+        PretrainConfig(out=str(base), steps=pretrain_steps, n_layer=4, n_embd=128, demo_docs=8000, eval_every=100),
+        on_progress=_progress("pretrain"),
+    )
+    print(file=sys.stderr)
+    sft_config = SFTConfig(base=str(base), out=str(chat), steps=sft_steps, demo_dialogues=min(2000, demo_docs),
+                           warmup=min(20, sft_steps // 3))  # fmt: skip
+    sft_metrics = sft(sft_config, on_progress=_progress("sft"))
+    print(file=sys.stderr)
+    with transaction(factory) as session:
+        parent = ModelVersion(name="demo-base", kind=ModelKind.base, path=str(base), status=ModelStatus.active,
+                              metrics=_numbers(base_metrics), training_data={"data": "demo world, seed 0"})  # fmt: skip
+        session.add(parent)
+        session.flush()
+        session.add(ModelVersion(name="demo-sft", kind=ModelKind.sft, path=str(chat), parent_id=parent.id,
+                                 status=ModelStatus.active, metrics=_numbers(sft_metrics),
+                                 training_data={"data": "demo dialogues, seed 0"}))  # fmt: skip
+    print(f"Demo model ready: {chat}", file=sys.stderr)
+    return True
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
