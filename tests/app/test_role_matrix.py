@@ -26,7 +26,9 @@ _names = itertools.count()
 class Caller:
     client: TestClient
     csrf: str
-    ids: dict[str, int]  # what the path parameters name: this caller's own token, conversation, messages; shared ones
+    ids: dict[
+        str, int | str
+    ]  # what the path parameters name: this caller's own token, conversation, messages; shared ones
 
 
 def form(**data: Any) -> Callable[[Caller], dict]:
@@ -43,6 +45,10 @@ def new_user_form(c: Caller) -> dict:
 
 def new_user_body(c: Caller) -> dict:
     return {"json": {"username": f"api{next(_names)}", "password": PASSWORD}, "headers": {"X-CSRF-Token": c.csrf}}
+
+
+def upload(c: Caller) -> dict:
+    return {"data": {"kind": "prompts", "csrf_token": c.csrf}, "files": {"file": ("p.jsonl", b'{"prompt": "New?"}')}}
 
 
 def nothing(c: Caller) -> dict:
@@ -107,6 +113,15 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/api/v1/annotation/next"): ((401, 403, 200, 200), nothing),
     ("POST", "/api/v1/annotation/sets/{api_set_id}/ranking"): ((401, 403, 201, 201), body(status="skipped")),
     ("POST", "/api/v1/prompts/import"): ((401, 403, 403, 201), body(jsonl='{"prompt": "Where does Mira live?"}')),
+    ("GET", "/admin"): ((303, 403, 403, 200), nothing),
+    ("GET", "/admin/jobs"): ((303, 403, 403, 200), nothing),
+    ("POST", "/admin/jobs"): ((401, 403, 403, 303), form(type="reward", params='{"steps": 5}')),
+    ("GET", "/admin/jobs/{job_id}"): ((303, 403, 403, 200), nothing),
+    ("POST", "/admin/jobs/{admin_cancel_job_id}/cancel"): ((401, 403, 403, 303), form()),
+    ("POST", "/admin/models/{version_id}/promote"): ((401, 403, 403, 303), form()),
+    ("POST", "/admin/models/rollback"): ((401, 403, 403, 409), form(kind="reward")),  # nothing to roll back to
+    ("GET", "/admin/export/{kind}"): ((303, 403, 403, 200), nothing),
+    ("POST", "/admin/import"): ((401, 403, 403, 303), upload),
     ("GET", "/api/v1/jobs"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/jobs"): ((401, 403, 403, 201), body(type="reward")),
     ("GET", "/api/v1/jobs/{job_id}"): ((401, 403, 403, 200), nothing),
@@ -116,7 +131,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
 
 PARAMETER_NAMES = {
     "delete_conversation_id": "conversation_id", "streaming_message_id": "message_id", "last_answer_id": "message_id",
-    "api_delete_conversation_id": "conversation_id", "api_set_id": "set_id",
+    "api_delete_conversation_id": "conversation_id", "api_set_id": "set_id", "admin_cancel_job_id": "job_id",
 }  # fmt: skip
 
 
@@ -177,7 +192,8 @@ def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
     sets = [annotation.create_set(db, prompt_id=prompt_id, answers=[("a", 1), ("b", 1)], model_version_id=None,
                                   params={}) for _ in range(2)]  # fmt: skip
     shared = {"user_id": make_user(db, "target").id, "job_id": jobs.enqueue(db, type="reward").id,
-              "version_id": version.id, "set_id": sets[0].id, "api_set_id": sets[1].id}  # fmt: skip
+              "version_id": version.id, "set_id": sets[0].id, "api_set_id": sets[1].id,
+              "admin_cancel_job_id": jobs.enqueue(db, type="sft").id, "kind": "rankings"}  # fmt: skip
     db.commit()
     result = {}
     for role in ROLES:

@@ -1,0 +1,178 @@
+"""Database rows → training data, in the JSONL formats that TRL and `ml/examples.py` read.
+
+- dialogues (`messages`): the visible thread of every chat that allows training, and imported dialogues;
+- rankings (`prompt`/`answers`/`ranking`): one record per annotator ranking (ties kept), for the reward model;
+- pairs (`prompt`/`chosen`/`rejected`): every ordered pair of every ranking, for DPO and TRL's trainers;
+- thumbs (`prompt`/`completion`/`label`): each thumbs up/down with the context it answered, for KTO and the RM;
+- raw rankings: per-annotator records with ids, statuses and timing, for audits and agreement studies.
+
+Each export also returns a watermark (the highest row id it read), which model versions record as their lineage.
+"""
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import (
+    Candidate,
+    CandidateSet,
+    Conversation,
+    Feedback,
+    Message,
+    MessageRole,
+    Prompt,
+    Ranking,
+    RankingEntry,
+    RankingStatus,
+    Split,
+    User,
+)
+from app.services.chat import STREAMING, visible_thread
+
+KINDS = ("dialogues", "rankings", "pairs", "thumbs", "raw-rankings", "prompts")
+
+
+@dataclass
+class Export:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    watermark: dict[str, int] = field(default_factory=dict)
+
+
+def _conversation_messages(session: Session, conversation_id: int) -> list[Message]:
+    query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id)
+    return list(session.scalars(query))
+
+
+def dialogues(session: Session) -> Export:
+    out, last = Export(), 0
+    for conversation in session.scalars(select(Conversation).where(Conversation.allow_training.is_(True))):
+        messages = [
+            {"role": m.role.value, "content": m.content}
+            for m, _ in visible_thread(_conversation_messages(session, conversation.id))
+            if m.finish_reason != STREAMING and m.content
+        ]
+        if any(m["role"] == "assistant" for m in messages):
+            out.records.append({"messages": messages})
+            last = max(last, conversation.id)
+    out.watermark = {"conversation_id": last}
+    return out
+
+
+def _rankings(session: Session, split: Split | None = None) -> Iterator[tuple[Ranking, Prompt, list, dict, str]]:
+    query = (
+        select(Ranking, Prompt, User.username)
+        .join(CandidateSet, CandidateSet.id == Ranking.candidate_set_id)
+        .join(Prompt, Prompt.id == CandidateSet.prompt_id)
+        .join(User, User.id == Ranking.annotator_id)
+        .order_by(Ranking.id)
+    )
+    if split is not None:
+        query = query.where(Prompt.split == split)
+    rows = session.execute(query).all()
+    set_ids = {r.candidate_set_id for r, _, _ in rows}
+    candidates: dict[int, list[Candidate]] = defaultdict(list)
+    for c in session.scalars(
+        select(Candidate).where(Candidate.candidate_set_id.in_(set_ids)).order_by(Candidate.position)
+    ):
+        candidates[c.candidate_set_id].append(c)
+    entries: dict[int, dict[int, int]] = defaultdict(dict)
+    ranking_ids = [r.id for r, _, _ in rows]
+    for e in session.scalars(select(RankingEntry).where(RankingEntry.ranking_id.in_(ranking_ids))):
+        entries[e.ranking_id][e.candidate_id] = e.rank
+    for ranking, prompt, username in rows:
+        yield ranking, prompt, candidates[ranking.candidate_set_id], entries[ranking.id], username
+
+
+def rankings(session: Session, split: Split | None = None) -> Export:
+    """K-wise rankings (ties kept) of non-empty answers; skipped and flagged sets carry no order."""
+    out, last = Export(), 0
+    for ranking, prompt, cands, ranks, _ in _rankings(session, split):
+        if ranking.status != RankingStatus.ranked:
+            continue
+        kept = [c for c in cands if c.content.strip() and c.id in ranks]
+        if len({ranks[c.id] for c in kept}) < 2:
+            continue  # everything tied (or one answer left): no comparison to learn from
+        out.records.append({"prompt": prompt.messages, "answers": [c.content for c in kept],
+                            "ranking": [ranks[c.id] for c in kept]})  # fmt: skip
+        last = max(last, ranking.id)
+    out.watermark = {"ranking_id": last}
+    return out
+
+
+def pairs(session: Session, split: Split | None = None) -> Export:
+    """Every (better, worse) pair of every ranking, in TRL's conversational preference format."""
+    base = rankings(session, split)
+    out = Export(watermark=base.watermark)
+    for record in base.records:
+        answers, ranks = record["answers"], record["ranking"]
+        for i, a in enumerate(answers):
+            for j, b in enumerate(answers):
+                if ranks[i] < ranks[j]:
+                    out.records.append({"prompt": record["prompt"], "chosen": [{"role": "assistant", "content": a}],
+                                        "rejected": [{"role": "assistant", "content": b}]})  # fmt: skip
+    return out
+
+
+def thumbs(session: Session) -> Export:
+    """Thumbs on answers in chats that allow training, each with the context it answered."""
+    out, last = Export(), 0
+    rows = session.execute(
+        select(Feedback, Message)
+        .join(Message, Message.id == Feedback.message_id)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Conversation.allow_training.is_(True))
+        .order_by(Feedback.id)
+    ).all()
+    threads: dict[int, list[Message]] = {}
+    for vote, message in rows:
+        if not message.content.strip():
+            continue
+        if message.conversation_id not in threads:
+            threads[message.conversation_id] = _conversation_messages(session, message.conversation_id)
+        context = [{"role": m.role.value, "content": m.content}
+                   for m, _ in visible_thread([x for x in threads[message.conversation_id] if x.id < message.id])
+                   if m.content and m.finish_reason != STREAMING]  # fmt: skip
+        if not context or context[-1]["role"] != MessageRole.user.value:
+            continue
+        out.records.append({"prompt": context, "completion": [{"role": "assistant", "content": message.content}],
+                            "label": vote.value > 0})  # fmt: skip
+        last = max(last, vote.id)
+    out.watermark = {"feedback_id": last}
+    return out
+
+
+def raw_rankings(session: Session) -> Export:
+    out, last = Export(), 0
+    for ranking, prompt, cands, ranks, username in _rankings(session):
+        out.records.append({
+            "ranking_id": ranking.id, "set_id": ranking.candidate_set_id, "annotator": username,
+            "status": ranking.status.value, "flag_reason": ranking.flag_reason, "time_spent_ms": ranking.time_spent_ms,
+            "created_at": ranking.created_at.isoformat(), "prompt": prompt.messages, "split": prompt.split.value,
+            "candidates": [{"id": c.id, "label": "ABCDEFGHI"[c.position], "content": c.content,
+                            "rank": ranks.get(c.id)} for c in cands],
+        })  # fmt: skip
+        last = max(last, ranking.id)
+    out.watermark = {"ranking_id": last}
+    return out
+
+
+def prompt_records(session: Session, split: Split | None = None) -> Export:
+    query = select(Prompt).order_by(Prompt.id)
+    if split is not None:
+        query = query.where(Prompt.split == split)
+    out, last = Export(), 0
+    for p in session.scalars(query):
+        out.records.append({"messages": p.messages, "split": p.split.value})
+        last = p.id
+    out.watermark = {"prompt_id": last}
+    return out
+
+
+def export(session: Session, kind: str) -> Export:
+    builders = {"dialogues": dialogues, "rankings": rankings, "pairs": pairs, "thumbs": thumbs,
+                "raw-rankings": raw_rankings, "prompts": prompt_records}  # fmt: skip
+    return builders[kind](session)

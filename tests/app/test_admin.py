@@ -1,0 +1,110 @@
+"""The admin dashboard, job pages with charts, dataset export in TRL's formats, and data import."""
+
+import json
+
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.models import Role
+from app.services import annotation, chat, feedback, jobs, prompts
+from app.settings import Settings
+from tests.factories import login, make_user
+
+
+def admin_session(client: TestClient, db: Session) -> str:
+    make_user(db, "chief", Role.admin)
+    return login(client, "chief")
+
+
+def ranked_set(db: Session) -> None:
+    """One prompt, three answers, two annotators: a → [1, 1, 2] (a tie), b → [1, 2, 3]."""
+    prompts.add_prompts(db, items=[([{"role": "user", "content": "What is 2 plus 2?"}], None)], source="demo")
+    prompt_id = db.query(prompts.Prompt).one().id
+    cset = annotation.create_set(db, prompt_id=prompt_id, answers=[("4", 1), ("four", 1), ("5", 1)],
+                                 model_version_id=None, params={}, seed=0)  # fmt: skip
+    by_text = {c.content: c.id for c in cset.candidates}
+    for name, ranks in (("ann-a", {"4": 1, "four": 1, "5": 2}), ("ann-b", {"4": 1, "four": 2, "5": 3})):
+        annotation.submit_ranking(db, annotator=make_user(db, name, Role.annotator), set_id=cset.id, status="ranked",
+                                  entries=[(by_text[t], r) for t, r in ranks.items()])  # fmt: skip
+    db.commit()
+
+
+def export(client: TestClient, kind: str) -> list[dict]:
+    response = client.get(f"/admin/export/{kind}")
+    assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def test_exports_in_trl_formats(client: TestClient, db: Session) -> None:
+    admin_session(client, db)
+    ranked_set(db)
+    rankings = export(client, "rankings")
+    assert len(rankings) == 2 and all(len(r["answers"]) == 3 for r in rankings)
+    pairs = export(client, "pairs")
+    assert len(pairs) == 2 + 3  # the tie gives no pair: a yields 2 pairs, b yields 3
+    assert all(p["chosen"][0]["role"] == "assistant" and p["prompt"][-1]["role"] == "user" for p in pairs)
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs} >= {("4", "5"), ("four", "5")}
+    raw = export(client, "raw-rankings")
+    assert {r["annotator"] for r in raw} == {"ann-a", "ann-b"} and all(len(r["candidates"]) == 3 for r in raw)
+    assert client.get("/admin/export/everything").status_code == 422
+
+
+def test_dialogue_and_thumb_exports_respect_the_training_switch(client: TestClient, db: Session) -> None:
+    admin_session(client, db)
+    person = make_user(db, "talker")
+    for allow, text in ((True, "shared"), (False, "private")):
+        conversation = chat.create_conversation(db, user=person)
+        chat.update_conversation(db, user=person, conversation_id=conversation.id, allow_training=allow)
+        _, answer = chat.add_user_message(db, user=person, conversation_id=conversation.id, content=text)
+        chat.finish_answer(db, message_id=answer.id, content=f"re: {text}", finish_reason="stop",
+                           model_version_id=None, sampling={})  # fmt: skip
+        feedback.set_feedback(db, user=person, message_id=answer.id, value=-1 if allow else 1)
+    db.commit()
+    dialogues = export(client, "dialogues")
+    assert [d["messages"] for d in dialogues] == [[{"role": "user", "content": "shared"},
+                                                   {"role": "assistant", "content": "re: shared"}]]  # fmt: skip
+    thumbs = export(client, "thumbs")
+    assert thumbs == [{"prompt": [{"role": "user", "content": "shared"}],
+                       "completion": [{"role": "assistant", "content": "re: shared"}], "label": False}]  # fmt: skip
+
+
+def test_dashboard_jobs_and_charts(client: TestClient, db: Session) -> None:
+    csrf = admin_session(client, db)
+    ranked_set(db)
+    page = client.get("/admin")
+    assert page.status_code == 200 and "rankings" in page.text and "ann-a" in page.text
+    created = client.post("/admin/jobs", data={"type": "reward", "params": '{"steps": 3}', "csrf_token": csrf},
+                          follow_redirects=False)  # fmt: skip
+    assert created.status_code == 303
+    job_id = int(created.headers["location"].rsplit("/", 1)[1])
+    bad = client.post("/admin/jobs", data={"type": "reward", "params": "[1, 2]", "csrf_token": csrf})
+    assert bad.status_code == 422
+    jobs.claim(db, worker_id="w", lease_s=60)
+    jobs.heartbeat(db, job_id=job_id, worker_id="w", lease_s=60, progress=0.5,
+                   metrics=[{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.6}], log="step 2\n")  # fmt: skip
+    db.commit()
+    detail = client.get(f"/admin/jobs/{job_id}")
+    assert "<polyline" in detail.text and "loss: 0.9 → 0.6" in detail.text and "step 2" in detail.text
+    partial = client.get(f"/admin/jobs/{job_id}", headers={"HX-Request": "true"})
+    assert partial.text.lstrip().startswith("{#") or partial.text.lstrip().startswith("<section")
+    assert "<html" not in partial.text
+    assert "running" in client.get("/admin/jobs").text
+
+
+def test_import_prompts_dialogues_and_corpus(client: TestClient, db: Session, settings: Settings) -> None:
+    csrf = admin_session(client, db)
+
+    def upload(kind: str, content: bytes):
+        return client.post("/admin/import", data={"kind": kind, "csrf_token": csrf},
+                           files={"file": (f"{kind}.jsonl", content)}, follow_redirects=False)  # fmt: skip
+
+    assert upload("prompts", b'{"prompt": "Where is Oslo?"}\n').status_code == 303
+    bad = upload("dialogues", b'{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert bad.status_code == 422 and "assistant" in bad.text
+    assert not (settings.data_dir / "datasets" / "dialogues").exists()
+    good = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    response = upload("dialogues", good)
+    assert response.status_code == 303 and "1+dialogues" in response.headers["location"]
+    assert len(list((settings.data_dir / "datasets" / "dialogues").iterdir())) == 1
+    assert upload("corpus", b"Mira lives in Oslo.\n").status_code == 303
+    assert upload("corpus", b"\xff\xfe").status_code == 422
