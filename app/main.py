@@ -13,13 +13,14 @@ from app.auth import CookieSigner, LoginRateLimiter
 from app.db import make_engine, make_session_factory
 from app.deps import csrf_protect
 from app.handlers import install_error_handlers
-from app.middleware import BrowserSecurityMiddleware
+from app.middleware import BodySizeLimitMiddleware, BrowserSecurityMiddleware
 from app.routes import account, admin, annotate, api, api_annotate, api_chat, auth, chat, openai_compat, pages
 from app.serving import make_inference, watch_served_model
 from app.settings import Settings
 from app.templating import TEMPLATES_DIR, make_templates
 
 STATIC_DIR = TEMPLATES_DIR.parent / "static"
+UPLOAD_LIMIT = 60 * 1024 * 1024
 
 
 CSRF = Depends(csrf_protect)
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stop_requests = {}  # message id -> asyncio.Event, set by the Stop button
 
     app.add_middleware(BrowserSecurityMiddleware, signer=signer, secure_cookie=settings.cookie_secure)
+    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_body_bytes, upload_limit=UPLOAD_LIMIT,
+                       upload_paths=("/admin/import", "/api/v1/prompts/import"))  # fmt: skip
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     for module in (pages, auth, account, admin, chat, annotate):

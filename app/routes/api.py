@@ -1,8 +1,12 @@
 """REST API under /api/v1 (Bearer tokens or the browser session). Later issues add rankings, feedback, models."""
 
+import json
+
 from fastapi import APIRouter, Query, status
+from fastapi.responses import StreamingResponse
 
 from app.deps import AdminUser, CurrentUser, SessionDep
+from app.errors import Invalid
 from app.models import JobStatus, ModelKind
 from app.schemas import (
     JobCreate,
@@ -16,7 +20,7 @@ from app.schemas import (
     UserPublic,
     UserUpdate,
 )
-from app.services import jobs, model_versions, tokens, users
+from app.services import datasets, jobs, model_versions, tokens, users
 
 router = APIRouter(tags=["api"])
 
@@ -116,3 +120,16 @@ def roll_back_model(body: RollBack, session: SessionDep, admin: AdminUser) -> Mo
     version = model_versions.roll_back(session, kind=body.kind)
     session.commit()
     return ModelVersionPublic.model_validate(version)
+
+
+@router.get(
+    "/export/{kind}", response_class=StreamingResponse, responses={200: {"content": {"application/x-ndjson": {}}}}
+)
+def export_dataset(kind: str, session: SessionDep, admin: AdminUser) -> StreamingResponse:
+    """JSONL in TRL's formats: dialogues, rankings, pairs, thumbs; raw-rankings per annotator; prompts."""
+    if kind not in datasets.KINDS:
+        raise Invalid(f"kind must be one of: {', '.join(datasets.KINDS)}")
+    records = datasets.export(session, kind).records
+    return StreamingResponse(
+        (json.dumps(r, ensure_ascii=False) + "\n" for r in records), media_type="application/x-ndjson"
+    )

@@ -253,3 +253,21 @@ def test_security_headers(client: TestClient) -> None:
     headers = client.get("/").headers
     assert headers["x-content-type-options"] == "nosniff"
     assert "frame-ancestors 'none'" in headers["content-security-policy"]
+
+
+def test_oversized_bodies_are_413(client: TestClient, db: Session, settings: Settings) -> None:
+    make_user(db, "pia")
+    csrf = login(client, "pia")
+    before = db_snapshot(settings.resolved_database_url)
+    big = {"name": "x" * (settings.max_body_bytes + 10)}
+    response = client.post("/api/v1/tokens", json=big, headers={"X-CSRF-Token": csrf})
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(settings.max_body_bytes // 65536 + 2):
+            yield b"a" * 65536
+
+    streamed = client.post("/account/tokens", content=chunks(), headers={"X-CSRF-Token": csrf,
+                           "content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert streamed.status_code == 413
+    assert db_snapshot(settings.resolved_database_url) == before

@@ -122,6 +122,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/admin/models/rollback"): ((401, 403, 403, 409), form(kind="reward")),  # nothing to roll back to
     ("GET", "/admin/export/{kind}"): ((303, 403, 403, 200), nothing),
     ("POST", "/admin/import"): ((401, 403, 403, 303), upload),
+    ("GET", "/api/v1/export/{kind}"): ((401, 403, 403, 200), nothing),
     ("GET", "/api/v1/jobs"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/jobs"): ((401, 403, 403, 201), body(type="reward")),
     ("GET", "/api/v1/jobs/{job_id}"): ((401, 403, 403, 200), nothing),
