@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +42,56 @@ def page(browser, live_server: str):
     page.console_errors = errors
     yield page
     context.close()
+
+
+SCREENSHOTS = Path(os.environ.get("FLYWHEEL_SCREENSHOTS_DIR", "test-artifacts/screenshots"))
+
+
+def screenshot(page, name: str) -> Path:
+    """Save what the person sees (test-artifacts/screenshots/NAME.png) for review."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.factories import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("browser-model") / "tiny", max_seq_len=640)
+
+
+@pytest.fixture
+def served_app(settings, tiny_model_dir: Path):
+    """The app with a real tiny model served (and registered), not yet started."""
+    from app import migrate
+    from app.main import create_app
+    from tests.factories import register_active_model
+
+    settings.model_poll_s = 0.2
+    migrate.upgrade(settings.resolved_database_url)
+    app = create_app(settings)
+    with app.state.session_factory() as db:
+        register_active_model(db, tiny_model_dir)
+    return app
+
+
+@pytest.fixture
+def served_page(browser, served_app):
+    from tests.conftest import serving
+
+    with serving(served_app) as url:
+        deadline = time.monotonic() + 30
+        while served_app.state.inference.current is None:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        context = browser.new_context(base_url=url, viewport={"width": 1100, "height": 800})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.console_errors = errors
+        page.app = served_app
+        yield page
+        context.close()

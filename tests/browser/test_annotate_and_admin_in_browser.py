@@ -1,0 +1,63 @@
+"""An annotator ranks with the keyboard only; an admin starts a job and sees it listed."""
+
+from playwright.sync_api import Page, expect
+
+from app.models import PromptSource, Ranking, Role
+from app.services import prompts
+from tests.browser.conftest import screenshot
+from tests.factories import PASSWORD, make_user
+
+
+def log_in(page: Page, name: str) -> None:
+    page.goto("/login")
+    page.get_by_label("Username").fill(name)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("button", name="Log out")).to_be_visible()
+
+
+def test_annotator_ranks_with_the_keyboard_only(served_page: Page) -> None:
+    page = served_page
+    with page.app.state.session_factory() as db:
+        make_user(db, "keys", Role.annotator)
+        prompts.add_prompts(db, items=[([{"role": "user", "content": "What is 3 plus 4?"}], None)],
+                            source=PromptSource.demo)  # fmt: skip
+        db.commit()
+    log_in(page, "keys")
+    page.goto("/annotate")
+    expect(page.locator("li.candidate")).to_have_count(4)
+    screenshot(page, "annotate-task")
+    page.locator("body").click(position={"x": 5, "y": 5})  # focus the page, not a form field
+    page.keyboard.press("3")  # answer 3 is best
+    page.keyboard.press("1")  # then answer 1…
+    page.keyboard.press("Shift+4")  # …tied with answer 4
+    page.keyboard.press("2")  # answer 2 is worst
+    expect(page.locator("#ranking-status")).to_contain_text("All ranked")
+    screenshot(page, "annotate-ranked")
+    page.keyboard.press("Enter")
+    expect(page.locator("#no-task, li.candidate").first).to_be_visible()
+    with page.app.state.session_factory() as db:
+        ranking = db.query(Ranking).one()
+        by_key = {e.candidate_id: e.rank for e in ranking.entries}
+        assert ranking.status.value == "ranked" and ranking.time_spent_ms > 0
+    ids = sorted(by_key)  # candidate ids in position order: keys 1..4
+    assert [by_key[i] for i in ids] == [2, 3, 1, 2]
+
+
+def test_admin_starts_a_job_and_sees_it_listed(served_page: Page) -> None:
+    page = served_page
+    with page.app.state.session_factory() as db:
+        make_user(db, "boss", Role.admin)
+    log_in(page, "boss")
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Admin").click()
+    expect(page.locator("#served-model")).to_have_text("tiny")
+    screenshot(page, "admin-dashboard")
+    page.get_by_label("Job", exact=True).select_option("reward")
+    page.get_by_label("Parameters (JSON, optional)").fill('{"steps": 5}')
+    page.get_by_role("button", name="Start job").click()
+    expect(page.get_by_role("heading", level=1)).to_contain_text("reward")
+    expect(page.locator("#job")).to_contain_text("queued")
+    screenshot(page, "admin-job")
+    page.get_by_role("link", name="← Admin").click()
+    expect(page.locator("#jobs")).to_contain_text("reward")
+    assert page.console_errors == [], page.console_errors

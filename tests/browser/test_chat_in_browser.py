@@ -1,0 +1,74 @@
+"""A person chats in a real browser: streamed text arrives, Stop works, thumbs with a reason, `<script>` is text."""
+
+import re
+
+from playwright.sync_api import Page, expect
+
+from app.models import Feedback, Message, MessageRole
+from ml.tokenizer import Tokenizer
+from tests.browser.conftest import screenshot
+
+
+def visible(text: str) -> str:
+    """Letters and digits only: a random tiny model emits control characters that browsers render their own way."""
+    return "".join(ch for ch in text if ch.isalnum())
+
+
+def sign_up(page: Page, name: str = "chatter") -> None:
+    page.goto("/signup")
+    page.get_by_label("Username").fill(name)
+    page.get_by_label("Password", exact=True).fill("a long password")
+    page.get_by_label("Password again").fill("a long password")
+    page.get_by_role("button", name="Create account").click()
+    expect(page.get_by_text("Signed in as")).to_be_visible()
+
+
+def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> None:
+    page = served_page
+    sign_up(page)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Chat").click()
+    page.get_by_role("button", name="New chat").click()
+    screenshot(page, "chat-empty")
+
+    box = page.get_by_label("Your message")
+    box.fill("<script>window.hacked = 1</script> Where does Mira live?")
+    box.press("Enter")
+    first = page.locator("article.message.assistant").first
+    expect(first.get_by_role("button", name="Regenerate")).to_be_visible(timeout=20_000)  # the answer finished
+    expect(page.locator("article.message.user").first).to_contain_text("<script>window.hacked = 1</script>")
+    assert page.evaluate("window.hacked") is None  # shown as text, never run
+    streamed = first.locator(".content").first.inner_text()
+
+    with page.app.state.session_factory() as db:
+        answer = db.query(Message).filter_by(role=MessageRole.assistant).one()
+        assert visible(answer.content) == visible(streamed) and answer.finish_reason in {"stop", "length"}
+
+    first.locator("summary", has_text="Reason").click()
+    first.get_by_label("Reason", exact=True).select_option("wrong")
+    first.get_by_label("Comment").fill("Mira lives in Oslo")
+    first.get_by_role("button", name="Thumbs down").click()
+    expect(first.get_by_role("status")).to_have_text("thanks")
+    first.get_by_role("button", name="Thumbs down").click()  # a double vote is one vote
+    expect(first.get_by_role("button", name="Thumbs down")).to_have_attribute("aria-pressed", "true")
+    with page.app.state.session_factory() as db:
+        vote = db.query(Feedback).one()
+        assert (vote.value, vote.reason, vote.comment) == (-1, "wrong", "Mira lives in Oslo")
+    screenshot(page, "chat-answered")
+
+    # A long answer (no stop token, room for 600 tokens) is stopped from the page.
+    monkeypatch.setattr(Tokenizer, "stop_token_ids", property(lambda self: []))
+    page.app.state.inference.limits.max_new_tokens = 600
+    box.fill("Tell me a very long story")
+    box.press("Enter")
+    stop = page.get_by_role("button", name="Stop")
+    expect(stop).to_be_visible()
+    expect(page.locator("article.message.assistant").nth(1).locator(".content").first).not_to_be_empty()  # streaming
+    stop.dispatch_event("click")  # the button moves while text streams in: no waiting for it to settle
+    last = page.locator("article.message.assistant").nth(1)
+    expect(last.get_by_text("(stopped)")).to_be_visible(timeout=20_000)
+    with page.app.state.session_factory() as db:
+        stopped = db.query(Message).filter_by(role=MessageRole.assistant).order_by(Message.id.desc()).first()
+        assert stopped.finish_reason == "stopped"
+        assert len(page.app.state.inference.current.decoder) == 0 or stopped.content
+    screenshot(page, "chat-stopped")
+    assert not [e for e in page.console_errors if not re.search(r"EventSource|net::ERR", e)], page.console_errors
