@@ -6,9 +6,16 @@ leaves a half-written model registered.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app import gate
+from app.db import make_engine, make_session_factory
+from app.models import ModelKind, ModelVersion, Split
+from app.services import datasets, model_versions
 
 
 @dataclass
@@ -18,6 +25,12 @@ class JobContext:
     data_dir: Path
     database_url: str
     report: Callable[..., None]  # report(progress=None, metrics=None, log=None)
+
+    def session(self) -> Session:
+        """A database session of the child's own (a forked connection pool must not be shared)."""
+        if not hasattr(self, "_factory"):
+            self._factory = make_session_factory(make_engine(self.database_url))
+        return self._factory()
 
     def model_dir(self, kind: str) -> Path:
         return self.data_dir / "models" / f"{kind}-job{self.job_id}"
@@ -37,6 +50,7 @@ class JobOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
     parent_id: int | None = None
     training_data: dict[str, Any] = field(default_factory=dict)
+    promote: bool = False  # make the new version the active one of its kind (after the gate, for policies)
 
 
 def _params(ctx: JobContext, allowed: set[str]) -> dict[str, Any]:
@@ -48,8 +62,6 @@ def _params(ctx: JobContext, allowed: set[str]) -> dict[str, Any]:
 
 def run_pretrain(ctx: JobContext) -> JobOutput:
     """Pretrain a base model on the demo corpus (or files on the server) with ml.train.pretrain."""
-    from dataclasses import fields
-
     from ml.train.pretrain import PretrainConfig, pretrain
 
     allowed = {f.name for f in fields(PretrainConfig)} - {"out", "resume", "progress"}
@@ -65,6 +77,141 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
 
 
+def _version(session: Session, params: dict[str, Any], key: str, kinds: tuple[ModelKind, ...]) -> ModelVersion:
+    """The version named by params[key], else the active one of the first kind that has one."""
+    if params.get(key) is not None:
+        return model_versions.get_version(session, version_id=int(params.pop(key)))
+    params.pop(key, None)
+    for kind in kinds:
+        version = model_versions.active(session, kind=kind)
+        if version is not None:
+            return version
+    raise ValueError(f"no active {' or '.join(k.value for k in kinds)} model: train or promote one first")
+
+
+def _trainer_params(params: dict[str, Any], config_type: type, fixed: set[str]) -> dict[str, Any]:
+    allowed = {f.name for f in fields(config_type)} - fixed
+    unknown = set(params) - allowed - set(gate.GATE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown parameters for this job: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in params.items() if k in allowed}
+
+
+def _thumb_records(export: datasets.Export) -> list[dict[str, Any]]:
+    return [{"prompt": r["prompt"], "completion": r["completion"][0]["content"], "label": r["label"]}
+            for r in export.records]  # fmt: skip
+
+
+def _dialogue_files(ctx: JobContext) -> list[str]:
+    folder = ctx.data_dir / "datasets" / "dialogues"
+    return sorted(str(p) for p in folder.iterdir() if not p.name.endswith(".tmp")) if folder.exists() else []
+
+
+def run_sft(ctx: JobContext) -> JobOutput:
+    """Fine-tune the active base model on chats that allow training, imported dialogues and (optionally) the demo's."""
+    from ml.train.sft import SFTConfig, sft
+
+    params = dict(ctx.params)
+    include_demo = bool(params.pop("include_demo", True))
+    with ctx.session() as session:
+        base = _version(session, params, "base_version_id", (ModelKind.base,))
+        chats = datasets.dialogues(session)
+    data = (["demo"] if include_demo else []) + _dialogue_files(ctx) + chats.records
+    if not data:
+        raise ValueError("no dialogues to train on: import some or allow the demo data")
+    out = ctx.model_dir("sft")
+    config = SFTConfig(base=base.path, out=str(out), data=data,
+                       **_trainer_params(params, SFTConfig, {"base", "out", "data", "resume", "progress"}))  # fmt: skip
+    metrics = sft(config, on_progress=ctx.on_progress)
+    lineage = {**chats.watermark, "files": _dialogue_files(ctx), "demo": include_demo}
+    return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
+
+
+def run_reward(ctx: JobContext) -> JobOutput:
+    """Train a reward model from every ranking and thumb in the database; the newest becomes the active one."""
+    from ml.train.reward import RewardConfig, train_reward
+
+    params = dict(ctx.params)
+    with ctx.session() as session:
+        sft_version = _version(session, params, "sft_version_id", (ModelKind.sft,))
+        rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
+    if not rankings.records and not thumbs.records:
+        raise ValueError("no rankings or thumbs yet: annotate or rate some answers first")
+    out = ctx.model_dir("reward")
+    config = RewardConfig(sft=sft_version.path, out=str(out), rankings=rankings.records,
+                          thumbs=_thumb_records(thumbs),
+                          **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume",
+                                                                   "progress"}))  # fmt: skip
+    metrics = train_reward(config, on_progress=ctx.on_progress)
+    lineage = {**rankings.watermark, **thumbs.watermark, "rankings": len(rankings.records),
+               "thumbs": len(thumbs.records)}  # fmt: skip
+    return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
+
+
+def _gate(ctx: JobContext, out: Path, policy: ModelVersion, params: dict[str, Any]) -> gate.GateResult:
+    with ctx.session() as session:
+        reference = _version(session, {}, "", (ModelKind.sft,))
+        reward = _version(session, {}, "", (ModelKind.reward,))
+        heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records]
+        dialogues = datasets.dialogues(session).records
+    if not heldout:
+        raise ValueError("no held-out prompts to evaluate the new policy on")
+    settings = {**gate.GATE_DEFAULTS, **{k: v for k, v in params.items() if k in gate.GATE_DEFAULTS}}
+    ctx.report(log="evaluating the candidate against the active policy on held-out prompts\n")
+    return gate.evaluate_candidate(str(out), policy.path, reference.path, reward.path, heldout, dialogues, settings)
+
+
+def run_rl(ctx: JobContext) -> JobOutput:
+    """RL of the served policy against the active reward model, then the gate decides whether to promote it."""
+    from ml.train.rl import RLConfig, rl
+
+    params = dict(ctx.params)
+    with ctx.session() as session:
+        policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
+        reference = _version(session, params, "reference_version_id", (ModelKind.sft,))
+        reward = _version(session, params, "reward_version_id", (ModelKind.reward,))
+        train_prompts = datasets.prompt_records(session, Split.train)
+    if not train_prompts.records:
+        raise ValueError("no training prompts: import prompts or seed the demo pool")
+    out = ctx.model_dir("policy")
+    config = RLConfig(policy=policy.path, out=str(out), reward_model=reward.path, reference=reference.path,
+                      prompts=train_prompts.records,
+                      **_trainer_params(params, RLConfig, {"policy", "out", "reward_model", "reference", "prompts",
+                                                           "progress"}))  # fmt: skip
+    metrics = rl(config, on_progress=ctx.on_progress)
+    result = _gate(ctx, out, policy, ctx.params)
+    metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
+    lineage = {**train_prompts.watermark, "reward_version_id": reward.id, "reference_version_id": reference.id}
+    return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
+
+
+def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
+    """Offline DPO (from ranking pairs) or KTO (from thumbs) of the served policy, then the gate."""
+    from ml.train.dpo import DPOConfig, train_preferences
+
+    params = dict(ctx.params)
+    with ctx.session() as session:
+        policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
+        rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
+    data = {"rankings": rankings.records} if algo == "dpo" else {"thumbs": _thumb_records(thumbs)}
+    if not next(iter(data.values())):
+        raise ValueError(f"no {'rankings' if algo == 'dpo' else 'thumbs'} to train {algo.upper()} on")
+    out = ctx.model_dir("policy")
+    config = DPOConfig(policy=policy.path, out=str(out), algo=algo, **data,
+                       **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume",
+                                                             "progress"}))  # fmt: skip
+    metrics = train_preferences(config, on_progress=ctx.on_progress)
+    result = _gate(ctx, out, policy, ctx.params)
+    metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
+    lineage = {**(rankings.watermark if algo == "dpo" else thumbs.watermark)}
+    return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
+
+
 HANDLERS: dict[str, Callable[[JobContext], JobOutput]] = {
     "pretrain": run_pretrain,
+    "sft": run_sft,
+    "reward": run_reward,
+    "rl": run_rl,
+    "dpo": lambda ctx: run_preferences(ctx, "dpo"),
+    "kto": lambda ctx: run_preferences(ctx, "kto"),
 }

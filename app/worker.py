@@ -21,7 +21,7 @@ from typing import Any
 
 from app.db import make_engine, make_session_factory, transaction
 from app.models import JobStatus, ModelVersion
-from app.services import jobs
+from app.services import jobs, model_versions
 from app.settings import Settings
 
 log = logging.getLogger("flywheel.worker")
@@ -202,17 +202,15 @@ class Worker:
             if not jobs.finish(session, job_id=job_id, worker_id=self.worker_id, status=JobStatus.succeeded):
                 return  # the job was taken away meanwhile: its output is not ours to register
             if result.get("model_dir"):
-                session.add(
-                    ModelVersion(
-                        name=Path(result["model_dir"]).name,
-                        kind=result["model_kind"],
-                        path=result["model_dir"],
-                        parent_id=result.get("parent_id"),
-                        metrics=result.get("metrics") or {},
-                        training_data=result.get("training_data") or {},
-                        job_id=job_id,
-                    )
-                )
+                version = ModelVersion(
+                    name=Path(result["model_dir"]).name, kind=result["model_kind"], path=result["model_dir"],
+                    parent_id=result.get("parent_id"), metrics=result.get("metrics") or {},
+                    training_data=result.get("training_data") or {}, job_id=job_id,
+                )  # fmt: skip
+                session.add(version)
+                session.flush()
+                if result.get("promote"):
+                    model_versions.promote(session, version_id=version.id)
         log.info("job %s succeeded", job_id)
 
     def _discard_outputs(self, job_id: int) -> None:

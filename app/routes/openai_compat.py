@@ -41,6 +41,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
 
 
 def _params(body: ChatCompletionRequest, index: int, default_max: int) -> SamplingParams:
@@ -76,7 +77,10 @@ async def chat_completions(
     streams = [service.stream(messages, _params(body, i, default_max), user_id=user.id) for i in range(body.n)]
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": service.current.name}
     if body.stream:
-        return StreamingResponse(_chunks(streams, meta), media_type="text/event-stream")
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        prompt_tokens = len(service.encode_chat(messages)) if usage else 0
+        return StreamingResponse(_chunks(streams, meta, prompt_tokens if usage else None),
+                                 media_type="text/event-stream")  # fmt: skip
     results = await asyncio.gather(*(_collect(s) for s in streams))
     choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(reason)}
                for i, (text, reason, _) in enumerate(results)]  # fmt: skip
@@ -94,7 +98,7 @@ async def _collect(stream) -> tuple[str, str | None, int]:
     return "".join(parts), reason, tokens
 
 
-async def _chunks(streams, meta: dict) -> AsyncIterator[str]:
+async def _chunks(streams, meta: dict, prompt_tokens: int | None = None) -> AsyncIterator[str]:
     """Interleave the n answers as `chat.completion.chunk` events, then `[DONE]`."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -113,7 +117,7 @@ async def _chunks(streams, meta: dict) -> AsyncIterator[str]:
     try:
         for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        open_streams = len(streams)
+        open_streams, completion_tokens = len(streams), 0
         while open_streams:
             index, delta = await queue.get()
             if delta is None:
@@ -122,7 +126,12 @@ async def _chunks(streams, meta: dict) -> AsyncIterator[str]:
             if delta.text:
                 yield chunk(index, {"content": delta.text})
             if delta.finish_reason:
+                completion_tokens += delta.tokens
                 yield chunk(index, {}, _finish(delta.finish_reason))
+        if prompt_tokens is not None:
+            usage = {"prompt_tokens": prompt_tokens * len(streams), "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens * len(streams) + completion_tokens}  # fmt: skip
+            yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for task in tasks:

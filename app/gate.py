@@ -1,0 +1,63 @@
+"""The promotion gate: a new policy is served only if it beats the active one on held-out prompts.
+
+Judged by the newest reward model: the candidate's win rate against the active policy must clear 0.5 by a margin,
+its KL to the SFT reference must stay within a budget, and its held-out dialogue perplexity must not regress by more
+than a tolerance. The decision and every number behind it are stored with the model version.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+GATE_DEFAULTS = {"gate_margin": 0.02, "kl_budget": 10.0, "ppl_tolerance": 0.25, "gate_prompts": 48}
+
+
+@dataclass
+class GateResult:
+    promote: bool
+    reason: str
+    metrics: dict[str, float]
+
+
+def decide(metrics: dict[str, float], *, gate_margin: float, kl_budget: float, ppl_tolerance: float) -> GateResult:
+    """Pure decision over measured numbers (unit-tested): win rate, KL, perplexity against the active policy's."""
+    win, kl = metrics["win_rate"], metrics["kl"]
+    ppl_new, ppl_old = metrics["ppl_candidate"], metrics["ppl_active"]
+    if win < 0.5 + gate_margin:
+        return GateResult(False, f"win rate {win:.3f} is below {0.5 + gate_margin:.3f}", metrics)
+    if kl > kl_budget:
+        return GateResult(False, f"KL to the reference {kl:.3f} exceeds the budget {kl_budget}", metrics)
+    if ppl_new > ppl_old * (1 + ppl_tolerance):
+        return GateResult(False, f"held-out perplexity {ppl_new:.3f} regressed from {ppl_old:.3f}", metrics)
+    return GateResult(True, f"wins {win:.3f} with KL {kl:.3f} and perplexity {ppl_new:.3f}", metrics)
+
+
+def evaluate_candidate(
+    candidate_dir: str, active_dir: str, reference_dir: str, reward_dir: str, prompts: list[list[dict[str, str]]],
+    dialogues: list[dict[str, Any]], params: dict[str, Any],
+) -> GateResult:  # fmt: skip
+    """Measure the candidate against the active policy and apply the gate."""
+    from ml.checkpoint import load_checkpoint
+    from ml.engine import Sampling
+    from ml.evaluate import dialogue_perplexity, policy_reward_and_kl, win_rate
+    from ml.examples import load_dialogues
+    from ml.tokenizer import Tokenizer
+    from ml.train.reward import RewardModel
+
+    candidate, _ = load_checkpoint(candidate_dir)
+    active, _ = load_checkpoint(active_dir)
+    reference, _ = load_checkpoint(reference_dir)
+    tokenizer = Tokenizer.load(candidate_dir)
+    rm = RewardModel.load(reward_dir)
+    prompts = prompts[: int(params["gate_prompts"])]
+    sampling = Sampling(temperature=0.7)
+    wins = win_rate(candidate, active, tokenizer, prompts, rm, sampling=sampling)
+    kl = policy_reward_and_kl(candidate, reference, tokenizer, prompts, rm, sampling=sampling)
+    held_out = load_dialogues(dialogues) if dialogues else []
+    ppl_new = dialogue_perplexity(candidate, tokenizer, held_out)["ppl"] if held_out else 1.0
+    ppl_old = dialogue_perplexity(active, tokenizer, held_out)["ppl"] if held_out else 1.0
+    metrics = {
+        "win_rate": wins["win_rate"], "reward_candidate": wins["score_a"], "reward_active": wins["score_b"],
+        "kl": kl["kl"], "ppl_candidate": ppl_new, "ppl_active": ppl_old, "gate_prompts": len(prompts),
+    }  # fmt: skip
+    return decide(metrics, gate_margin=float(params["gate_margin"]), kl_budget=float(params["kl_budget"]),
+                  ppl_tolerance=float(params["ppl_tolerance"]))  # fmt: skip

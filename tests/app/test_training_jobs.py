@@ -1,0 +1,110 @@
+"""The worker runs the alignment jobs on data collected in the database: reward → RL (gated) → DPO/KTO, and SFT.
+
+Tiny models and a handful of steps: this checks the wiring (datasets from rows, lineage, promotion, the gate's
+record), not model quality — that is the end-to-end flywheel test's job.
+"""
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import migrate
+from app.bootstrap import bootstrap_demo_model, seed_demo_prompts
+from app.db import make_engine, make_session_factory, transaction
+from app.gate import decide
+from app.models import Job, JobStatus, ModelKind, ModelStatus, ModelVersion, Prompt, Role, Split
+from app.services import annotation, chat, feedback, jobs
+from app.settings import Settings
+from app.worker import Worker, WorkerConfig
+from ml.demo import World
+from tests.factories import make_user
+
+SMALL = {"steps": 3, "batch_size": 4}
+
+
+@pytest.fixture
+def factory(settings: Settings) -> sessionmaker[Session]:
+    migrate.upgrade(settings.resolved_database_url)
+    bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=3, demo_docs=300, n_embd=32)
+    seed_demo_prompts(settings)
+    return make_session_factory(make_engine(settings.resolved_database_url))
+
+
+def collect_labels(factory) -> None:
+    """Rankings of three answers per prompt by the demo world's gold scorer, and thumbs on a chat's answers."""
+    world = World(0)
+    with factory() as db:
+        annotator = make_user(db, "sim", Role.annotator)
+        for prompt in db.query(Prompt).filter(Prompt.split == Split.train).limit(6):
+            question = prompt.messages[-1]["content"]
+            good, bad = world.reference_answer(world.find_question(question)), "I do not know, go away."
+            cset = annotation.create_set(db, prompt_id=prompt.id, answers=[(good, 5), (bad, 6), ("", 0)],
+                                         model_version_id=None, params={})  # fmt: skip
+            scores = {c.id: world.gold_score(prompt.messages, c.content) for c in cset.candidates}
+            order = sorted(scores, key=lambda cid: -scores[cid])
+            annotation.submit_ranking(db, annotator=annotator, set_id=cset.id, status="ranked",
+                                      entries=[(cid, i + 1) for i, cid in enumerate(order)])  # fmt: skip
+        person = make_user(db, "rater")
+        for text, value in (("What is 2 plus 3?", 1), ("Where does Mira live?", -1)):
+            conversation = chat.create_conversation(db, user=person)
+            _, answer = chat.add_user_message(db, user=person, conversation_id=conversation.id, content=text)
+            chat.finish_answer(db, message_id=answer.id, content="5" if value > 0 else "No idea.",
+                               finish_reason="stop", model_version_id=None, sampling={})  # fmt: skip
+            feedback.set_feedback(db, user=person, message_id=answer.id, value=value)
+        db.commit()
+
+
+def run(settings: Settings, factory, type: str, **params) -> Job:
+    with transaction(factory) as db:
+        job_id = jobs.enqueue(db, type=type, params=params, max_attempts=1).id
+    Worker(settings, WorkerConfig(poll_s=0.1, heartbeat_s=0.5)).run(once=True)
+    with factory() as db:
+        return db.get(Job, job_id)
+
+
+def test_reward_then_rl_then_offline_jobs(settings: Settings, factory) -> None:
+    assert run(settings, factory, "reward").error == "ValueError: no rankings or thumbs yet: annotate or rate " \
+        "some answers first"  # fmt: skip
+    collect_labels(factory)
+    reward_job = run(settings, factory, "reward", **SMALL)
+    assert reward_job.status == JobStatus.succeeded, reward_job.error
+    with factory() as db:
+        reward = db.query(ModelVersion).filter_by(kind=ModelKind.reward).one()
+        assert reward.status == ModelStatus.active and reward.training_data["rankings"] == 6
+        assert reward.training_data["thumbs"] == 2 and "val_acc" in reward.metrics
+        assert reward.job_id == reward_job.id and reward_job.metrics  # progress points were recorded
+
+    rl_job = run(settings, factory, "rl", steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
+                 gate_prompts=4)  # fmt: skip
+    assert rl_job.status == JobStatus.succeeded, rl_job.error
+    with factory() as db:
+        policy = db.query(ModelVersion).filter_by(kind=ModelKind.policy).one()
+        sft = db.query(ModelVersion).filter_by(kind=ModelKind.sft).one()
+        assert policy.parent_id == sft.id and policy.training_data["reward_version_id"] == reward.id
+        assert {"win_rate", "kl", "ppl_candidate", "gate"} <= set(policy.metrics)
+        assert (policy.status == ModelStatus.active) == policy.metrics["promoted"]
+
+    for algo in ("dpo", "kto"):
+        job = run(settings, factory, algo, **SMALL, gate_prompts=4)
+        assert job.status == JobStatus.succeeded, job.error
+    with factory() as db:
+        assert db.query(ModelVersion).filter_by(kind=ModelKind.policy).count() == 3
+        assert db.query(ModelVersion).filter_by(kind=ModelKind.policy, status=ModelStatus.active).count() <= 1
+
+
+def test_sft_job_uses_chats_that_allow_training(settings: Settings, factory) -> None:
+    collect_labels(factory)
+    job = run(settings, factory, "sft", steps=2, batch_size=2, include_demo=False)
+    assert job.status == JobStatus.succeeded, job.error
+    with factory() as db:
+        version = db.query(ModelVersion).filter_by(name=f"sft-job{job.id}").one()
+        assert version.status == ModelStatus.candidate and version.training_data["conversation_id"] > 0
+
+
+def test_gate_decisions_on_worked_numbers() -> None:
+    base = {"win_rate": 0.6, "kl": 1.0, "ppl_candidate": 2.0, "ppl_active": 2.0}
+    limits = {"gate_margin": 0.05, "kl_budget": 5.0, "ppl_tolerance": 0.1}
+    assert decide(base, **limits).promote
+    assert "below" in decide({**base, "win_rate": 0.54}, **limits).reason
+    assert "exceeds" in decide({**base, "kl": 5.5}, **limits).reason
+    assert "regressed" in decide({**base, "ppl_candidate": 2.3}, **limits).reason
+    assert decide({**base, "ppl_candidate": 2.19}, **limits).promote
