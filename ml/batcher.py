@@ -220,5 +220,5 @@ class BatchDecoder:
         c.batch_size = len(keep)
         self.logits = self.logits.index_select(0, index)
         unused = min(c.pos - row.length for row in self.rows)  # padding all remaining rows share
-        if unused > 0:
+        if unused >= max(32, c.pos // 2):  # reclaim it only when it is worth a copy of the cache
             self._shift(-unused)

@@ -74,7 +74,9 @@ class _Stream:
         self.loop, self.model, self.params = loop, model, params
         self.queue: asyncio.Queue[tuple[int, str | None] | None] = asyncio.Queue()
         self.tokens: list[int] = []
-        self.sent = ""
+        self.sent = ""  # the text yielded so far
+        self.prefix = 0  # incremental decoding: tokens[prefix:read] were decoded into the tail of `sent`
+        self.read = 0
 
     def push(self, token: int, finish: str | None) -> None:  # called on the generation thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, finish))
@@ -171,19 +173,24 @@ class InferenceService:
                         loaded.decoder.cancel(key)
 
     def _delta(self, stream: _Stream, token: int, finish: str | None) -> Delta:
+        """The new text after one token, decoded incrementally (a few tokens, not the whole answer, each time)."""
         if token < 0:  # the generation thread gave up on this request
             return Delta("", finish or "error", len(stream.tokens))
         tokenizer = stream.model.tokenizer
         if not (finish == "stop" and token in tokenizer.stop_token_ids):
             stream.tokens.append(token)
-        text = tokenizer.decode(stream.tokens)
+        before = tokenizer.decode(stream.tokens[stream.prefix : stream.read])
+        after = tokenizer.decode(stream.tokens[stream.prefix :])
+        if after.endswith("\ufffd") and not finish:
+            return Delta("", None, len(stream.tokens))  # an incomplete UTF-8 character: wait for the rest of it
+        new = after[len(before) :] if after.startswith(before) else after
+        stream.prefix, stream.read = stream.read, len(stream.tokens)
+        text = stream.sent + new
         stop_hit = next((s for s in stream.params.stop if s and s in text), None)
         if stop_hit is not None:
             text, finish = text[: text.index(stop_hit)], "stop"
-        elif not finish:
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest of it
-        delta = text[len(stream.sent) :] if text.startswith(stream.sent) else ""
-        stream.sent = text if text.startswith(stream.sent) else stream.sent
+        delta = text[len(stream.sent) :]
+        stream.sent = text
         return Delta(delta, finish, len(stream.tokens))
 
     def _require_model(self) -> LoadedModel:
