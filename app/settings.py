@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     candidates_per_set: int = Field(4, ge=2, le=9, description="K: answers sampled for annotators to rank.")
     annotations_per_set: int = Field(3, ge=1, description="Distinct annotators who rank each candidate set.")
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest request body (uploads: 60 MiB).")
+    auto_retrain_after: int = Field(0, ge=0, description="Enqueue reward + RL after this many new labels; 0 = off.")
     cookie_secure: bool | None = Field(
         None, description="Force the Secure cookie flag; default: when the request is HTTPS."
     )

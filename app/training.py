@@ -215,3 +215,69 @@ HANDLERS: dict[str, Callable[[JobContext], JobOutput]] = {
     "dpo": lambda ctx: run_preferences(ctx, "dpo"),
     "kto": lambda ctx: run_preferences(ctx, "kto"),
 }
+
+
+def run_candidates(ctx: JobContext) -> JobOutput:
+    """Pre-sample candidate sets (K answers each) for prompts that have none, so annotators never wait."""
+    from sqlalchemy import select
+
+    from app.models import CandidateSet, Prompt
+    from app.services import annotation
+    from ml.checkpoint import load_checkpoint
+    from ml.engine import Engine
+    from ml.tokenizer import Tokenizer
+
+    params = dict(ctx.params)
+    sets, k = int(params.pop("sets", 20)), int(params.pop("k", 4))
+    max_new_tokens = int(params.pop("max_new_tokens", 96))
+    with ctx.session() as session:
+        policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
+        have = select(CandidateSet.prompt_id)
+        todo = [(p.id, p.messages) for p in session.scalars(select(Prompt).where(Prompt.id.not_in(have)).limit(sets))]
+    if params:
+        raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
+    model, _ = load_checkpoint(policy.path)
+    tokenizer = Tokenizer.load(policy.path)
+    engine, stops = Engine(model), set(tokenizer.stop_token_ids)
+    for i, (prompt_id, messages) in enumerate(todo):
+        samples = engine.generate(
+            tokenizer.render_prompt(messages), n=k, max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95,
+            stop_token_ids=stops, seed=ctx.job_id * 1000 + i,
+        )  # fmt: skip
+        answers = [(tokenizer.decode([t for t in s.token_ids if t not in stops]).strip(), len(s.token_ids))
+                   for s in samples]  # fmt: skip
+        with ctx.session() as session, session.begin():
+            annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=policy.id,
+                                  params={"temperature": 1.0, "top_p": 0.95, "max_tokens": max_new_tokens})  # fmt: skip
+        ctx.report(progress=(i + 1) / len(todo), metrics={"step": i + 1, "sets": i + 1})
+    return JobOutput(metrics={"sets": len(todo)})
+
+
+def run_evaluate(ctx: JobContext) -> JobOutput:
+    """Measure a policy (default: the served one) against the SFT reference under the active reward model."""
+    from ml.checkpoint import load_checkpoint
+    from ml.engine import Sampling
+    from ml.evaluate import policy_reward_and_kl
+    from ml.tokenizer import Tokenizer
+    from ml.train.reward import RewardModel
+
+    params = dict(ctx.params)
+    n_prompts = int(params.pop("prompts", 48))
+    with ctx.session() as session:
+        policy = _version(session, params, "version_id", (ModelKind.policy, ModelKind.sft))
+        reference = _version(session, params, "reference_version_id", (ModelKind.sft,))
+        reward = _version(session, params, "reward_version_id", (ModelKind.reward,))
+        heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records][:n_prompts]
+    if params:
+        raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
+    if not heldout:
+        raise ValueError("no held-out prompts to evaluate on")
+    model, _ = load_checkpoint(policy.path)
+    ref, _ = load_checkpoint(reference.path)
+    result = policy_reward_and_kl(model, ref, Tokenizer.load(policy.path), heldout, RewardModel.load(reward.path),
+                                  sampling=Sampling(temperature=0.7))  # fmt: skip
+    ctx.report(progress=1.0, metrics={"step": 1, **result}, log=f"{policy.name}: {result}\n")
+    return JobOutput(metrics=result)
+
+
+HANDLERS.update({"candidates": run_candidates, "evaluate": run_evaluate})

@@ -102,9 +102,17 @@ class Worker:
             if claimed is None:
                 if once:
                     return
+                self._maybe_trigger()
                 self.stop.wait(self.config.poll_s)
                 continue
             self.run_job(*claimed)
+
+    def _maybe_trigger(self) -> None:
+        if self.settings.auto_retrain_after <= 0:
+            return
+        with transaction(self.factory) as session:
+            for job in jobs.maybe_trigger_retraining(session, after_labels=self.settings.auto_retrain_after):
+                log.info("enough new labels: enqueued job %s (%s)", job.id, job.type)
 
     def run_job(self, job_id: int, job_type: str, params: dict[str, Any]) -> None:
         log.info("job %s (%s) started on %s", job_id, job_type, self.worker_id)

@@ -175,3 +175,31 @@ def cancel(session: Session, *, job_id: int) -> Job:
         job.cancel_requested = True
     session.flush()
     return job
+
+
+def labels_since_last_reward_model(session: Session) -> int:
+    """Rankings and thumbs collected after the newest reward model's training data (its watermarks)."""
+    from sqlalchemy import func
+
+    from app.models import Feedback, ModelKind, ModelVersion, Ranking
+
+    newest = session.scalar(
+        select(ModelVersion).where(ModelVersion.kind == ModelKind.reward).order_by(ModelVersion.id.desc()).limit(1)
+    )
+    seen = newest.training_data if newest is not None else {}
+    rankings = session.scalar(select(func.count()).where(Ranking.id > int(seen.get("ranking_id", 0)))) or 0
+    thumbs = session.scalar(select(func.count()).where(Feedback.id > int(seen.get("feedback_id", 0)))) or 0
+    return rankings + thumbs
+
+
+def maybe_trigger_retraining(session: Session, *, after_labels: int) -> list[Job]:
+    """The automatic rule: once `after_labels` new labels arrived since the last reward model, enqueue reward then
+    RL (unless such jobs are already waiting or running). Off when after_labels is 0."""
+    if after_labels <= 0:
+        return []
+    busy = session.scalar(
+        select(Job.id).where(Job.type.in_(("reward", "rl")), Job.status.in_((JobStatus.queued, JobStatus.running)))
+    )
+    if busy is not None or labels_since_last_reward_model(session) < after_labels:
+        return []
+    return [enqueue(session, type="reward", priority=1), enqueue(session, type="rl", priority=0)]

@@ -141,3 +141,29 @@ def test_timestamps_are_utc(factory) -> None:
     with factory() as session:
         job = session.get(Job, job_id)
         assert abs(job.started_at - utcnow()) < timedelta(minutes=1)
+
+
+def test_automatic_retraining_after_enough_new_labels(factory) -> None:
+    from app.models import ModelKind, ModelVersion, Role
+    from app.services import annotation, prompts
+    from tests.factories import make_user
+
+    with factory() as session:
+        assert jobs.maybe_trigger_retraining(session, after_labels=0) == []  # off
+        prompts.add_prompts(session, items=[([{"role": "user", "content": "Hi?"}], None)], source="demo")
+        cset = annotation.create_set(session, prompt_id=1, answers=[("a", 1), ("b", 1)], model_version_id=None,
+                                     params={})  # fmt: skip
+        for i in range(3):
+            annotator = make_user(session, f"ann{i}", Role.annotator)
+            annotation.submit_ranking(session, annotator=annotator, set_id=cset.id, status="skipped", entries=[])
+        session.commit()
+        assert jobs.maybe_trigger_retraining(session, after_labels=4) == []  # 3 < 4
+        queued = jobs.maybe_trigger_retraining(session, after_labels=3)
+        assert [j.type for j in queued] == ["reward", "rl"] and queued[0].priority > queued[1].priority
+        session.commit()
+        assert jobs.maybe_trigger_retraining(session, after_labels=3) == []  # already waiting
+        for job in queued:
+            jobs.cancel(session, job_id=job.id)
+        session.add(ModelVersion(name="rm", kind=ModelKind.reward, path="/x", training_data={"ranking_id": 3}))
+        session.commit()
+        assert jobs.labels_since_last_reward_model(session) == 0  # the newest reward model saw them all

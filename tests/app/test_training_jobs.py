@@ -11,7 +11,7 @@ from app import migrate
 from app.bootstrap import bootstrap_demo_model, seed_demo_prompts
 from app.db import make_engine, make_session_factory, transaction
 from app.gate import decide
-from app.models import Job, JobStatus, ModelKind, ModelStatus, ModelVersion, Prompt, Role, Split
+from app.models import CandidateSet, Job, JobStatus, ModelKind, ModelStatus, ModelVersion, Prompt, Role, Split
 from app.services import annotation, chat, feedback, jobs
 from app.settings import Settings
 from app.worker import Worker, WorkerConfig
@@ -82,6 +82,15 @@ def test_reward_then_rl_then_offline_jobs(settings: Settings, factory) -> None:
         assert policy.parent_id == sft.id and policy.training_data["reward_version_id"] == reward.id
         assert {"win_rate", "kl", "ppl_candidate", "gate"} <= set(policy.metrics)
         assert (policy.status == ModelStatus.active) == policy.metrics["promoted"]
+
+    evaluation = run(settings, factory, "evaluate", prompts=4)
+    assert evaluation.status == JobStatus.succeeded, evaluation.error
+    assert {"reward_mean", "kl"} <= set(evaluation.metrics[-1])
+    candidates = run(settings, factory, "candidates", sets=2, k=3, max_new_tokens=6)
+    assert candidates.status == JobStatus.succeeded, candidates.error
+    with factory() as db:
+        fresh = db.query(CandidateSet).filter(CandidateSet.model_version_id.isnot(None)).all()
+        assert len(fresh) == 2 and all(len(c.candidates) == 3 for c in fresh)
 
     for algo in ("dpo", "kto"):
         job = run(settings, factory, algo, **SMALL, gate_prompts=4)
