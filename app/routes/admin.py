@@ -10,7 +10,7 @@ from app.charts import job_charts
 from app.deps import AdminUser, SessionDep
 from app.errors import Invalid, ServiceError
 from app.models import ModelKind, Role
-from app.services import annotation, datasets, imports, jobs, model_versions, stats, users
+from app.services import annotation, datasets, imports, jobs, model_versions, stats, tokens, users
 from app.templating import is_htmx, render
 
 router = APIRouter(prefix="/admin")
@@ -111,7 +111,8 @@ async def import_data(
 
 @router.get("/users", response_class=HTMLResponse, name="admin_users")
 def list_users(request: Request, session: SessionDep, admin: AdminUser) -> HTMLResponse:
-    return render(request, "admin_users.html", {"people": users.list_users(session), "roles": list(Role)})
+    context = {"people": users.list_users(session), "roles": list(Role), "tokens": tokens.active_counts(session)}
+    return render(request, "admin_users.html", context)
 
 
 @router.post("/users", name="admin_users_create")
@@ -127,7 +128,8 @@ def create_user(
         users.create_user(session, username=username, password=password, role=role)
     except ServiceError as exc:
         session.rollback()
-        context = {"people": users.list_users(session), "roles": list(Role), "error": exc.message}
+        context = {"people": users.list_users(session), "roles": list(Role), "error": exc.message,
+                   "tokens": tokens.active_counts(session)}  # fmt: skip
         return render(request, "admin_users.html", context, status_code=exc.status_code)
     session.commit()
     return RedirectResponse(request.url_for("admin_users"), status_code=303)
@@ -145,6 +147,14 @@ def update_user(
     person = users.update_user(session, user_id=user_id, role=role, disabled=disabled)
     session.commit()
     if is_htmx(request):
-        context = {"person": person, "roles": list(Role), "saved": True}
+        context = {"person": person, "roles": list(Role), "saved": True, "tokens": tokens.active_counts(session)}
         return render(request, "partials/user_row.html", context)
+    return RedirectResponse(request.url_for("admin_users"), status_code=303)
+
+
+@router.post("/users/{user_id}/revoke-tokens", name="admin_users_revoke_tokens")
+def revoke_tokens(request: Request, session: SessionDep, admin: AdminUser, user_id: int) -> Response:
+    users.get_user(session, user_id=user_id)
+    tokens.revoke_all(session, user_id=user_id)
+    session.commit()
     return RedirectResponse(request.url_for("admin_users"), status_code=303)

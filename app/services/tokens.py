@@ -60,3 +60,26 @@ def resolve_token(session: Session, *, secret: str) -> User | None:
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_GRANULARITY:
         token.last_used_at = now
     return token.user
+
+
+def active_counts(session: Session) -> dict[int, int]:
+    """Live tokens per user id (for the admin's People page)."""
+    from sqlalchemy import func
+
+    now = utcnow()
+    rows = session.execute(
+        select(ApiToken.user_id, func.count())
+        .where(ApiToken.revoked_at.is_(None), (ApiToken.expires_at.is_(None)) | (ApiToken.expires_at > now))
+        .group_by(ApiToken.user_id)
+    ).all()
+    return {user_id: count for user_id, count in rows}
+
+
+def revoke_all(session: Session, *, user_id: int) -> int:
+    """Revoke every live token of a user (an admin's response to a leaked token); returns how many."""
+    revoked = 0
+    for token in session.scalars(select(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))):
+        token.revoked_at = utcnow()
+        revoked += 1
+    session.flush()
+    return revoked

@@ -271,3 +271,19 @@ def test_oversized_bodies_are_413(client: TestClient, db: Session, settings: Set
                            "content-type": "application/x-www-form-urlencoded"})  # fmt: skip
     assert streamed.status_code == 413
     assert db_snapshot(settings.resolved_database_url) == before
+
+
+def test_admin_revokes_all_tokens_of_a_person(client: TestClient, db: Session) -> None:
+    from app.services import tokens
+
+    make_user(db, "root2", Role.admin)
+    leaky = make_user(db, "leaky")
+    secrets_ = [tokens.create_token(db, user=leaky, name=f"t{i}")[1] for i in range(2)]
+    db.commit()
+    csrf = login(client, "root2")
+    assert "2 live tokens" in client.get("/admin/users").text
+    assert client.post(f"/admin/users/{leaky.id}/revoke-tokens", data={"csrf_token": csrf}).status_code == 200
+    for secret in secrets_:
+        assert (
+            TestClient(client.app).get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+        )

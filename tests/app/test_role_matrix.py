@@ -75,6 +75,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/admin/users"): ((303, 403, 403, 200), nothing),
     ("POST", "/admin/users"): ((401, 403, 403, 303), new_user_form),
     ("POST", "/admin/users/{user_id}"): ((401, 403, 403, 303), form(role="user")),
+    ("POST", "/admin/users/{user_id}/revoke-tokens"): ((401, 403, 403, 303), form()),
     ("GET", "/api/v1/me"): ((401, 200, 200, 200), nothing),
     ("GET", "/api/v1/users"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/users"): ((401, 403, 403, 201), new_user_body),
