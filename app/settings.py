@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, gt=0, description="Requests decoded together in one batch.")
     model_poll_s: float = Field(3.0, gt=0, description="How often each server checks for a newly active model.")
     device: str = Field("cpu", description="Where the served model runs: cpu or cuda.")
+    torch_threads: int = Field(1, ge=0, description="CPU threads for serving (0: torch's default, one per core).")
     candidates_per_set: int = Field(4, ge=2, le=9, description="K: answers sampled for annotators to rank.")
     annotations_per_set: int = Field(3, ge=1, description="Distinct annotators who rank each candidate set.")
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest request body (uploads: 60 MiB).")

@@ -83,9 +83,10 @@ class _Stream:
 
 
 class InferenceService:
-    def __init__(self, limits: Limits | None = None, device: str = "cpu") -> None:
+    def __init__(self, limits: Limits | None = None, device: str = "cpu", threads: int = 0) -> None:
         self.limits = limits or Limits()
         self.device = device
+        self.threads = threads
         self.current: LoadedModel | None = None
         self._models: list[LoadedModel] = []  # the current one and older ones still finishing requests
         self._pending: list[tuple[LoadedModel, Request]] = []
@@ -206,6 +207,8 @@ class InferenceService:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads:  # a small model decodes faster on one core than on two contending with the web server
+            torch.set_num_threads(self.threads)
         while True:
             with self._lock:
                 while not self._closing and not self._pending and not any(len(m.decoder) for m in self._models):
