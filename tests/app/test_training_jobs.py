@@ -61,7 +61,7 @@ def run(settings: Settings, factory, type: str, **params) -> Job:
         return db.get(Job, job_id)
 
 
-def test_reward_then_rl_then_offline_jobs(settings: Settings, factory) -> None:
+def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, factory) -> None:
     assert run(settings, factory, "reward").error == "ValueError: no rankings or thumbs yet: annotate or rate " \
         "some answers first"  # fmt: skip
     collect_labels(factory)
@@ -99,9 +99,7 @@ def test_reward_then_rl_then_offline_jobs(settings: Settings, factory) -> None:
         assert db.query(ModelVersion).filter_by(kind=ModelKind.policy).count() == 3
         assert db.query(ModelVersion).filter_by(kind=ModelKind.policy, status=ModelStatus.active).count() <= 1
 
-
-def test_sft_job_uses_chats_that_allow_training(settings: Settings, factory) -> None:
-    collect_labels(factory)
+    # SFT on the chats that allow training (the demo data left out): two conversations were collected above.
     job = run(settings, factory, "sft", steps=2, batch_size=2, include_demo=False)
     assert job.status == JobStatus.succeeded, job.error
     with factory() as db:

@@ -53,13 +53,13 @@ def model_versions(factory) -> list[ModelVersion]:
         return list(session.query(ModelVersion))
 
 
-def test_bad_params_and_unknown_types_fail_cleanly(settings: Settings, factory) -> None:
+def test_bad_params_and_missing_models_fail_cleanly(settings: Settings, factory) -> None:
     bad = enqueue(factory, learning_rate_typo=1)
     with transaction(factory) as session:
         unsupported = jobs.enqueue(session, type="kto").id
     Worker(settings, WorkerConfig(poll_s=0.1, heartbeat_s=0.2)).run(once=True)
     assert "unknown parameters for this job: learning_rate_typo" in job_row(factory, bad).error
-    assert "cannot run 'kto' jobs" in job_row(factory, unsupported).error
+    assert "no active policy or sft model" in job_row(factory, unsupported).error
     assert job_row(factory, bad).status == job_row(factory, unsupported).status == JobStatus.failed
     assert model_versions(factory) == []
 
