@@ -14,8 +14,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import migrate
 from app.db import make_engine, make_session_factory, transaction
 from app.errors import NotFound, ServiceError
-from app.models import Role
-from app.services import tokens, users
+from app.models import ModelKind, ModelVersion, Role
+from app.services import model_versions, tokens, users
 from app.settings import Settings
 
 
@@ -175,6 +175,54 @@ def cmd_demo_experiment(args: argparse.Namespace, settings: Settings) -> int:
     return run_module_cli("ml.experiment", "flywheel demo experiment", args.rest)
 
 
+def cmd_model_import(args: argparse.Namespace, settings: Settings) -> None:
+    """Convert a Hugging Face Llama/Qwen2 directory into a model directory and register it (optionally active)."""
+    from pathlib import Path
+
+    from ml.hf import convert_hf_to_checkpoint
+
+    src = Path(args.src)
+    if not (src / "config.json").is_file():
+        raise CLIError(f"{src} is not a Hugging Face checkpoint directory (no config.json)")
+    name = args.name or src.resolve().name
+    out = Path(args.out) if args.out else settings.data_dir / "models" / f"hf-{name}"
+    try:
+        convert_hf_to_checkpoint(src, out)
+    except (ValueError, KeyError, OSError) as exc:
+        raise CLIError(f"cannot import {src}: {exc}") from exc
+    with transaction(_session_factory(settings)) as session:
+        version = ModelVersion(name=name, kind=ModelKind(args.kind), path=str(out.resolve()),
+                               training_data={"imported_from": str(src.resolve())})  # fmt: skip
+        session.add(version)
+        session.flush()
+        if args.activate:
+            model_versions.promote(session, version_id=version.id)
+        print(f"imported {src} as model version {version.id} ({version.kind.value}, {version.status.value}) at {out}")
+
+
+def cmd_model_export(args: argparse.Namespace, settings: Settings) -> None:
+    from ml.checkpoint import CheckpointError, load_checkpoint
+    from ml.hf import export_hf
+
+    try:
+        model, _ = load_checkpoint(args.src)
+        print(f"exported to {export_hf(model, args.dst, tokenizer_dir=args.src)}")
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise CLIError(f"cannot export {args.src}: {exc}") from exc
+
+
+def cmd_model_list(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        for v in model_versions.list_versions(session):
+            print(f"{v.id}\t{v.name}\t{v.kind.value}\t{v.status.value}\t{v.path}")
+
+
+def cmd_model_promote(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(_session_factory(settings)) as session:
+        version = model_versions.promote(session, version_id=args.id)
+        print(f"{version.name} is the active {version.kind.value} model")
+
+
 def _add(sub, name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(handler=handler)
@@ -235,6 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     experiment.add_argument("rest", nargs=argparse.REMAINDER)
     experiment.set_defaults(handler=cmd_demo_experiment)
+
+    model_cmds = groups.add_parser("model", help="model versions", description="model versions").add_subparsers(
+        dest="model_command", required=True, metavar="ACTION"
+    )
+    imp = _add(model_cmds, "import-hf", cmd_model_import, "import a Hugging Face Llama/Qwen2 checkpoint directory")
+    imp.add_argument("src", help="directory with config.json, safetensors (or .bin) weights and tokenizer files")
+    imp.add_argument("--out", help="where to write the model directory (default: under the data directory)")
+    imp.add_argument("--name", help="the model version's name (default: the directory's name)")
+    imp.add_argument("--kind", choices=[k.value for k in ModelKind], default=ModelKind.sft.value)
+    imp.add_argument("--activate", action="store_true", help="make it the active model of its kind (served if sft)")
+    exp = _add(model_cmds, "export-hf", cmd_model_export, "export a model directory in the Llama (or Qwen2) layout")
+    exp.add_argument("src", help="a Flywheel model directory")
+    exp.add_argument("dst", help="the Hugging Face directory to write (transformers and vLLM load it)")
+    _add(model_cmds, "list", cmd_model_list, "list model versions")
+    _add(model_cmds, "promote", cmd_model_promote, "make a version the active one of its kind").add_argument(
+        "id", type=int
+    )
 
     token_cmds = groups.add_parser("tokens", help="API tokens", description="API tokens").add_subparsers(
         dest="tokens_command", required=True, metavar="ACTION"
