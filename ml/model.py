@@ -1,8 +1,9 @@
 """The decoder-only transformer: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, and a KV cache.
 
-The layout is Llama's (and Qwen2's with `qkv_bias=True`), so Hugging Face checkpoints map onto it one to one
-(see ml/hf.py), except that q/k/v and gate/up are each one fused matrix: one GEMM instead of three (or two) is
-what makes training and decoding faster than transformers' own modules on the same shape.
+The maths is Llama's (and Qwen2's with `qkv_bias=True`), so Hugging Face checkpoints map onto it (ml/hf.py),
+with two layout differences that are about speed: q/k/v and gate/up are each one fused matrix (one GEMM instead
+of three or two), and projection weights are stored (in, out) (see Linear), which makes decoding's few-row
+GEMMs faster on CPU. The tied lm_head shares the embedding's (vocab, n_embd) matrix.
 
 A reward model or a value function is the same network with `scalar_head=True`: `score_head` maps each position
 to one number instead of vocabulary logits.
@@ -96,16 +97,16 @@ class KVCache:
         return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len or c.max_seq_len)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv_head, T, head_dim) at the current position; return all keys/values so far."""
+        """Write k, v (B, T, n_kv_head, head_dim) at the current position; return all keys/values so far."""
         if self.k is None:
             shape = (self.n_layer, self.batch_size, self.n_kv_head, self.max_len, self.head_dim)
             self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
             self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
-        end = self.pos + k.size(2)
+        end = self.pos + k.size(1)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
+        self.k[layer, :, :, self.pos : end] = k.transpose(1, 2)
+        self.v[layer, :, :, self.pos : end] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
 
     def record_mask(self, attention_mask: Tensor | None, T: int) -> None:
@@ -142,28 +143,48 @@ class KVCache:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary position embeddings, in Llama's rotate-half layout (HF parity)."""
+    """cos/sin tables for rotary position embeddings, in Llama's rotate-half layout (HF parity).
+
+    The sin table carries rotate-half's sign (-sin on the first half), so rotating is one swap and two multiplies.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], dim=-1), persistent=False)  # (T, hd)
+        self.register_buffer("sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, start: int, T: int, position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Return cos, sin broadcastable to (B, n_head, T, head_dim)."""
+    def forward(self, start: int, T: int, position_ids: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin in `dtype`, broadcastable to (B, T, n_head, head_dim)."""
         if position_ids is None:
-            return self.cos[start : start + T], self.sin[start : start + T]  # (T, head_dim)
-        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)  # (B, 1, T, head_dim)
+            cos, sin = self.cos[start : start + T, None], self.sin[start : start + T, None]  # (T, 1, hd)
+        else:
+            cos, sin = self.cos[position_ids].unsqueeze(2), self.sin[position_ids].unsqueeze(2)  # (B, T, 1, hd)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles; x is (B, H, T, head_dim)."""
-    d = x.size(-1) // 2
-    rotated = torch.cat([-x[..., d:], x[..., :d]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles; x is (B, T, heads, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin)  # sin is signed: -x2*sin, x1*sin
+
+
+class Linear(nn.Module):
+    """y = x @ weight + bias with weight stored (in_features, out_features), the transpose of nn.Linear's.
+
+    Same maths; the layout makes the few-row GEMMs of decoding plain row-major products, which CPU BLAS runs
+    ~1.4x faster than nn.Linear's transposed one (training-size GEMMs run at the same speed either way).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
 
 
 class Attention(nn.Module):
@@ -174,24 +195,24 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.qkv_proj = nn.Linear(config.n_embd, qkv_out, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.qkv_proj = Linear(config.n_embd, qkv_out, bias=config.qkv_bias)
+        self.o_proj = Linear(config.n_head * config.head_dim, config.n_embd)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool, kv_cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        H, Hkv = self.n_head, self.n_kv_head
+        heads = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        qk = apply_rotary(heads[:, :, : H + Hkv], *rope)  # (B, T, H + Hkv, head_dim): q and k rotated together
+        q, k, v = qk[:, :, :H], qk[:, :, H:], heads[:, :, H + Hkv :]
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
-        gqa = self.n_kv_head != self.n_head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, head_dim)
+        else:  # (B, Hkv, T, head_dim) views: the kernel takes strided inputs, no copies
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q = q.transpose(1, 2)  # (B, H, T, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=Hkv != H)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))  # (B, T, n_embd)
 
 
 class MLP(nn.Module):
@@ -199,12 +220,27 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.gate_up_proj = Linear(config.n_embd, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
         return self.down_proj(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 like Llama's (for bf16 activations too)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Block(nn.Module):
@@ -212,9 +248,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
 
     def forward(
@@ -259,10 +295,10 @@ class Transformer(nn.Module):
         self.config, self.scalar_head = config, scalar_head
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         if scalar_head:
-            self.score_head = nn.Linear(config.n_embd, 1, bias=False)
+            self.score_head = Linear(config.n_embd, 1)
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
             if config.tie_embeddings:
@@ -274,11 +310,11 @@ class Transformer(nn.Module):
         """Normal(0, std) everywhere; residual output projections get std/sqrt(2*n_layer) (GPT-2) so the
         residual stream's variance does not grow with depth."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (Linear, nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
+            if isinstance(module, Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, nn.RMSNorm):
+            if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         for block in self.layers:
@@ -293,39 +329,25 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         doc_ids: Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) -> (logits (B, T, vocab) or values (B, T), mean cross-entropy over targets != -100 or None).
 
         attention_mask: (B, T) bool, True = real token, for left-padded rows; with a cache it covers the new
         tokens only (the cache remembers earlier ones). doc_ids: (B, T) document of each token in packed rows;
-        tokens attend within their document only and positions restart at each document.
+        tokens attend within their document only and positions restart at each document. last_only: compute
+        the head for the last position only (sampling after a long prefill), giving (B, 1, vocab).
         """
-        B, T = idx.shape
+        T = idx.size(1)
         past = kv_cache.pos if kv_cache is not None else 0
-        if attention_mask is not None:
-            attention_mask = attention_mask.bool()
-        key_valid = attention_mask  # (B, past+T) or None
-        if kv_cache is not None:
-            if doc_ids is not None:
-                raise ValueError("doc_ids is for training on packed rows, not for cached decoding")
-            kv_cache.record_mask(attention_mask, T)
-            key_valid = kv_cache.key_mask[:, : past + T] if kv_cache.key_mask is not None else None
-        if position_ids is None and doc_ids is not None:
-            position_ids = document_positions(doc_ids)
-        elif position_ids is None and key_valid is not None:
-            position_ids = (key_valid.cumsum(-1)[:, past:] - 1).clamp(min=0)  # left padding does not shift
-        mask, is_causal = None, False
-        if key_valid is not None or doc_ids is not None or (past > 0 and T > 1):
-            mask = build_attention_mask(T, past, key_valid, doc_ids, idx.device)
-        else:
-            is_causal = past == 0 and T > 1  # one new token after a cache sees every cached key
-        rope = self.rotary(past, T, position_ids)
+        mask, is_causal, position_ids = self._attention_inputs(T, past, kv_cache, attention_mask, position_ids, doc_ids)
+        rope = self.rotary(past, T, position_ids, self._compute_dtype())
         x = self.embed_tokens(idx)  # (B, T, n_embd)
         for block in self.layers:
             x = block(x, rope, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         if self.scalar_head:
             return self.score_head(x).squeeze(-1), None  # (B, T)
         logits = self.lm_head(x)  # (B, T, vocab)
@@ -333,6 +355,38 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def _attention_inputs(
+        self,
+        T: int,
+        past: int,
+        kv_cache: KVCache | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        doc_ids: Tensor | None,
+    ) -> tuple[Tensor | None, bool, Tensor | None]:
+        """The attention mask (or is_causal for the fast unmasked kernel) and the position ids of this forward."""
+        key_valid = attention_mask.bool() if attention_mask is not None else None  # (B, past+T)
+        if kv_cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids is for training on packed rows, not for cached decoding")
+            kv_cache.record_mask(key_valid, T)
+            key_valid = kv_cache.key_mask[:, : past + T] if kv_cache.key_mask is not None else None
+        if position_ids is None and doc_ids is not None:
+            position_ids = document_positions(doc_ids)
+        elif position_ids is None and key_valid is not None:
+            position_ids = (key_valid.cumsum(-1)[:, past:] - 1).clamp(min=0)  # left padding does not shift
+        if key_valid is not None or doc_ids is not None or (past > 0 and T > 1):
+            mask = build_attention_mask(T, past, key_valid, doc_ids, self.embed_tokens.weight.device)
+            return mask, False, position_ids
+        return None, past == 0 and T > 1, position_ids  # one new token after a cache sees every cached key
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype activations have: the autocast dtype when autocast is on, else the weights'."""
+        device_type = self.embed_tokens.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.embed_tokens.weight.dtype
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count (a tied lm_head is counted once)."""
@@ -342,7 +396,7 @@ class Transformer(nn.Module):
     def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention's 12*L*d*T (PaLM)."""
         T = seq_len or self.config.max_seq_len
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, (Linear, nn.Linear)))
         return 6 * matmul + 12 * self.config.n_layer * self.config.n_embd * T
 
     def configure_optimizer(
