@@ -8,7 +8,8 @@ deterministically from a seed:
 - `sft_dialogues`: chats in the OpenAI `messages` format, of deliberately mixed quality;
 - `prompts`: a pool of user questions, each in a stable `train` or `heldout` split;
 - `gold_score`: judges any answer in [0, 1] — correctness first, then concision, then manners — so that simulated
-  annotators (issue 4, at the end of this file) and the evaluation of RL can be measured against the truth.
+  annotators and the evaluation of RL can be measured against the truth;
+- `SimulatedAnnotator`: ranks K candidate answers and gives thumbs by the gold score plus per-annotator noise.
 
 Run (CPU, instant): python -m ml.demo
 """
@@ -376,9 +377,59 @@ def _manners(answer: str) -> int:
 
 
 # ------------------------------------------------------------------------------------ simulated annotators (issue 4)
-# Simulated annotators will live here: given a prompt and K candidate answers, rank them by `World.gold_score` plus
-# per-annotator noise (and occasionally skip), then post the ranking through the same HTTP API that people use.
-# `World.answer(question, quality, rng)` makes candidates of known quality to check them against.
+
+
+class SimulatedAnnotator:
+    """A stand-in for a person who ranks K candidate answers and gives thumbs, judging by the gold scorer plus noise.
+
+    Each annotator perceives an answer's quality as its gold score plus Gaussian noise of std `noise`, so two
+    annotators (different seeds) sometimes disagree on answers of similar quality, and agree on clearly different
+    ones, like people do. Answers whose gold scores are equal within `tie_epsilon` are the same to every annotator:
+    they share one noise draw and so tie in a ranking. The noise is a pure function of (seed, prompt, answers), not
+    of call order, so an annotator asked twice answers the same way and a run repeats exactly.
+    """
+
+    def __init__(
+        self, world: World, noise: float = 0.1, seed: int = 0, threshold: float = 0.5, tie_epsilon: float = 1e-6
+    ) -> None:
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        self.world, self.noise, self.seed = world, noise, seed
+        self.threshold, self.tie_epsilon = threshold, tie_epsilon
+
+    def _rng(self, kind: str, prompt_messages: list[dict[str, str]], answers: list[str]) -> random.Random:
+        key = repr((kind, self.seed, [(m.get("role"), m.get("content")) for m in prompt_messages], answers))
+        return random.Random(_digest_raw(key))
+
+    def perceive(self, prompt_messages: list[dict[str, str]], answers: list[str]) -> list[float]:
+        """Noisy quality of each answer: its gold score plus one noise draw per distinct gold score."""
+        gold = [self.world.gold_score(prompt_messages, a) for a in answers]
+        levels: list[float] = []  # distinct gold scores, in order of first appearance
+        for g in gold:
+            if all(abs(g - level) > self.tie_epsilon for level in levels):
+                levels.append(g)
+        rng = self._rng("rank", prompt_messages, answers)
+        noisy = {level: level + rng.gauss(0.0, self.noise) if self.noise else level for level in levels}
+        return [noisy[next(level for level in levels if abs(g - level) <= self.tie_epsilon)] for g in gold]
+
+    def rank(self, prompt_messages: list[dict[str, str]], answers: list[str]) -> list[int]:
+        """ranks[i] is answers[i]'s rank: 1 = best, equal ranks = a tie (dense: 1, 1, 2, 3)."""
+        if not answers:
+            raise ValueError("nothing to rank: no answers given")
+        perceived = self.perceive(prompt_messages, answers)
+        distinct = sorted(set(perceived), reverse=True)
+        return [distinct.index(p) + 1 for p in perceived]
+
+    def thumb(self, prompt_messages: list[dict[str, str]], answer: str) -> bool:
+        """Thumbs up when the answer's noisy gold score reaches `threshold` (by default: right and not rude)."""
+        rng = self._rng("thumb", prompt_messages, [answer])
+        score = self.world.gold_score(prompt_messages, answer) + (rng.gauss(0.0, self.noise) if self.noise else 0.0)
+        return score >= self.threshold
+
+
+def _digest_raw(text: str) -> int:
+    """A stable integer seed for `text` (Python's hash() is salted per process)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
 
 
 if __name__ == "__main__":
@@ -388,3 +439,8 @@ if __name__ == "__main__":
     for p in world.prompts(3):
         q = world.find_question(p.messages[-1]["content"])
         print(p.split, p.messages[-1]["content"], "->", world.reference_answer(q))
+    q, asked = world.questions[0], [{"role": "user", "content": world.questions[0].text}]
+    candidates = [world.answer(q, quality, random.Random(0)) for quality in ("good", "rambling", "rude", "wrong")]
+    print(candidates)
+    for seed in (1, 2):
+        print(f"annotator {seed} ranks", SimulatedAnnotator(world, noise=0.2, seed=seed).rank(asked, candidates))

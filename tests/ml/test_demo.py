@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ml.demo import HELDOUT_PERCENT, QUALITIES, World, split_of
+from ml.demo import HELDOUT_PERCENT, QUALITIES, SimulatedAnnotator, World, split_of
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,73 @@ def test_questions_outside_the_world_are_scored_on_manners_only(world: World) ->
     assert 0 < world.gold_score(prompt, "Happy to help: nobody knows.") <= 0.5
     assert world.gold_score(prompt, "Shut up.") < world.gold_score(prompt, "Nobody knows.")
     assert world.gold_score(prompt, "") == 0.0
+
+
+# ---------------------------------------------------------------------------------------- simulated annotators
+
+
+def _candidate_sets(world: World, n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], list[str]]]:
+    """n sets of 4 answers of random quality (repeats allowed) to random questions."""
+    rng = random.Random(seed)
+    sets = []
+    for _ in range(n):
+        q = rng.choice(world.questions)
+        answers = [world.answer(q, rng.choice(["good", "rambling", "rude", "wrong"]), rng) for _ in range(4)]
+        sets.append(([{"role": "user", "content": q.text}], answers))
+    return sets
+
+
+def test_noiseless_annotator_ranks_by_gold_with_ties(world: World) -> None:
+    annotator = SimulatedAnnotator(world, noise=0.0, seed=3)
+    for prompt, answers in _candidate_sets(world, 100):
+        ranks = annotator.rank(prompt, answers)
+        gold = [world.gold_score(prompt, a) for a in answers]
+        assert min(ranks) == 1 and sorted(set(ranks)) == list(range(1, max(ranks) + 1))  # dense ranks
+        for i in range(4):
+            for j in range(4):
+                if gold[i] > gold[j]:
+                    assert ranks[i] < ranks[j], (answers, gold, ranks)
+                elif gold[i] == gold[j]:
+                    assert ranks[i] == ranks[j]
+    prompt, answers = _candidate_sets(world, 1)[0]
+    assert annotator.rank(prompt, [answers[0], answers[0], ""]) == [1, 1, 2]  # same answer: a tie; empty: last
+
+
+def test_noiseless_thumbs_follow_gold(world: World) -> None:
+    annotator = SimulatedAnnotator(world, noise=0.0)
+    q = world.questions[5]
+    prompt, rng = [{"role": "user", "content": q.text}], random.Random(0)
+    assert annotator.thumb(prompt, world.answer(q, "good", rng))
+    assert not annotator.thumb(prompt, world.answer(q, "rude", rng))
+    assert not annotator.thumb(prompt, world.answer(q, "wrong", rng))
+
+
+def test_noisy_annotators_disagree_sometimes_but_mostly_agree(world: World) -> None:
+    sets = _candidate_sets(world, 300, seed=1)
+    a, b = SimulatedAnnotator(world, noise=0.15, seed=1), SimulatedAnnotator(world, noise=0.15, seed=2)
+    same = sum(a.rank(p, answers) == b.rank(p, answers) for p, answers in sets)
+    assert 0 < same < len(sets)  # they disagree on some sets ...
+    agree = total = 0
+    for p, answers in sets:  # ... but agree on most ordered pairs
+        ra, rb = a.rank(p, answers), b.rank(p, answers)
+        for i in range(4):
+            for j in range(i + 1, 4):
+                if ra[i] != ra[j] and rb[i] != rb[j]:
+                    agree += (ra[i] < ra[j]) == (rb[i] < rb[j])
+                    total += 1
+    assert 0.6 < agree / total < 1.0
+    thumbs_a = [a.thumb(p, answers[0]) for p, answers in sets]
+    thumbs_b = [b.thumb(p, answers[0]) for p, answers in sets]
+    matches = sum(x == y for x, y in zip(thumbs_a, thumbs_b, strict=True))
+    assert len(sets) / 2 < matches < len(sets)
+
+
+def test_annotators_are_deterministic_given_their_seed(world: World) -> None:
+    sets = _candidate_sets(world, 50, seed=2)
+    first = [SimulatedAnnotator(world, noise=0.2, seed=7).rank(p, answers) for p, answers in sets]
+    again = SimulatedAnnotator(world, noise=0.2, seed=7)
+    assert [again.rank(p, answers) for p, answers in reversed(sets)][::-1] == first  # order of calls is irrelevant
+    other = [SimulatedAnnotator(world, noise=0.2, seed=8).rank(p, answers) for p, answers in sets]
+    assert other != first
+    with pytest.raises(ValueError, match="noise"):
+        SimulatedAnnotator(world, noise=-1.0)

@@ -1,0 +1,503 @@
+"""The whole pipeline on the demo world, with numbers: does each stage of the flywheel make the model better?
+
+    pretrain -> SFT (on dialogues of mixed quality) -> sample K=4 candidates per train prompt from the SFT policy
+    -> simulated annotators rank them (and thumb one) -> reward model -> RL (PPO, or GRPO / RLOO) [-> DPO]
+    -> evaluate every policy on held-out prompts against the demo world's gold scorer
+
+Every number is measured on held-out prompts (questions never seen in SFT, annotation or RL):
+
+    gold        mean gold score of sampled answers (temperature 1, the distribution RL optimises), and of greedy ones
+    rm_acc      the reward model's pairwise accuracy against gold on held-out candidate pairs (SFT samples, gold ties
+                left out): did it learn the truth, not just the annotators' noise?
+    kl          KL(policy || SFT reference) per answer, summed over its tokens (k3 estimator, sampled at T=1)
+
+The last line is `demo_flywheel: gold_sft=X gold_rl=Y rm_acc=Z kl=K seconds=S` (gold at T=1, of the first --algo).
+The rankings and thumbs are written as JSONL under --out and read back through ml/examples.py, so the experiment's
+data takes the same path (and the same checks, naming the bad record) as a user's.
+
+Run (CPU):  python -m ml.experiment --quick                       (9.5 minutes on 2 busy cores)
+            python -m ml.experiment --algo ppo grpo --dpo --seed 1 (the README's table, per seed)
+            flywheel demo experiment --quick --out /tmp/fw-exp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ml.checkpoint import load_checkpoint
+from ml.demo import Prompt, SimulatedAnnotator, World
+from ml.engine import Sampling
+from ml.evaluate import policy_reward_and_kl, reward_accuracy, sample_answers
+from ml.examples import load_rankings
+from ml.tokenizer import Tokenizer
+from ml.train.dpo import DPOConfig, train_preferences
+from ml.train.pretrain import PretrainConfig, pretrain
+from ml.train.reward import RewardConfig, RewardModel, train_reward
+from ml.train.rl import ALGOS, RLConfig, rl
+from ml.train.sft import SFTConfig, sft
+
+K = 4  # candidates per prompt
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each stage is. `full` is the README's table; `quick` the 10-minute check; `tiny` the CI test."""
+
+    n_layer: int
+    n_embd: int
+    demo_docs: int
+    pretrain_steps: int
+    sft_dialogues: int
+    sft_steps: int
+    annotated_prompts: int  # train prompts that get K candidates ranked
+    reward_steps: int
+    rl_steps: int
+    dpo_steps: int
+    eval_prompts: int  # held-out prompts
+    eval_samples: int = 4  # sampled answers per held-out prompt
+    pretrain_batch: int = 32
+    block_size: int = 128
+    max_new_tokens: int = 64
+
+
+SCALES = {
+    "full": Scale(4, 128, 8000, 1500, 2000, 400, 512, 200, 80, 200, 160),
+    "quick": Scale(4, 96, 6000, 700, 1500, 300, 256, 120, 40, 120, 96),
+    "tiny": Scale(2, 64, 1500, 150, 400, 100, 64, 60, 16, 40, 24, eval_samples=2, pretrain_batch=16,
+                  max_new_tokens=40),
+}  # fmt: skip
+
+
+@dataclass
+class ExperimentConfig:
+    """Flags of an experiment. Step counts left at None come from the scale (`quick` or not)."""
+
+    out: str | None = None  # work directory; None: a new temporary one
+    seed: int = 0  # the demo world's facts and every stage's seed
+    quick: bool = False
+    scale: str | None = None  # overrides quick: "full", "quick" or "tiny"
+    algos: list[str] = field(default_factory=lambda: ["ppo"])
+    dpo: bool = False
+    noise: float = 0.1  # std of the annotators' noise on the gold score
+    annotators: int = 3
+    bad_fraction: float = 0.5  # share of SFT answers that are wrong, rambling or rude
+    sft_lr: float = 1e-3  # twice SFTConfig's default: the chat format is new to a base model this small
+    rl_lr: float = 1e-4
+    kl_coef: float = 0.1
+    dpo_beta: float = 0.1
+    pretrain_steps: int | None = None
+    sft_steps: int | None = None
+    reward_steps: int | None = None
+    rl_steps: int | None = None
+    dpo_steps: int | None = None
+    threads: int = 1  # torch CPU threads: one is fastest for models this small on a shared machine
+    device: str = "auto"
+    progress: bool = False
+
+    def validate(self) -> None:
+        if bad := [a for a in self.algos if a not in ALGOS]:
+            raise ValueError(f"--algo must be among {ALGOS}, got {bad}")
+        if not self.algos:
+            raise ValueError("give at least one --algo")
+        if self.scale is not None and self.scale not in SCALES:
+            raise ValueError(f"--scale must be one of {sorted(SCALES)}")
+        if self.noise < 0 or not 0 <= self.bad_fraction <= 1 or self.annotators < 1:
+            raise ValueError("--noise must be >= 0, --bad-fraction in [0, 1] and --annotators >= 1")
+        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps")
+        if any(getattr(self, s) is not None and getattr(self, s) < 1 for s in steps):
+            raise ValueError("step counts must be at least 1")
+
+    def resolved_scale(self) -> Scale:
+        """The scale with the per-stage step overrides applied."""
+        scale = SCALES[self.scale or ("quick" if self.quick else "full")]
+        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps")
+        return replace(scale, **{s: getattr(self, s) for s in steps if getattr(self, s) is not None})
+
+
+# ------------------------------------------------------------------------------------------------- progress
+
+
+class StageBar:
+    """One progress line per stage on stderr: redrawn in place on a terminal, every 10% in a log file."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        step, total = info["step"], max(1, info["max_steps"])
+        filled = round(20 * step / total)
+        parts = [f"{info['stage']:<10} [{'#' * filled}{'.' * (20 - filled)}] {step}/{total}"]
+        for key in ("loss", "reward", "kl", "val_loss", "val_acc"):
+            if isinstance(info.get(key), float):
+                parts.append(f"{key} {info[key]:.4f}")
+        if "eta_s" in info:
+            parts.append(f"ETA {info['eta_s']:.0f}s")
+        line, last = " | ".join(parts), step >= total
+        if self.tty:
+            self.stream.write("\r" + line + "\033[K" + ("\n" if last else ""))
+        elif last or step % max(1, total // 10) == 0:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _stage_progress(stage: str, sinks: list[Progress]) -> Progress:
+    def call(info: dict[str, Any]) -> None:
+        tagged = {**info, "stage": stage}
+        for sink in sinks:
+            sink(tagged)
+
+    return call
+
+
+def _counter(stage: str, total: int, report: Progress) -> Callable[[int], None]:
+    """Progress of a stage that is not a trainer: report(done) with an ETA from the elapsed time."""
+    started = time.perf_counter()
+
+    def tick(done: int) -> None:
+        elapsed = time.perf_counter() - started
+        report({"step": done, "max_steps": total, "eta_s": elapsed / max(done, 1) * (total - done)})
+
+    return tick
+
+
+# ------------------------------------------------------------------------------------ candidates and labels
+
+
+def sample_candidate_sets(
+    policy_dir: Path, prompts: list[Prompt], k: int, max_new_tokens: int, seed: int, tick: Callable[[int], None]
+) -> tuple[list[tuple[list[dict[str, str]], list[str]]], dict[str, int]]:
+    """K answers per prompt sampled from a policy at temperature 1, as (prompt, distinct non-empty answers) sets.
+
+    An empty answer cannot be ranked (a ranking record rejects it) and identical answers are one answer to a
+    reader, so both are dropped from a set, and a set left with fewer than two answers is dropped; both are counted.
+    """
+    model, _ = load_checkpoint(policy_dir)
+    tokenizer = Tokenizer.load(policy_dir)
+    sets, counts = [], {"sets": 0, "empty_answers": 0, "duplicate_answers": 0, "dropped_sets": 0}
+    chunk = 32
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start : start + chunk]
+        _, texts = sample_answers(
+            model, tokenizer, [p.messages for p in part], k, max_new_tokens, Sampling(1.0), seed + start
+        )
+        for i, p in enumerate(part):
+            answers = texts[i * k : (i + 1) * k]
+            kept = [a for a in dict.fromkeys(answers) if a.strip()]
+            counts["empty_answers"] += sum(not a.strip() for a in answers)
+            counts["duplicate_answers"] += len([a for a in answers if a.strip()]) - len(kept)
+            if len(kept) >= 2:
+                sets.append((p.messages, kept))
+            else:
+                counts["dropped_sets"] += 1
+        tick(min(start + chunk, len(prompts)))
+    counts["sets"] = len(sets)
+    return sets, counts
+
+
+def annotate(
+    world: World, sets: list[tuple[list[dict[str, str]], list[str]]], config: ExperimentConfig, directory: Path
+) -> tuple[Path, Path, dict[str, float]]:
+    """Rankings (each set by one of `annotators` simulated annotators, in turn) and thumbs (one end user per set, on
+    its first answer) written as JSONL; and how often a second annotator agrees with the first on an ordered pair."""
+    pool = [SimulatedAnnotator(world, config.noise, seed=1000 * config.seed + i) for i in range(config.annotators)]
+    users = SimulatedAnnotator(world, config.noise, seed=1000 * config.seed + 999)
+    rankings, thumbs, agree, pairs = [], [], 0, 0
+    for n, (prompt, answers) in enumerate(sets):
+        ranks = pool[n % len(pool)].rank(prompt, answers)
+        rankings.append({"prompt": prompt, "answers": answers, "ranking": ranks})
+        thumbs.append({"prompt": prompt, "completion": answers[0], "label": users.thumb(prompt, answers[0])})
+        second = pool[(n + 1) % len(pool)].rank(prompt, answers)
+        for i in range(len(answers)):
+            for j in range(i + 1, len(answers)):
+                if ranks[i] != ranks[j] and second[i] != second[j]:
+                    agree += (ranks[i] < ranks[j]) == (second[i] < second[j])
+                    pairs += 1
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "rankings.jsonl", directory / "thumbs.jsonl"
+    for path, records in zip(paths, (rankings, thumbs), strict=True):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    stats = {
+        "rankings": len(rankings),
+        "thumbs": len(thumbs),
+        "thumbs_up": sum(t["label"] for t in thumbs) / len(thumbs),
+    }
+    stats["annotator_agreement"] = agree / max(pairs, 1)
+    return paths[0], paths[1], stats
+
+
+def gold_rankings(world: World, sets: list[tuple[list[dict[str, str]], list[str]]], path: Path) -> Path:
+    """Held-out candidate sets ranked by the gold scorer itself (noise 0; equal gold scores tie), as JSONL."""
+    truth = SimulatedAnnotator(world, noise=0.0)
+    records = [{"prompt": p, "answers": a, "ranking": truth.rank(p, a)} for p, a in sets]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def _heldout_prompts(world: World, n: int) -> list[Prompt]:
+    return [p for p in world.prompts(10_000) if p.split == "heldout"][:n]
+
+
+def evaluate_policy(
+    world: World, policy_dir: Path, reference_dir: Path, prompts: list[Prompt], scale: Scale, seed: int
+) -> dict[str, float]:
+    """Gold score of the policy's answers on held-out prompts, sampled at T=1 and greedy, and its KL to the
+    reference (per answer, on the T=1 samples, where it is an honest estimate of KL(policy || reference))."""
+    policy, _ = load_checkpoint(policy_dir)
+    reference, _ = load_checkpoint(reference_dir)
+    tokenizer = Tokenizer.load(policy_dir)
+    messages = [p.messages for p in prompts]
+    sampled = policy_reward_and_kl(
+        policy, reference, tokenizer, messages, world.gold_score, n=scale.eval_samples,
+        max_new_tokens=scale.max_new_tokens, sampling=Sampling(1.0), seed=seed,
+    )  # fmt: skip
+    _, greedy = sample_answers(policy, tokenizer, messages, 1, scale.max_new_tokens, Sampling(0.0), seed)
+    gold_greedy = sum(world.gold_score(m, a) for m, a in zip(messages, greedy, strict=True)) / len(messages)
+    return {
+        "gold": sampled["reward_mean"],
+        "gold_greedy": gold_greedy,
+        "kl": sampled["kl"],
+        "response_len": sampled["response_len"],
+    }
+
+
+def _pretrain_stage(config: ExperimentConfig, scale: Scale, out: Path, report: Progress) -> dict[str, Any]:
+    m = pretrain(
+        PretrainConfig(
+            out=str(out / "base"), steps=scale.pretrain_steps, batch_size=scale.pretrain_batch,
+            block_size=scale.block_size, n_layer=scale.n_layer, n_embd=scale.n_embd, n_head=4,
+            warmup=min(100, scale.pretrain_steps // 10), demo_docs=scale.demo_docs, demo_seed=config.seed,
+            seed=config.seed, eval_every=0, save_every=0, device=config.device,
+        ),
+        on_progress=report,
+    )  # fmt: skip
+    keys = ("params", "val_loss", "val_ppl", "unigram_entropy")
+    return {k: m[k] for k in keys}
+
+
+def _sft_stage(config: ExperimentConfig, world: World, scale: Scale, out: Path, report: Progress) -> dict[str, Any]:
+    dialogues = world.sft_dialogues(scale.sft_dialogues, seed=config.seed, bad_fraction=config.bad_fraction)
+    m = sft(
+        SFTConfig(
+            base=str(out / "base"), out=str(out / "sft"), data=dialogues, steps=scale.sft_steps,
+            lr=config.sft_lr, eval_every=0, seed=config.seed, device=config.device,
+        ),
+        on_progress=report,
+    )  # fmt: skip
+    return {"dialogues": len(dialogues), "bad_fraction": config.bad_fraction, "val_loss_start": m["val_loss_start"],
+            "val_loss": m["val_loss"]}  # fmt: skip
+
+
+def _reward_stage(
+    config: ExperimentConfig, scale: Scale, out: Path, data: tuple[Path, Path, Path], report: Progress
+) -> dict[str, Any]:
+    rankings, thumbs, heldout = data
+    m = train_reward(
+        RewardConfig(
+            sft=str(out / "sft"), out=str(out / "rm"), rankings=[rankings], thumbs=[thumbs],
+            steps=scale.reward_steps, eval_every=0, seed=config.seed, device=config.device,
+        ),
+        on_progress=report,
+    )  # fmt: skip
+    gold = reward_accuracy(RewardModel.load(out / "rm"), load_rankings([heldout]))
+    return {"val_acc_annotators": m.get("val_acc", math.nan), "val_thumb_acc": m.get("val_thumb_acc", math.nan),
+            "rm_acc_gold": gold["accuracy"], "gold_pairs": gold["pairs"]}  # fmt: skip
+
+
+def _rl_stage(config: ExperimentConfig, algo: str, scale: Scale, out: Path, train: list[Prompt], report: Progress):
+    m = rl(
+        RLConfig(
+            policy=str(out / "sft"), out=str(out / f"rl-{algo}"), reward_model=str(out / "rm"), prompts=train,
+            algo=algo, steps=scale.rl_steps, max_new_tokens=scale.max_new_tokens, lr=config.rl_lr,
+            kl_coef=config.kl_coef, seed=config.seed, device=config.device,
+        ),
+        on_progress=report,
+    )  # fmt: skip
+    return {"reward_first": m["reward_first"], "reward_last": m["reward_last"], "kl_last": m["kl_last"]}
+
+
+def _dpo_stage(config: ExperimentConfig, scale: Scale, out: Path, rankings: Path, report: Progress):
+    m = train_preferences(
+        DPOConfig(
+            policy=str(out / "sft"), out=str(out / "dpo"), rankings=[rankings], beta=config.dpo_beta,
+            steps=scale.dpo_steps, eval_every=0, seed=config.seed, device=config.device,
+        ),
+        on_progress=report,
+    )  # fmt: skip
+    return {"pairs": m["train_items"], "val_acc": m.get("val_acc", math.nan), "val_margin": m.get("val_margin")}
+
+
+# ------------------------------------------------------------------------------------------------ experiment
+
+
+def run_experiment(config: ExperimentConfig, on_progress: Progress | None = None) -> dict[str, Any]:
+    """Run every stage into config.out; returns the metrics of each stage, of each policy, and the headline numbers
+    (gold_sft, gold_rl, rm_acc, kl, seconds). `on_progress` gets every stage's step info with a "stage" key."""
+    config.validate()
+    out = _work_dir(config.out)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, config.resolved_scale(), out, on_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _work_dir(out: str | None) -> Path:
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="flywheel-experiment-"))
+    path = Path(out)
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path} is not empty: choose a new --out (every stage writes a fresh model directory)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progress | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    world = World(config.seed)
+    sinks = [s for s in (StageBar() if config.progress else None, on_progress) if s is not None]
+    stages: dict[str, dict[str, Any]] = {}
+
+    def stage(name: str, fn: Callable[[Progress], Any]) -> Any:
+        """Run one stage; its metrics (when it returns a dict) and its seconds go into the table."""
+        t0 = time.perf_counter()
+        value = fn(_stage_progress(name, sinks))
+        if isinstance(value, dict) and name != "evaluate":
+            stages[name] = value
+        stages.setdefault(name, {})["seconds"] = round(time.perf_counter() - t0, 1)
+        return value
+
+    stage("pretrain", lambda r: _pretrain_stage(config, scale, out, r))
+    stage("sft", lambda r: _sft_stage(config, world, scale, out, r))
+    train = [p for p in world.prompts(10_000) if p.split == "train"]
+    heldout = _heldout_prompts(world, scale.eval_prompts)
+
+    def sample(report: Progress) -> tuple[list, list]:
+        tick = _counter("sample", len(train[: scale.annotated_prompts]) + len(heldout), report)
+        a, counts = sample_candidate_sets(out / "sft", train[: scale.annotated_prompts], K, scale.max_new_tokens,
+                                          config.seed, tick)  # fmt: skip
+        b, held_counts = sample_candidate_sets(
+            out / "sft", heldout, K, scale.max_new_tokens, config.seed + 1, lambda n: tick(len(a) + n)
+        )
+        stages["sample"] = {**counts, "heldout_sets": held_counts["sets"]}
+        return a, b
+
+    train_sets, heldout_sets = stage("sample", sample)
+    rankings, thumbs, labels = annotate(world, train_sets, config, out / "data")
+    heldout_path = gold_rankings(world, heldout_sets, out / "data" / "heldout_gold_rankings.jsonl")
+    stages["annotate"] = labels
+    stage("reward", lambda r: _reward_stage(config, scale, out, (rankings, thumbs, heldout_path), r))
+    policies = ["sft"]
+    for algo in config.algos:
+        stage(f"rl-{algo}", lambda r, a=algo: _rl_stage(config, a, scale, out, train, r))
+        policies.append(f"rl-{algo}")
+    if config.dpo:
+        stage("dpo", lambda r: _dpo_stage(config, scale, out, rankings, r))
+        policies.append("dpo")
+
+    def evaluate(report: Progress) -> dict[str, dict[str, float]]:
+        tick, results = _counter("evaluate", len(policies), report), {}
+        for i, name in enumerate(policies):
+            results[name] = evaluate_policy(world, out / name, out / "sft", heldout, scale, config.seed + 7)
+            tick(i + 1)
+        return results
+
+    evaluation = stage("evaluate", evaluate)
+    first = f"rl-{config.algos[0]}"
+    result = {
+        "gold_sft": evaluation["sft"]["gold"], "gold_rl": evaluation[first]["gold"],
+        "rm_acc": stages["reward"]["rm_acc_gold"], "kl": evaluation[first]["kl"],
+        "seconds": time.perf_counter() - started, "policies": evaluation, "stages": stages, "out": str(out),
+        "config": asdict(config), "scale": asdict(scale),
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Every stage's metrics, the policies side by side, and the headline as the last line."""
+    lines = [f"{'stage':<10} {'metric':<22} value", "-" * 48]
+    for name, metrics in result["stages"].items():
+        for key, value in metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) and key != "seconds" else str(value)
+            lines.append(f"{name:<10} {key:<22} {shown}")
+            name = ""
+    lines += ["", f"{'policy':<10} {'gold (T=1)':>11} {'gold (greedy)':>14} {'KL to SFT':>10} {'length':>7}", "-" * 56]
+    for name, m in result["policies"].items():
+        lines.append(
+            f"{name:<10} {m['gold']:>11.4f} {m['gold_greedy']:>14.4f} {m['kl']:>10.4f} {m['response_len']:>7.1f}"
+        )
+    lines += ["", f"work directory: {result['out']}", headline(result)]
+    return "\n".join(lines)
+
+
+def headline(result: dict[str, Any]) -> str:
+    return (
+        f"demo_flywheel: gold_sft={result['gold_sft']:.4f} gold_rl={result['gold_rl']:.4f} "
+        f"rm_acc={result['rm_acc']:.4f} kl={result['kl']:.4f} seconds={result['seconds']:.0f}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `flywheel demo experiment` and `python -m ml.experiment`."""
+    d = ExperimentConfig()
+    add = parser.add_argument
+    add("--out", default=None, metavar="DIR", help="an empty or new work directory (default: a new temporary one)")
+    add("--seed", type=int, default=d.seed, help="seed of the demo world and of every stage (default %(default)s)")
+    add("--quick", action="store_true", help="a smaller run that finishes in a few minutes on 2 CPU cores")
+    add("--scale", choices=sorted(SCALES), default=None, help="full, quick or tiny (the CI test's); overrides --quick")
+    add("--algo", dest="algos", nargs="+", choices=ALGOS, default=d.algos,
+        help="RL algorithm(s): ppo, or critic-free grpo / rloo; several run side by side")  # fmt: skip
+    add("--dpo", action="store_true", help="also run offline DPO from the same rankings")
+    add("--noise", type=float, default=d.noise, help="std of the annotators' noise on the gold score")
+    add("--annotators", type=int, default=d.annotators, help="simulated annotators sharing the ranking work")
+    add("--bad-fraction", type=float, default=d.bad_fraction, help="share of wrong/rambling/rude SFT answers")
+    add("--rl-lr", type=float, default=d.rl_lr, help="RL policy learning rate (default %(default)s)")
+    add("--kl-coef", type=float, default=d.kl_coef, help="RL KL penalty coefficient beta (default %(default)s)")
+    add("--dpo-beta", type=float, default=d.dpo_beta, help="DPO beta (default %(default)s)")
+    for stage in ("pretrain", "sft", "reward", "rl", "dpo"):
+        add(f"--{stage}-steps", type=int, default=None, help=f"{stage} steps (default: from the scale)")
+    add("--threads", type=int, default=d.threads, help="torch CPU threads; 0: torch's default (default %(default)s)")
+    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars on stderr")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run from parsed flags; print the report (its last line the headline); exit 2 on bad input."""
+    names = ExperimentConfig.__dataclass_fields__
+    try:
+        result = run_experiment(ExperimentConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    except (ValueError, OSError) as e:
+        print(f"experiment: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("experiment: interrupted", file=sys.stderr)
+        return 130
+    print(format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m ml.experiment", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,65 @@
+"""The demo experiment: a tiny but real run of the whole pipeline (pretrain -> SFT -> sampled candidates ->
+simulated annotators -> reward model -> PPO -> held-out gold evaluation) at a fixed seed, plus its data checks."""
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from ml.demo import SimulatedAnnotator, World
+from ml.examples import load_rankings, load_thumbs
+from ml.experiment import ExperimentConfig, add_arguments, annotate, format_report, main, run_experiment
+from ml.train.reward import RewardConfig, train_reward
+
+
+def test_tiny_experiment_raises_gold_and_reward_model_beats_chance(tmp_path: Path) -> None:
+    seen: set[str] = set()
+    result = run_experiment(
+        ExperimentConfig(out=str(tmp_path / "exp"), scale="tiny", seed=0), on_progress=lambda i: seen.add(i["stage"])
+    )
+    assert result["rm_acc"] > 0.5, result["stages"]["reward"]  # the reward model learned something true
+    assert result["gold_rl"] > result["gold_sft"], result["policies"]  # RL made the served policy better
+    assert 0 <= result["kl"] < 50 and math.isfinite(result["kl"])
+    assert {"pretrain", "sft", "sample", "reward", "rl-ppo", "evaluate"} <= seen
+    report = format_report(result).splitlines()
+    assert report[-1].startswith("demo_flywheel: gold_sft=") and " seconds=" in report[-1]
+    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert saved["gold_rl"] == pytest.approx(result["gold_rl"])
+
+
+def test_annotations_go_through_the_record_checks(tmp_path: Path) -> None:
+    world = World(0)
+    q = world.questions[3]
+    prompt = [{"role": "user", "content": q.text}]
+    rng = random.Random(0)
+    sets = [(prompt, [world.answer(q, quality, rng) for quality in ("good", "rude", "wrong", "rambling")])] * 3
+    rankings, thumbs, stats = annotate(world, sets, ExperimentConfig(noise=0.0), tmp_path / "data")
+    loaded = load_rankings([rankings])
+    assert [r.ranks for r in loaded] == [SimulatedAnnotator(world, 0.0).rank(prompt, sets[0][1])] * 3
+    assert len(load_thumbs([thumbs])) == 3 and stats["annotator_agreement"] == 1.0
+
+
+def test_a_bad_ranking_line_stops_the_reward_stage_naming_it(tmp_path: Path, tiny_base: Path) -> None:
+    good = {"prompt": "Where does Mira live?", "answers": ["Oslo.", "Paris."], "ranking": [1, 2]}
+    lines = [good, {**good, "answers": ["Oslo.", ""]}, good]
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(ValueError, match=r"rankings\.jsonl:2: answer 1 is empty"):
+        train_reward(RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=[path], steps=1))
+
+
+def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--quick", "--algo", "grpo", "rloo", "--dpo", "--rl-steps", "5", "--seed", "2"])
+    config = ExperimentConfig(**{k: v for k, v in vars(args).items() if k in ExperimentConfig.__dataclass_fields__})
+    assert config.algos == ["grpo", "rloo"] and config.dpo and config.resolved_scale().rl_steps == 5
+    assert config.resolved_scale().sft_steps == ExperimentConfig(quick=True).resolved_scale().sft_steps
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    assert main(parser.parse_args(["--out", str(tmp_path / "busy"), "--no-progress"])) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main(parser.parse_args(["--noise", "-1", "--no-progress"])) == 2
