@@ -49,6 +49,12 @@ def test_every_trainer_has_help(stage: str, capsys) -> None:
     assert f"usage: flywheel train {stage}" in capsys.readouterr().out
 
 
+def test_demo_experiment_has_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "experiment", "--help"])
+    assert exit_info.value.code == 0 and "usage: flywheel demo experiment" in capsys.readouterr().out
+
+
 def test_users_and_tokens_from_the_command_line(env: dict[str, str]) -> None:
     assert run(env, "db", "upgrade").returncode == 0
     created = run(env, "users", "create", "root", "--role", "admin", stdin="a long password\n")
