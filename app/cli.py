@@ -175,6 +175,10 @@ def cmd_demo_experiment(args: argparse.Namespace, settings: Settings) -> int:
     return run_module_cli("ml.experiment", "flywheel demo experiment", args.rest)
 
 
+def cmd_demo_flywheel(args: argparse.Namespace, settings: Settings) -> int:
+    return run_module_cli("app.demo_flywheel", "flywheel demo flywheel", args.rest)
+
+
 def cmd_model_import(args: argparse.Namespace, settings: Settings) -> None:
     """Convert a Hugging Face Llama/Qwen2 directory into a model directory and register it (optionally active)."""
     from pathlib import Path
@@ -283,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     experiment.add_argument("rest", nargs=argparse.REMAINDER)
     experiment.set_defaults(handler=cmd_demo_experiment)
+    loop = demo_cmds.add_parser(
+        "flywheel", help="turn the loop through HTTP with simulated people", add_help=False, prefix_chars="\0"
+    )
+    loop.add_argument("rest", nargs=argparse.REMAINDER)
+    loop.set_defaults(handler=cmd_demo_flywheel)
 
     model_cmds = groups.add_parser("model", help="model versions", description="model versions").add_subparsers(
         dest="model_command", required=True, metavar="ACTION"

@@ -49,6 +49,15 @@ def update_user(user_id: int, body: UserUpdate, session: SessionDep, admin: Admi
     return UserPublic.model_validate(user)
 
 
+@router.post("/users/{user_id}/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
+def create_token_for(user_id: int, body: TokenCreate, session: SessionDep, admin: AdminUser) -> TokenCreated:
+    """An admin issues a token for someone (a bot, a simulated annotator); shown once, like any token."""
+    owner = users.get_user(session, user_id=user_id)
+    token, secret = tokens.create_token(session, user=owner, name=body.name, expires_in_days=body.expires_in_days)
+    session.commit()
+    return TokenCreated(**TokenPublic.model_validate(token).model_dump(), token=secret)
+
+
 @router.get("/tokens", response_model=list[TokenPublic])
 def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenPublic]:
     return [TokenPublic.model_validate(t) for t in tokens.list_tokens(session, user=user)]

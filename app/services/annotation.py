@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Candidate, CandidateSet, Prompt, Ranking, RankingEntry, RankingStatus, User
+from app.text import clean, clean_optional
 
 MAX_FLAG_REASON = 200
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
@@ -67,7 +68,7 @@ def create_set(
     session.flush()
     for position, index in enumerate(order):
         text, tokens = answers[index]
-        session.add(Candidate(candidate_set_id=cset.id, position=position, content=text, token_count=tokens))
+        session.add(Candidate(candidate_set_id=cset.id, position=position, content=clean(text), token_count=tokens))
     session.flush()
     session.refresh(cset)
     return cset
@@ -117,7 +118,7 @@ def submit_ranking(
     if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise Invalid("time_spent_ms must be between 0 and one day")
     ranking = Ranking(candidate_set_id=cset.id, annotator_id=annotator.id, status=status,
-                      flag_reason=flag_reason if status == RankingStatus.flagged else None,
+                      flag_reason=clean_optional(flag_reason) if status == RankingStatus.flagged else None,
                       time_spent_ms=time_spent_ms)  # fmt: skip
     ranking.entries = [RankingEntry(candidate_id=c, rank=r) for c, r in ranks.items()]
     try:

@@ -5,6 +5,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Conversation, Message, MessageRole, User, utcnow
+from app.text import clean
 
 MAX_MESSAGE_CHARS = 8000
 MAX_TITLE_CHARS = 200
@@ -29,7 +30,7 @@ def get_conversation(session: Session, *, user: User, conversation_id: int) -> C
 
 
 def create_conversation(session: Session, *, user: User, title: str | None = None) -> Conversation:
-    conversation = Conversation(user_id=user.id, title=_clean_title(title or "New chat"))
+    conversation = Conversation(user_id=user.id, title=_clean_title(clean(title or "New chat")))
     session.add(conversation)
     session.flush()
     return conversation
@@ -47,7 +48,7 @@ def update_conversation(
 ) -> Conversation:
     conversation = get_conversation(session, user=user, conversation_id=conversation_id)
     if title is not None:
-        conversation.title = _clean_title(title)
+        conversation.title = _clean_title(clean(title))
     if allow_training is not None:
         conversation.allow_training = allow_training
     conversation.updated_at = utcnow()
@@ -92,7 +93,7 @@ def history_for_model(messages: list[Message], upto: Message) -> list[dict[str, 
 def add_user_message(session: Session, *, user: User, conversation_id: int, content: str) -> tuple[Message, Message]:
     """Store the user's message and an empty assistant answer to be streamed into; one transaction with the caller."""
     conversation = get_conversation(session, user=user, conversation_id=conversation_id)
-    content = content.strip()
+    content = clean(content).strip()
     if not content:
         raise Invalid("the message is empty")
     if len(content) > MAX_MESSAGE_CHARS:
@@ -147,7 +148,7 @@ def finish_answer(
     message = session.get(Message, message_id)
     if message is None:  # the conversation was deleted while the answer streamed
         return
-    message.content = content
+    message.content = clean(content)
     message.finish_reason = finish_reason
     message.model_version_id = model_version_id
     message.sampling_params = sampling

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, Invalid
 from app.models import Feedback, MessageRole, User, utcnow
 from app.services.chat import STREAMING, get_message
+from app.text import clean
 
 REASONS = ("correct", "helpful", "concise", "wrong", "unhelpful", "rambling", "rude", "unsafe", "other")
 MAX_COMMENT_CHARS = 2000
@@ -25,7 +26,7 @@ def set_feedback(
     reason = reason or None
     if reason is not None and reason not in REASONS:
         raise Invalid(f"reason must be one of: {', '.join(REASONS)}")
-    comment = (comment or "").strip() or None
+    comment = clean(comment or "").strip() or None
     if comment is not None and len(comment) > MAX_COMMENT_CHARS:
         raise Invalid(f"a comment may have at most {MAX_COMMENT_CHARS} characters")
     message = get_message(session, user=user, message_id=message_id)

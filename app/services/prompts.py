@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.errors import Invalid
 from app.models import Conversation, Message, MessageRole, Prompt, PromptSource, Split
 from app.services.chat import STREAMING, visible_thread
+from app.text import clean as clean_text
 
 MAX_PROMPT_MESSAGES = 50
 ROLES = {"system", "user", "assistant"}
@@ -36,7 +37,7 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise Invalid(f"{where}: each turn needs a role (system/user/assistant) and a text content")
         if not turn["content"].strip():
             raise Invalid(f"{where}: a turn has empty content")
-        clean.append({"role": turn["role"], "content": turn["content"]})
+        clean.append({"role": turn["role"], "content": clean_text(turn["content"])})
     if clean[-1]["role"] != "user":
         raise Invalid(f"{where}: the last turn must be the user's")
     return clean

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.auth import new_api_token, sha256_hex
 from app.errors import Invalid, NotFound
 from app.models import ApiToken, User, utcnow
+from app.text import clean
 
 MAX_TOKEN_DAYS = 3650
 LAST_USED_GRANULARITY = timedelta(minutes=1)  # fewer writes: last use is recorded to the minute
@@ -17,7 +18,7 @@ def create_token(
     session: Session, *, user: User, name: str, expires_in_days: int | None = None
 ) -> tuple[ApiToken, str]:
     """Create a token; returns the row and the only copy of the secret."""
-    name = name.strip()
+    name = clean(name).strip()
     if not 1 <= len(name) <= 100:
         raise Invalid("token name must be 1–100 characters")
     if expires_in_days is not None and not 1 <= expires_in_days <= MAX_TOKEN_DAYS:

@@ -153,3 +153,23 @@ def test_at_most_one_active_model_per_kind(session: Session) -> None:
     session.add(ModelVersion(name="r0", kind=ModelKind.reward, path="/m/r", status=ModelStatus.active))
     session.add(ModelVersion(name="p1", kind=ModelKind.policy, path="/m/1", status=ModelStatus.retired))
     session.commit()
+
+
+def test_nul_characters_from_people_or_models_are_dropped_on_both_databases(session: Session) -> None:
+    from app.services import annotation, chat, prompts
+
+    user = add_user(session, "nul")
+    conversation = chat.create_conversation(session, user=user, title="a\x00b")
+    _, answer = chat.add_user_message(session, user=user, conversation_id=conversation.id, content="hi\x00 there")
+    chat.finish_answer(session, message_id=answer.id, content="model\x00 output", finish_reason="stop",
+                       model_version_id=None, sampling={})  # fmt: skip
+    prompts.add_prompts(session, items=[(prompts.validate_messages([{"role": "user", "content": "q\x00?"}], "x"),
+                                         None)], source="demo")  # fmt: skip
+    cset = annotation.create_set(session, prompt_id=session.query(Prompt).one().id,
+                                 answers=[("x\x00", 1), ("y", 1)], model_version_id=None, params={})  # fmt: skip
+    session.commit()
+    session.expire_all()
+    assert session.get(Conversation, conversation.id).title == "ab"
+    assert [m.content for m in session.query(Message).order_by(Message.id)] == ["hi there", "model output"]
+    assert session.query(Prompt).one().messages[0]["content"] == "q?"
+    assert sorted(c.content for c in session.get(CandidateSet, cset.id).candidates) == ["x", "y"]

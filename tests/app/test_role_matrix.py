@@ -80,6 +80,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/api/v1/users"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/users"): ((401, 403, 403, 201), new_user_body),
     ("PATCH", "/api/v1/users/{user_id}"): ((401, 403, 403, 200), body(role="user")),
+    ("POST", "/api/v1/users/{user_id}/tokens"): ((401, 403, 403, 201), body(name="bot")),
     ("GET", "/api/v1/tokens"): ((401, 200, 200, 200), nothing),
     ("POST", "/api/v1/tokens"): ((401, 201, 201, 201), body(name="matrix")),
     ("DELETE", "/api/v1/tokens/{token_id}"): ((401, 200, 200, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
