@@ -68,9 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**SHAPE)).eval()
     from transformers import AutoModelForCausalLM
@@ -91,7 +92,8 @@ def main() -> None:
     for r in range(rounds):
         for name in variants if r % 2 == 0 else list(variants)[::-1]:
             best_rate(variants[name], rates[name])
-    print(f"\n{PROMPT_LEN}-token prompt, {NEW_TOKENS} new tokens per candidate, fp32, 2 threads; best of {rounds}")
+    workload = f"{PROMPT_LEN}-token prompt, {NEW_TOKENS} new tokens per candidate"
+    print(f"\n{workload}, fp32, {args.threads} threads; best of {rounds}")
     print(f"{'variant':<20}{'new tok/s':>12}{'median':>10}")
     for name, r in rates.items():
         print(f"{name:<20}{max(r):>12.0f}{sorted(r)[len(r) // 2]:>10.0f}")

@@ -111,9 +111,10 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="run our model eager")
     parser.add_argument("--eager-ours", action="store_true", help="also time our model eager")
     parser.add_argument("--no-malloc-tuning", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     rounds, steps = (2, 2) if args.quick else (args.rounds, args.steps)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tuned = False if args.no_malloc_tuning else tune_malloc()
     torch.manual_seed(0)
     x = torch.randint(0, SHAPE["vocab_size"], (BATCH, BLOCK))
@@ -130,7 +131,8 @@ def main() -> None:
             v.run(steps)
         peak = max(peak, matmul_peak(reps=2))
     flops = Transformer(ModelConfig(**SHAPE)).estimate_flops_per_token(BLOCK)
-    print(f"\nfp32 matmul peak {peak / 1e9:.0f} GFLOP/s, {flops / 1e6:.1f} MFLOP/token, malloc tuned: {tuned}")
+    print(f"\nfp32 matmul peak {peak / 1e9:.0f} GFLOP/s, {flops / 1e6:.1f} MFLOP/token, {args.threads} threads, "
+          f"malloc tuned: {tuned}")  # fmt: skip
     print(f"{'variant':<26}{'best tok/s':>12}{'median':>10}{'MFU':>8}")
     for v in variants:
         best, med = max(v.rates), sorted(v.rates)[len(v.rates) // 2]

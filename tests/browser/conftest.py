@@ -51,7 +51,8 @@ def screenshot(page, name: str) -> Path:
     """Save what the person sees (test-artifacts/screenshots/NAME.png) for review."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    # caret="initial": hiding the caret makes Playwright inject a <style>, which the app's CSP rightly blocks
+    page.screenshot(path=str(path), full_page=True, caret="initial")
     return path
 
 
