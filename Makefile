@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ lint: setup
 format: setup
 	$(BIN)/ruff format app ml tests bench
 	$(BIN)/ruff check --fix .
+
+# Side-by-side speed comparisons (minutes each; run on a quiet machine). Each prints a table and a last line NAME: RATIO.
+bench: setup
+	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/generate_speed.py
+	$(BIN)/python bench/serve_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -98,7 +98,8 @@ def main() -> None:
         env = {**os.environ, "FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_SECRET_KEY": "b" * 40,
                "FLYWHEEL_MAX_STREAMS_PER_USER": "16"}  # fmt: skip
         server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker", "--no-bootstrap",
-                                   "--port", str(port)], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)  # fmt: skip
+                                   "--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
                                   timeout=300)  # fmt: skip

@@ -88,11 +88,15 @@ async def send_message(
 async def _events(deltas, user_message_id: int, answer_id: int) -> AsyncIterator[str]:
     yield f"event: start\ndata: {json.dumps({'user_message_id': user_message_id, 'answer_id': answer_id})}\n\n"
     try:
+        finish = "stopped"
         async for delta in deltas:
             if delta.text:
                 yield f"event: delta\ndata: {json.dumps({'text': delta.text})}\n\n"
             if delta.finish_reason:
-                yield f"event: done\ndata: {json.dumps({'finish_reason': delta.finish_reason})}\n\n"
+                finish = delta.finish_reason
+                break
+        await deltas.aclose()  # saves the answer before the client hears that it is done
+        yield f"event: done\ndata: {json.dumps({'finish_reason': finish})}\n\n"
     finally:
         await deltas.aclose()
 

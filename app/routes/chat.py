@@ -104,16 +104,17 @@ async def stream(request: Request, user: CurrentUser, message_id: int) -> Stream
         raise
 
     async def events() -> AsyncIterator[str]:
-        delta = first
+        delta, finish = first, "stopped"
         try:
             while delta is not None:
                 if delta.text:
                     yield sse("delta", {"text": delta.text})
                 if delta.finish_reason:
-                    yield sse("done", {"finish_reason": delta.finish_reason})
-                    return
+                    finish = delta.finish_reason
+                    break
                 delta = await anext(deltas, None)
-            yield sse("done", {"finish_reason": "stopped"})
+            await deltas.aclose()  # saves the answer, so the page's next fetch finds it finished
+            yield sse("done", {"finish_reason": finish})
         finally:
             await deltas.aclose()
 

@@ -44,27 +44,28 @@ def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> 
         assert visible(answer.content) == visible(streamed) and answer.finish_reason in {"stop", "length"}
 
     first.locator("summary", has_text="Reason").click()
-    first.get_by_label("Reason", exact=True).select_option("wrong")
-    first.get_by_label("Comment").fill("Mira lives in Oslo")
-    first.get_by_role("button", name="Thumbs down").click()
+    first.get_by_label("Reason", exact=True).select_option("helpful")
+    first.get_by_label("Comment").fill("short & <b>clear</b>")
+    first.get_by_role("button", name="Thumbs up").dblclick()  # a double click is one vote
     expect(first.get_by_role("status")).to_have_text("thanks")
-    first.get_by_role("button", name="Thumbs down").click()  # a double vote is one vote
-    expect(first.get_by_role("button", name="Thumbs down")).to_have_attribute("aria-pressed", "true")
+    expect(first.get_by_role("button", name="Thumbs up")).to_have_attribute("aria-pressed", "true")
     with page.app.state.session_factory() as db:
         vote = db.query(Feedback).one()
-        assert (vote.value, vote.reason, vote.comment) == (-1, "wrong", "Mira lives in Oslo")
+        assert (vote.value, vote.reason, vote.comment) == (1, "helpful", "short & <b>clear</b>")
     screenshot(page, "chat-answered")
 
-    # A long answer (no stop token, room for 600 tokens) is stopped from the page.
+    # A long answer (no stop token, room for 600 tokens: a new chat, so no history eats the context) is stopped.
     monkeypatch.setattr(Tokenizer, "stop_token_ids", property(lambda self: []))
     page.app.state.inference.limits.max_new_tokens = 600
+    page.get_by_role("button", name="New chat").click()
+    box = page.get_by_label("Your message")
     box.fill("Tell me a very long story")
     box.press("Enter")
     stop = page.get_by_role("button", name="Stop")
     expect(stop).to_be_visible()
-    expect(page.locator("article.message.assistant").nth(1).locator(".content").first).not_to_be_empty()  # streaming
+    expect(page.locator("article.message.assistant .content").first).not_to_be_empty()  # streaming
     stop.dispatch_event("click")  # the button moves while text streams in: no waiting for it to settle
-    last = page.locator("article.message.assistant").nth(1)
+    last = page.locator("article.message.assistant").first
     expect(last.get_by_text("(stopped)")).to_be_visible(timeout=20_000)
     with page.app.state.session_factory() as db:
         stopped = db.query(Message).filter_by(role=MessageRole.assistant).order_by(Message.id.desc()).first()
