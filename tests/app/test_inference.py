@@ -133,3 +133,22 @@ def test_hot_swap_finishes_in_flight_requests_on_the_old_weights(model_dirs) -> 
     service.close()
     assert before_text == expected_text(old_dir, chat("before the swap"), 30)
     assert after_text == expected_text(new_dir, chat("after the swap"), 30)
+
+
+def test_a_swap_while_eight_chats_stream_fails_none(model_dirs) -> None:
+    old_dir, new_dir = model_dirs
+    service = InferenceService()
+    service.load(old_dir)
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=1)
+
+    async def main():
+        streams = [asyncio.ensure_future(collect(service, chat(f"chat {i}"), params)) for i in range(8)]
+        await asyncio.sleep(0.02)
+        service.load(new_dir)  # mid-stream: the eight finish on the old weights
+        after = await collect(service, chat("after"), params)
+        return await asyncio.gather(*streams), after
+
+    results, after = asyncio.run(main())
+    service.close()
+    assert len(results) == 8 and all(finish in {"stop", "length"} for _, finish in results)
+    assert after[1] in {"stop", "length"} and service.current.name == new_dir.name
