@@ -103,12 +103,12 @@ def test_limits_give_clear_errors(model_dirs) -> None:
 
     async def two_at_once():
         slow = SamplingParams(max_tokens=40, temperature=1.0)
-        first = asyncio.ensure_future(collect(service, chat("one"), slow, user_id=7))
-        await asyncio.sleep(0.05)
+        first = service.stream(chat("one"), slow, user_id=7)
+        await first.__anext__()  # the first answer holds its slot while it is suspended, however fast it runs
         try:
             await collect(service, chat("two"), slow, user_id=7)
         finally:
-            await first
+            await first.aclose()
 
     with pytest.raises(ServiceError, match="at most 1") as info:
         asyncio.run(two_at_once())
