@@ -71,8 +71,14 @@ def test_dialogue_and_thumb_exports_respect_the_training_switch(client: TestClie
 def test_dashboard_jobs_and_charts(client: TestClient, db: Session) -> None:
     csrf = admin_session(client, db)
     ranked_set(db)
+    from app.models import ModelKind, ModelVersion
+
+    db.add(ModelVersion(name="rm-7", kind=ModelKind.reward, path="/m", training_data={"ranking_id": 42},
+                        metrics={"val_acc": 0.8, "gate": "wins 0.6"}))  # fmt: skip
+    db.commit()
     page = client.get("/admin")
     assert page.status_code == 200 and "rankings" in page.text and "ann-a" in page.text
+    assert "ranking_id=42" in page.text and "val_acc=0.8" in page.text and "gate: wins 0.6" in page.text
     created = client.post("/admin/jobs", data={"type": "reward", "params": '{"steps": 3}', "csrf_token": csrf},
                           follow_redirects=False)  # fmt: skip
     assert created.status_code == 303
