@@ -244,7 +244,7 @@ def run_candidates(ctx: JobContext) -> JobOutput:
             tokenizer.render_prompt(messages), n=k, max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95,
             stop_token_ids=stops, seed=ctx.job_id * 1000 + i,
         )  # fmt: skip
-        answers = [(tokenizer.decode([t for t in s.token_ids if t not in stops]).strip(), len(s.token_ids))
+        answers = [(tokenizer.decode(s.token_ids, skip_special=True).strip(), len(s.token_ids))
                    for s in samples]  # fmt: skip
         with ctx.session() as session, session.begin():
             annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=policy.id,

@@ -141,9 +141,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; special tokens appear by name (e.g. "<|end|>")."""
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids`; special tokens appear by name (e.g. "<|end|>") unless `skip_special` (answers shown to
+        people: a model that emits a role marker mid-answer should not print it)."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from app.errors import Invalid, ServiceError, TooManyRequests
+from app.text import clean
 from ml.batcher import BatchDecoder, Request
 from ml.checkpoint import load_checkpoint
 from ml.tokenizer import Tokenizer
@@ -180,13 +181,13 @@ class InferenceService:
         tokenizer = stream.model.tokenizer
         if not (finish == "stop" and token in tokenizer.stop_token_ids):
             stream.tokens.append(token)
-        before = tokenizer.decode(stream.tokens[stream.prefix : stream.read])
-        after = tokenizer.decode(stream.tokens[stream.prefix :])
+        before = tokenizer.decode(stream.tokens[stream.prefix : stream.read], skip_special=True)
+        after = tokenizer.decode(stream.tokens[stream.prefix :], skip_special=True)
         if after.endswith("\ufffd") and not finish:
             return Delta("", None, len(stream.tokens))  # an incomplete UTF-8 character: wait for the rest of it
         new = after[len(before) :] if after.startswith(before) else after
         stream.prefix, stream.read = stream.read, len(stream.tokens)
-        text = stream.sent + new
+        text = stream.sent + clean(new)  # what is shown is exactly what gets stored
         stop_hit = next((s for s in stream.params.stop if s and s in text), None)
         if stop_hit is not None:
             text, finish = text[: text.index(stop_hit)], "stop"

@@ -8,6 +8,7 @@ import torch
 
 from app.errors import ServiceError
 from app.services.inference import InferenceService, Limits, SamplingParams
+from app.text import clean
 from ml.checkpoint import save_checkpoint
 from ml.engine import Engine
 from ml.model import ModelConfig, Transformer
@@ -39,7 +40,7 @@ def expected_text(directory: Path, messages: list[dict], max_tokens: int) -> str
     ids = tokenizer.render_prompt(messages)
     sample = Engine(model).generate(ids, n=1, max_new_tokens=max_tokens, temperature=0.0,
                                     stop_token_ids=set(tokenizer.stop_token_ids))[0]  # fmt: skip
-    return tokenizer.decode([t for t in sample.token_ids if t not in tokenizer.stop_token_ids])
+    return clean(tokenizer.decode(sample.token_ids, skip_special=True))
 
 
 async def collect(service: InferenceService, messages: list[dict], params=GREEDY, user_id: int | None = None):

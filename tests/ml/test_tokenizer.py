@@ -162,3 +162,10 @@ def test_sandbox_blocks_unsafe_templates(chatml_dir) -> None:
     (chatml_dir / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(SecurityError):
         Tokenizer.load(chatml_dir).render_prompt([{"role": "user", "content": "hi"}])
+
+
+def test_decode_can_leave_out_special_tokens() -> None:
+    tok = Tokenizer.train(["hello world", "good morning"] * 10, vocab_size=300)
+    ids = [tok.bos_id, *tok.encode("hello"), tok.end_id]
+    assert tok.decode(ids) == "<|bos|>hello<|end|>"
+    assert tok.decode(ids, skip_special=True) == "hello"
