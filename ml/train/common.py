@@ -377,3 +377,23 @@ def chain(*callbacks: ProgressCallback | None) -> ProgressCallback | None:
 def iterate(fn: Callable[[], Batch], n: int) -> Iterator[Batch]:
     """`n` batches from a batch function, drawn lazily."""
     return (fn() for _ in range(n))
+
+
+def add_loop_arguments(parser: Any, defaults: Any, *, batch: str, heldout: str, eval_every: str) -> None:
+    """The optimisation flags that every fine-tuning stage shares; `defaults` is the stage's config dataclass."""
+    add = parser.add_argument
+    add("--steps", type=int, default=defaults.steps, help="total optimizer steps (default %(default)s)")
+    add("--batch-size", type=int, default=defaults.batch_size, help=batch)
+    add("--grad-accum", type=int, default=defaults.grad_accum, help="micro-steps per optimizer step")
+    add("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
+    add("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay (default lr/10)")
+    add("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps (default %(default)s)")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay on matrices")
+    add("--grad-clip", type=float, default=defaults.grad_clip, help="clip the gradient norm to this; 0 disables")
+    add("--heldout-fraction", type=float, default=defaults.heldout_fraction, help=heldout)
+    add("--eval-every", type=int, default=defaults.eval_every, help=eval_every)
+    add("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps; 0: at the end only")
+    add("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
+    add("--seed", type=int, default=defaults.seed, help="seed for data order and the held-out split")
+    add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    add("--progress", action="store_true", help="draw a progress line on stderr")

@@ -304,22 +304,14 @@ def add_arguments(parser: argparse.ArgumentParser, algo: str | None = None) -> N
     add("--beta", type=float, default=d.beta, help="strength of the KL regularisation (default %(default)s)")
     add("--desirable-weight", type=float, default=d.desirable_weight, help="KTO: weight of desirable answers")
     add("--undesirable-weight", type=float, default=d.undesirable_weight, help="KTO: weight of undesirable answers")
-    add("--steps", type=int, default=d.steps, help="total optimizer steps (default %(default)s)")
-    add("--batch-size", type=int, default=d.batch_size, help="pairs (DPO) or examples (KTO) per micro-step")
-    add("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
     add("--max-len", type=int, default=None, help="longest prompt + answer in tokens (default: the model's)")
-    add("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    add("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
-    add("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
-    add("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this; 0 disables")
-    add("--heldout-fraction", type=float, default=d.heldout_fraction, help="share of rankings/thumbs held out")
-    add("--eval-every", type=int, default=d.eval_every, help="held-out metrics every N steps; 0: at the end")
-    add("--save-every", type=int, default=d.save_every, help="checkpoint every N steps; 0: at the end only")
-    add("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
-    add("--seed", type=int, default=d.seed, help="seed for data order and the held-out split")
-    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    add("--progress", action="store_true", help="draw a progress line on stderr")
+    common.add_loop_arguments(
+        parser,
+        d,
+        batch="pairs (DPO) or examples (KTO) per micro-step",
+        heldout="share of rankings/thumbs held out",
+        eval_every="held-out metrics every N steps; 0: at the end",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -188,25 +188,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", required=True, metavar="DIR", help="model directory to write")
     add("--data", nargs="+", default=d.data, metavar="demo|FILE",
         help="'demo', or JSONL files of {\"messages\": [...]} dialogues")  # fmt: skip
-    add("--steps", type=int, default=d.steps, help="total optimizer steps (default %(default)s)")
-    add("--batch-size", type=int, default=d.batch_size, help="rows per micro-step, over all processes")
-    add("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
     add("--max-len", type=int, default=None, help="tokens per dialogue / packed row (default: the model's maximum)")
     add("--packing", action="store_true", help="pack several dialogues per row (attention stays within each)")
-    add("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    add("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay (default lr/10)")
-    add("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default %(default)s)")
-    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
-    add("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this; 0 disables")
-    add("--heldout-fraction", type=float, default=d.heldout_fraction, help="share of dialogues held out")
     add("--demo-dialogues", type=int, default=d.demo_dialogues, help="dialogues generated for --data demo")
     add("--demo-seed", type=int, default=d.demo_seed, help="seed of the demo world (its facts)")
-    add("--eval-every", type=int, default=d.eval_every, help="held-out loss every N steps; 0: at the end only")
-    add("--save-every", type=int, default=d.save_every, help="checkpoint every N steps; 0: at the end only")
-    add("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
-    add("--seed", type=int, default=d.seed, help="seed for data order and the held-out split")
-    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
-    add("--progress", action="store_true", help="draw a progress line on stderr")
+    common.add_loop_arguments(
+        parser,
+        d,
+        batch="rows per micro-step, over all processes",
+        heldout="share of dialogues held out",
+        eval_every="held-out loss every N steps; 0: at the end only",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
