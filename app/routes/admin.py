@@ -88,10 +88,7 @@ def roll_back(request: Request, session: SessionDep, admin: AdminUser, kind: Ann
 @router.get("/export/{kind}", name="admin_export")
 def export(request: Request, session: SessionDep, admin: AdminUser, kind: str) -> StreamingResponse:
     """Download a dataset as JSONL (TRL's formats; `raw-rankings` keeps every annotator's record)."""
-    if kind not in datasets.KINDS:
-        raise Invalid(f"kind must be one of: {', '.join(datasets.KINDS)}")
-    records = datasets.export(session, kind).records
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    lines = datasets.jsonl_lines(session, kind)
     headers = {"Content-Disposition": f'attachment; filename="flywheel-{kind}.jsonl"'}
     return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
 

@@ -1,12 +1,10 @@
 """REST API under /api/v1 (Bearer tokens or the browser session). Later issues add rankings, feedback, models."""
 
-import json
 
 from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import AdminUser, CurrentUser, SessionDep
-from app.errors import Invalid
 from app.models import JobStatus, ModelKind
 from app.schemas import (
     JobCreate,
@@ -136,9 +134,4 @@ def roll_back_model(body: RollBack, session: SessionDep, admin: AdminUser) -> Mo
 )
 def export_dataset(kind: str, session: SessionDep, admin: AdminUser) -> StreamingResponse:
     """JSONL in TRL's formats: dialogues, rankings, pairs, thumbs; raw-rankings per annotator; prompts."""
-    if kind not in datasets.KINDS:
-        raise Invalid(f"kind must be one of: {', '.join(datasets.KINDS)}")
-    records = datasets.export(session, kind).records
-    return StreamingResponse(
-        (json.dumps(r, ensure_ascii=False) + "\n" for r in records), media_type="application/x-ndjson"
-    )
+    return StreamingResponse(datasets.jsonl_lines(session, kind), media_type="application/x-ndjson")

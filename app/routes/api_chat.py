@@ -1,6 +1,5 @@
 """REST for chat under /api/v1: conversations, messages (answered as JSON or server-sent events), feedback."""
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response, status
@@ -86,19 +85,9 @@ async def send_message(
 
 
 async def _events(deltas, user_message_id: int, answer_id: int) -> AsyncIterator[str]:
-    yield f"event: start\ndata: {json.dumps({'user_message_id': user_message_id, 'answer_id': answer_id})}\n\n"
-    try:
-        finish = "stopped"
-        async for delta in deltas:
-            if delta.text:
-                yield f"event: delta\ndata: {json.dumps({'text': delta.text})}\n\n"
-            if delta.finish_reason:
-                finish = delta.finish_reason
-                break
-        await deltas.aclose()  # saves the answer before the client hears that it is done
-        yield f"event: done\ndata: {json.dumps({'finish_reason': finish})}\n\n"
-    finally:
-        await deltas.aclose()
+    yield answering.sse("start", {"user_message_id": user_message_id, "answer_id": answer_id})
+    async for event in answering.answer_events(deltas):
+        yield event
 
 
 @router.put("/messages/{message_id}/feedback", response_model=FeedbackPublic)

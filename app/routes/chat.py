@@ -1,7 +1,5 @@
 """Chat pages (role `user` and up): conversations, streamed answers (SSE), stop, regenerate, thumbs up/down."""
 
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
@@ -89,10 +87,6 @@ def delete(request: Request, session: SessionDep, user: CurrentUser, conversatio
     return RedirectResponse(request.url_for("chat_home"), status_code=303)
 
 
-def sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
 @router.get("/messages/{message_id}/stream", name="chat_stream")
 async def stream(request: Request, user: CurrentUser, message_id: int) -> StreamingResponse:
     """Server-sent events: `delta` {text} as tokens arrive, then `done` {finish_reason} (or `error` {detail})."""
@@ -103,23 +97,8 @@ async def stream(request: Request, user: CurrentUser, message_id: int) -> Stream
         await deltas.aclose()
         raise
 
-    async def events() -> AsyncIterator[str]:
-        delta, finish = first, "stopped"
-        try:
-            while delta is not None:
-                if delta.text:
-                    yield sse("delta", {"text": delta.text})
-                if delta.finish_reason:
-                    finish = delta.finish_reason
-                    break
-                delta = await anext(deltas, None)
-            await deltas.aclose()  # saves the answer, so the page's next fetch finds it finished
-            yield sse("done", {"finish_reason": finish})
-        finally:
-            await deltas.aclose()
-
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(answering.answer_events(deltas, first), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/messages/{message_id}/stop", name="chat_stop")

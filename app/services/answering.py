@@ -5,6 +5,7 @@ whether it finished, was stopped or the client went away (then with what was gen
 """
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -73,3 +74,27 @@ def request_stop(app: FastAPI, message_id: int) -> bool:
         return False
     event.set()
     return True
+
+
+def sse(event: str, data: dict) -> str:
+    """One server-sent event with a JSON payload."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def answer_events(deltas: AsyncIterator[Delta], first: Delta | None = None) -> AsyncIterator[str]:
+    """`delta` {text} events as tokens arrive, then `done` {finish_reason}, sent only once the answer is saved
+    (so a client that fetches the message right after `done` finds it finished). `first`: a delta already read."""
+    finish = "stopped"
+    try:
+        delta = first if first is not None else await anext(deltas, None)
+        while delta is not None:
+            if delta.text:
+                yield sse("delta", {"text": delta.text})
+            if delta.finish_reason:
+                finish = delta.finish_reason
+                break
+            delta = await anext(deltas, None)
+        await deltas.aclose()  # runs answer()'s finally, which saves the answer
+        yield sse("done", {"finish_reason": finish})
+    finally:
+        await deltas.aclose()

@@ -9,6 +9,7 @@
 Each export also returns a watermark (the highest row id it read), which model versions record as their lineage.
 """
 
+import json
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.errors import Invalid
 from app.models import (
     Candidate,
     CandidateSet,
@@ -173,6 +175,14 @@ def prompt_records(session: Session, split: Split | None = None) -> Export:
 
 
 def export(session: Session, kind: str) -> Export:
+    if kind not in KINDS:
+        raise Invalid(f"kind must be one of: {', '.join(KINDS)}")
     builders = {"dialogues": dialogues, "rankings": rankings, "pairs": pairs, "thumbs": thumbs,
                 "raw-rankings": raw_rankings, "prompts": prompt_records}  # fmt: skip
     return builders[kind](session)
+
+
+def jsonl_lines(session: Session, kind: str) -> Iterator[str]:
+    """The export of `kind` as JSONL lines (read now, so a bad kind fails before any response starts)."""
+    records = export(session, kind).records
+    return (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
