@@ -55,8 +55,8 @@ class Driver:
         return done
 
     def chat_and_thumb(self, client: httpx.Client, user: SimulatedAnnotator, prompts: list[list[dict]]) -> int:
-        conversation = client.post("/api/v1/conversations", json={"title": "demo user"}).raise_for_status().json()
-        for messages in prompts:
+        for messages in prompts:  # one conversation per question: a growing history would crowd out the answers
+            conversation = client.post("/api/v1/conversations", json={"title": "demo user"}).raise_for_status().json()
             body = {"content": messages[-1]["content"], "max_tokens": 48}
             exchange = client.post(f"/api/v1/conversations/{conversation['id']}/messages", json=body)
             answer = exchange.raise_for_status().json()["answer"]
