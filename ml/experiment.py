@@ -16,7 +16,8 @@ The rankings and thumbs are written as JSONL under --out and read back through m
 data takes the same path (and the same checks, naming the bad record) as a user's.
 
 Run (CPU):  python -m ml.experiment --quick                       (9.5 minutes on 2 busy cores)
-            python -m ml.experiment --algo ppo grpo --dpo --seed 1 (the README's table, per seed)
+            python -m ml.experiment --algo ppo grpo --dpo --seed 1 --out /tmp/exp-s1   (the README's table, per seed)
+            python -m ml.experiment --summarize /tmp/exp-s0 /tmp/exp-s1 /tmp/exp-s2  (mean ± std over the seeds)
             flywheel demo experiment --quick --out /tmp/fw-exp
 """
 
@@ -73,7 +74,7 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(4, 128, 8000, 1500, 2000, 400, 512, 200, 80, 200, 160),
+    "full": Scale(4, 128, 8000, 1500, 2000, 400, 1024, 300, 80, 200, 160),
     "quick": Scale(4, 96, 6000, 700, 1500, 300, 256, 120, 40, 120, 96),
     "tiny": Scale(2, 64, 1500, 150, 400, 100, 64, 60, 16, 40, 24, eval_samples=2, pretrain_batch=16,
                   max_new_tokens=40),
@@ -455,6 +456,32 @@ def headline(result: dict[str, Any]) -> str:
     )
 
 
+def summarize(results: list[dict[str, Any]]) -> str:
+    """Several runs (seeds) side by side as mean ± std: each policy's gold, greedy gold, KL and length, the reward
+    model's accuracy against gold, and each policy's gain over SFT; the README's table."""
+
+    def stat(values: list[float]) -> str:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return f"{mean:.3f} ± {std:.3f}"
+
+    seeds = [r["config"]["seed"] for r in results]
+    names = [n for n in results[0]["policies"] if all(n in r["policies"] for r in results)]
+    lines = [f"{len(results)} runs, seeds {seeds}", "",
+             f"{'policy':<10} {'gold (T=1)':>15} {'gain over SFT':>15} {'gold (greedy)':>15} {'KL to SFT':>15} "
+             f"{'length':>15}", "-" * 96]  # fmt: skip
+    for name in names:
+        col = {k: [r["policies"][name][k] for r in results] for k in ("gold", "gold_greedy", "kl", "response_len")}
+        gain = [r["policies"][name]["gold"] - r["policies"]["sft"]["gold"] for r in results]
+        lines.append(f"{name:<10} {stat(col['gold']):>15} {stat(gain):>15} {stat(col['gold_greedy']):>15} "
+                     f"{stat(col['kl']):>15} {stat(col['response_len']):>15}")  # fmt: skip
+    rm = [r["stages"]["reward"]["rm_acc_gold"] for r in results]
+    agreement = [r["stages"]["annotate"]["annotator_agreement"] for r in results]
+    lines += ["", f"reward model accuracy against gold: {stat(rm)}; annotator agreement: {stat(agreement)}"]
+    lines.append(f"minutes per run: {stat([r['seconds'] / 60 for r in results])}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
@@ -480,11 +507,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=d.threads, help="torch CPU threads; 0: torch's default (default %(default)s)")
     add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars on stderr")
+    add("--summarize", nargs="+", metavar="DIR", default=None,
+        help="run nothing: print mean ± std over finished runs' work directories (one per seed)")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
     """Run from parsed flags; print the report (its last line the headline); exit 2 on bad input."""
     names = ExperimentConfig.__dataclass_fields__
+    if args.summarize:
+        try:
+            runs = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in args.summarize]
+        except (OSError, ValueError) as e:
+            print(f"experiment: error: cannot read a finished run's results.json: {e}", file=sys.stderr)
+            return 2
+        print(summarize(runs))
+        return 0
     try:
         result = run_experiment(ExperimentConfig(**{k: v for k, v in vars(args).items() if k in names}))
     except (ValueError, OSError) as e:

@@ -11,7 +11,15 @@ import pytest
 
 from ml.demo import SimulatedAnnotator, World
 from ml.examples import load_rankings, load_thumbs
-from ml.experiment import ExperimentConfig, add_arguments, annotate, format_report, main, run_experiment
+from ml.experiment import (
+    ExperimentConfig,
+    add_arguments,
+    annotate,
+    format_report,
+    main,
+    run_experiment,
+    summarize,
+)
 from ml.train.reward import RewardConfig, train_reward
 
 
@@ -63,3 +71,26 @@ def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest
     assert main(parser.parse_args(["--out", str(tmp_path / "busy"), "--no-progress"])) == 2
     assert "is not empty" in capsys.readouterr().err
     assert main(parser.parse_args(["--noise", "-1", "--no-progress"])) == 2
+
+
+def test_summary_over_seeds_is_mean_and_sample_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def run(seed: int, sft: float, ppo: float, rm: float) -> dict:
+        policy = {"gold_greedy": 0.5, "kl": 2.0, "response_len": 10.0}
+        return {"config": {"seed": seed}, "seconds": 600.0,
+                "policies": {"sft": {**policy, "gold": sft}, "rl-ppo": {**policy, "gold": ppo}},
+                "stages": {"reward": {"rm_acc_gold": rm}, "annotate": {"annotator_agreement": 0.9}}}  # fmt: skip
+
+    runs = [run(0, 0.2, 0.4, 0.8), run(1, 0.3, 0.4, 0.9)]
+    table = summarize(runs).splitlines()
+    ppo = next(line for line in table if line.startswith("rl-ppo"))
+    assert "0.400 ± 0.000" in ppo and "0.150 ± 0.071" in ppo  # gains 0.2 and 0.1: mean 0.15, sample std 0.0707
+    assert any("accuracy against gold: 0.850 ± 0.071" in line for line in table)
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert main(parser.parse_args(["--summarize", str(tmp_path / "0"), str(tmp_path / "1")])) == 0
+    assert "seeds [0, 1]" in capsys.readouterr().out
+    assert main(parser.parse_args(["--summarize", str(tmp_path / "missing")])) == 2
+    assert "results.json" in capsys.readouterr().err
