@@ -1,16 +1,23 @@
 """One error shape: JSON `{"detail": "..."}` for the API, an HTML page (or an htmx toast) for browsers."""
 
+import logging
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.deps import Principal
 from app.errors import ServiceError, TooManyRequests, Unauthorized
 from app.templating import is_htmx, render
 
 API_PREFIXES = ("/api/", "/v1/")
+DATABASE_DOWN = "the database is unavailable; try again shortly"
+
+log = logging.getLogger("flywheel.handlers")
 
 
 def wants_json(request: Request) -> bool:
@@ -59,3 +66,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return error_response(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def database_unavailable(request: Request, exc: Exception) -> Response:
+        """The database is down, restarting, unreachable or busy: a 503 the client may retry, not a 500. The engine
+        recovers by itself (pool_pre_ping on PostgreSQL), so the next request after it is back succeeds."""
+        log.warning("%s %s: database unavailable: %s", request.method, request.url.path, str(exc).splitlines()[0])
+        if getattr(request.state, "principal", None) is None:  # the error page must not ask the database who this is
+            request.state.principal = Principal(None, "anonymous", request.scope.get("state", {}).get("csrf_nonce", ""))
+        return error_response(request, 503, DATABASE_DOWN, {"Retry-After": "1"})

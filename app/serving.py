@@ -5,8 +5,9 @@ import logging
 
 from fastapi import FastAPI
 
+from app.db import transaction
 from app.services.inference import InferenceService, Limits
-from app.services.model_versions import served_version
+from app.services.model_versions import record_load_error, served_version
 from app.settings import Settings
 
 log = logging.getLogger("flywheel.serving")
@@ -24,8 +25,17 @@ def _served(app: FastAPI) -> tuple[int, str, str] | None:
         return (version.id, version.path, version.name) if version else None
 
 
+def _note_load(app: FastAPI, version_id: int, error: str | None) -> None:
+    try:
+        with transaction(app.state.session_factory) as session:
+            record_load_error(session, version_id=version_id, error=error)
+    except Exception as exc:  # only a note for the admin: never let it stop serving
+        log.warning("cannot record the load outcome of model version %s: %s", version_id, exc)
+
+
 async def sync_served_model(app: FastAPI) -> None:
-    """Load the active model if it is not the one being served; a broken one is reported once and skipped."""
+    """Load the active model if it is not the one being served. A broken one (a corrupt checkpoint) is skipped: this
+    process keeps serving the model it had, and the reason is written on the version for the admin to see."""
     service: InferenceService = app.state.inference
     try:
         served = await asyncio.to_thread(_served, app)
@@ -41,6 +51,10 @@ async def sync_served_model(app: FastAPI) -> None:
     except Exception as exc:
         app.state.unloadable_versions.add(version_id)
         log.error("model version %s (%s) cannot be loaded, keeping %s: %s", version_id, path, current, exc)
+        kept = f"; still serving {service.current.name}" if service.current else ""
+        await asyncio.to_thread(_note_load, app, version_id, f"cannot be loaded: {exc}{kept}")
+        return
+    await asyncio.to_thread(_note_load, app, version_id, None)  # loads now (repaired files): clear an old error
 
 
 async def watch_served_model(app: FastAPI, interval_s: float) -> None:

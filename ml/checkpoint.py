@@ -7,8 +7,9 @@
 
 Saving is atomic: everything is written and fsynced in a temporary sibling directory which then takes the
 directory's place, so a reader (the server hot-swapping models, a crashed trainer resuming) sees the old complete
-checkpoint or the new complete one, never half of one. Files already in the directory that a checkpoint does not
-write (a trainer's train_state.pt) are carried over into the new one.
+checkpoint or the new complete one, never half of one; a failed write (a full disk) raises CheckpointWriteError
+and removes the temporary directory. Files already in the directory that a checkpoint does not write (a trainer's
+train_state.pt) are carried over into the new one.
 
 Try it on CPU:
     python -c "from ml.model import *; from ml.checkpoint import *; \
@@ -42,6 +43,10 @@ class CheckpointError(ValueError):
     """A model directory is missing, incomplete or corrupt."""
 
 
+class CheckpointWriteError(OSError):
+    """A model directory could not be written (disk full, file size limit, I/O error); nothing was replaced."""
+
+
 def save_checkpoint(
     directory: str | Path,
     model: Transformer,
@@ -66,6 +71,9 @@ def save_checkpoint(
         for path in tmp.iterdir():
             _fsync(path)
         _swap_into_place(tmp, directory)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error, without errno
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot save the model to {directory}: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,6 +37,19 @@ def served_version(session: Session) -> ModelVersion | None:
     return None
 
 
+def record_load_error(session: Session, *, version_id: int, error: str | None) -> None:
+    """Note on a version why a server could not load it (None: it loaded), so that admins see it in the models
+    table and the API; the servers keep serving what they had."""
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        return
+    metrics = {k: v for k, v in (version.metrics or {}).items() if k != "load_error"}
+    if error is not None:
+        metrics["load_error"] = error[:1000]
+    if metrics != (version.metrics or {}):
+        version.metrics = metrics  # a new dict: the JSON column sees the change
+
+
 def promote(session: Session, *, version_id: int) -> ModelVersion:
     """Make a version the active one of its kind; the previous active one is retired in the same transaction."""
     version = get_version(session, version_id=version_id)
