@@ -90,6 +90,7 @@ class ExperimentConfig:
     quick: bool = False
     scale: str | None = None  # overrides quick: "full", "quick" or "tiny"
     algos: list[str] = field(default_factory=lambda: ["ppo"])
+    rounds: int = 1  # turns of the flywheel: round r annotates the round r-1 policy's answers, retrains RM and RL
     dpo: bool = False
     noise: float = 0.1  # std of the annotators' noise on the gold score
     annotators: int = 3
@@ -116,6 +117,8 @@ class ExperimentConfig:
             raise ValueError(f"--scale must be one of {sorted(SCALES)}")
         if self.noise < 0 or not 0 <= self.bad_fraction <= 1 or self.annotators < 1:
             raise ValueError("--noise must be >= 0, --bad-fraction in [0, 1] and --annotators >= 1")
+        if self.rounds < 1:
+            raise ValueError("--rounds must be at least 1")
         steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps")
         if any(getattr(self, s) is not None and getattr(self, s) < 1 for s in steps):
             raise ValueError("step counts must be at least 1")
@@ -178,12 +181,19 @@ def _counter(stage: str, total: int, report: Progress) -> Callable[[int], None]:
 
 
 def sample_candidate_sets(
-    policy_dir: Path, prompts: list[Prompt], k: int, max_new_tokens: int, seed: int, tick: Callable[[int], None]
+    policy_dir: Path,
+    prompts: list[Prompt],
+    k: int,
+    max_new_tokens: int,
+    seed: int,
+    tick: Callable[[int], None],
+    min_answers: int = 2,
 ) -> tuple[list[tuple[list[dict[str, str]], list[str]]], dict[str, int]]:
     """K answers per prompt sampled from a policy at temperature 1, as (prompt, distinct non-empty answers) sets.
 
     An empty answer cannot be ranked (a ranking record rejects it) and identical answers are one answer to a
-    reader, so both are dropped from a set, and a set left with fewer than two answers is dropped; both are counted.
+    reader, so both are dropped from a set, and a set left with fewer than `min_answers` answers is dropped; both
+    are counted.
     """
     model, _ = load_checkpoint(policy_dir)
     tokenizer = Tokenizer.load(policy_dir)
@@ -199,7 +209,7 @@ def sample_candidate_sets(
             kept = [a for a in dict.fromkeys(answers) if a.strip()]
             counts["empty_answers"] += sum(not a.strip() for a in answers)
             counts["duplicate_answers"] += len([a for a in answers if a.strip()]) - len(kept)
-            if len(kept) >= 2:
+            if len(kept) >= min_answers:
                 sets.append((p.messages, kept))
             else:
                 counts["dropped_sets"] += 1
@@ -237,6 +247,34 @@ def annotate(
     }
     stats["annotator_agreement"] = agree / max(pairs, 1)
     return paths[0], paths[1], stats
+
+
+def _next_round_data(
+    config: ExperimentConfig,
+    world: World,
+    scale: Scale,
+    out: Path,
+    dirs: tuple[str, str],
+    seed: int,
+    report: Progress,
+) -> tuple[Path, Path, dict[str, float]]:
+    """The next turn's labels: per train prompt, K/2 answers of the last policy beside K/2 of the SFT model, ranked
+    by the simulated annotators. The policy's answers are the ones the last reward model over-rated (fluent but
+    wrong, off-topic), so ranking them against SFT's teaches the next reward model what it missed."""
+    policy, data = dirs
+    prompts = [p for p in world.prompts(10_000) if p.split == "train"][: scale.annotated_prompts]
+    tick = _counter("sample", 2 * len(prompts), report)
+    mine, _ = sample_candidate_sets(out / policy, prompts, K // 2, scale.max_new_tokens, seed, tick, min_answers=1)
+    theirs, _ = sample_candidate_sets(
+        out / "sft", prompts, K // 2, scale.max_new_tokens, seed + 1, lambda n: tick(len(prompts) + n), min_answers=1
+    )
+    from_sft = {json.dumps(p): answers for p, answers in theirs}
+    sets = []
+    for prompt, answers in mine:
+        merged = list(dict.fromkeys(answers + from_sft.get(json.dumps(prompt), [])))
+        if len(merged) >= 2:
+            sets.append((prompt, merged))
+    return annotate(world, sets, config, out / data)
 
 
 def gold_rankings(world: World, sets: list[tuple[list[dict[str, str]], list[str]]], path: Path) -> Path:
@@ -305,25 +343,42 @@ def _sft_stage(config: ExperimentConfig, world: World, scale: Scale, out: Path, 
 
 
 def _reward_stage(
-    config: ExperimentConfig, scale: Scale, out: Path, data: tuple[Path, Path, Path], report: Progress
+    config: ExperimentConfig,
+    scale: Scale,
+    out: Path,
+    rm: str,
+    data: tuple[list[Path], list[Path], Path],
+    report: Progress,
 ) -> dict[str, Any]:
+    """A reward model `rm` from the SFT model on every ranking and thumb file so far; steps grow with the rounds."""
     rankings, thumbs, heldout = data
     m = train_reward(
         RewardConfig(
-            sft=str(out / "sft"), out=str(out / "rm"), rankings=[rankings], thumbs=[thumbs],
-            steps=scale.reward_steps, eval_every=0, seed=config.seed, device=config.device,
+            sft=str(out / "sft"), out=str(out / rm), rankings=rankings, thumbs=thumbs,
+            steps=scale.reward_steps * len(rankings), eval_every=0, seed=config.seed, device=config.device,
         ),
         on_progress=report,
     )  # fmt: skip
-    gold = reward_accuracy(RewardModel.load(out / "rm"), load_rankings([heldout]))
+    gold = reward_accuracy(RewardModel.load(out / rm), load_rankings([heldout]))
     return {"val_acc_annotators": m.get("val_acc", math.nan), "val_thumb_acc": m.get("val_thumb_acc", math.nan),
             "rm_acc_gold": gold["accuracy"], "gold_pairs": gold["pairs"]}  # fmt: skip
 
 
-def _rl_stage(config: ExperimentConfig, algo: str, scale: Scale, out: Path, train: list[Prompt], report: Progress):
+def _rl_stage(
+    config: ExperimentConfig,
+    algo: str,
+    scale: Scale,
+    out: Path,
+    dirs: tuple[str, str],
+    train: list[Prompt],
+    report: Progress,
+):
+    """RL from the SFT model against the reward model dirs[0], into dirs[1]: every round restarts from SFT, so a
+    round's gain comes from its better reward model, not from more RL steps."""
+    rm, policy = dirs
     m = rl(
         RLConfig(
-            policy=str(out / "sft"), out=str(out / f"rl-{algo}"), reward_model=str(out / "rm"), prompts=train,
+            policy=str(out / "sft"), out=str(out / policy), reward_model=str(out / rm), prompts=train,
             algo=algo, steps=scale.rl_steps, max_new_tokens=scale.max_new_tokens, lr=config.rl_lr,
             kl_coef=config.kl_coef, seed=config.seed, device=config.device,
         ),
@@ -404,11 +459,24 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
     rankings, thumbs, labels = annotate(world, train_sets, config, out / "data")
     heldout_path = gold_rankings(world, heldout_sets, out / "data" / "heldout_gold_rankings.jsonl")
     stages["annotate"] = labels
-    stage("reward", lambda r: _reward_stage(config, scale, out, (rankings, thumbs, heldout_path), r))
-    policies = ["sft"]
+    stage("reward", lambda r: _reward_stage(config, scale, out, "rm", ([rankings], [thumbs], heldout_path), r))
+    policies, final_rm = ["sft"], {}
     for algo in config.algos:
-        stage(f"rl-{algo}", lambda r, a=algo: _rl_stage(config, a, scale, out, train, r))
+        stage(f"rl-{algo}", lambda r, a=algo: _rl_stage(config, a, scale, out, ("rm", f"rl-{a}"), train, r))
         policies.append(f"rl-{algo}")
+        files, policy = ([rankings], [thumbs]), f"rl-{algo}"
+        for n in range(2, config.rounds + 1):
+            policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
+            seed = config.seed + 100 * n + ALGOS.index(algo)
+            new = stage(f"annotate-{algo}-r{n}", lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed:
+                        _next_round_data(config, world, scale, out, d, s, r))  # fmt: skip
+            stages[f"annotate-{algo}-r{n}"].update(new[2])
+            files = (files[0] + [new[0]], files[1] + [new[1]])
+            stage(f"reward-{algo}-r{n}", lambda r, m=rm, f=files: _reward_stage(
+                config, scale, out, m, (f[0], f[1], heldout_path), r))  # fmt: skip
+            stage(policy, lambda r, a=algo, d=(rm, policy): _rl_stage(config, a, scale, out, d, train, r))
+            policies.append(policy)
+        final_rm[algo] = stages[f"reward-{algo}-r{config.rounds}" if config.rounds > 1 else "reward"]["rm_acc_gold"]
     if config.dpo:
         stage("dpo", lambda r: _dpo_stage(config, scale, out, rankings, r))
         policies.append("dpo")
@@ -421,10 +489,10 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
         return results
 
     evaluation = stage("evaluate", evaluate)
-    first = f"rl-{config.algos[0]}"
+    first = f"rl-{config.algos[0]}" + (f"-r{config.rounds}" if config.rounds > 1 else "")
     result = {
         "gold_sft": evaluation["sft"]["gold"], "gold_rl": evaluation[first]["gold"],
-        "rm_acc": stages["reward"]["rm_acc_gold"], "kl": evaluation[first]["kl"],
+        "rm_acc": final_rm[config.algos[0]], "kl": evaluation[first]["kl"],
         "seconds": time.perf_counter() - started, "policies": evaluation, "stages": stages, "out": str(out),
         "config": asdict(config), "scale": asdict(scale),
     }  # fmt: skip
@@ -434,16 +502,16 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
 
 def format_report(result: dict[str, Any]) -> str:
     """Every stage's metrics, the policies side by side, and the headline as the last line."""
-    lines = [f"{'stage':<10} {'metric':<22} value", "-" * 48]
+    lines = [f"{'stage':<16} {'metric':<22} value", "-" * 54]
     for name, metrics in result["stages"].items():
         for key, value in metrics.items():
             shown = f"{value:.4f}" if isinstance(value, float) and key != "seconds" else str(value)
-            lines.append(f"{name:<10} {key:<22} {shown}")
+            lines.append(f"{name:<16} {key:<22} {shown}")
             name = ""
-    lines += ["", f"{'policy':<10} {'gold (T=1)':>11} {'gold (greedy)':>14} {'KL to SFT':>10} {'length':>7}", "-" * 56]
+    lines += ["", f"{'policy':<12} {'gold (T=1)':>11} {'gold (greedy)':>14} {'KL to SFT':>10} {'length':>7}", "-" * 58]
     for name, m in result["policies"].items():
         lines.append(
-            f"{name:<10} {m['gold']:>11.4f} {m['gold_greedy']:>14.4f} {m['kl']:>10.4f} {m['response_len']:>7.1f}"
+            f"{name:<12} {m['gold']:>11.4f} {m['gold_greedy']:>14.4f} {m['kl']:>10.4f} {m['response_len']:>7.1f}"
         )
     lines += ["", f"work directory: {result['out']}", headline(result)]
     return "\n".join(lines)
@@ -468,16 +536,18 @@ def summarize(results: list[dict[str, Any]]) -> str:
     seeds = [r["config"]["seed"] for r in results]
     names = [n for n in results[0]["policies"] if all(n in r["policies"] for r in results)]
     lines = [f"{len(results)} runs, seeds {seeds}", "",
-             f"{'policy':<10} {'gold (T=1)':>15} {'gain over SFT':>15} {'gold (greedy)':>15} {'KL to SFT':>15} "
+             f"{'policy':<12} {'gold (T=1)':>15} {'gain over SFT':>15} {'gold (greedy)':>15} {'KL to SFT':>15} "
              f"{'length':>15}", "-" * 96]  # fmt: skip
     for name in names:
         col = {k: [r["policies"][name][k] for r in results] for k in ("gold", "gold_greedy", "kl", "response_len")}
         gain = [r["policies"][name]["gold"] - r["policies"]["sft"]["gold"] for r in results]
-        lines.append(f"{name:<10} {stat(col['gold']):>15} {stat(gain):>15} {stat(col['gold_greedy']):>15} "
+        lines.append(f"{name:<12} {stat(col['gold']):>15} {stat(gain):>15} {stat(col['gold_greedy']):>15} "
                      f"{stat(col['kl']):>15} {stat(col['response_len']):>15}")  # fmt: skip
-    rm = [r["stages"]["reward"]["rm_acc_gold"] for r in results]
+    first = [r["stages"]["reward"]["rm_acc_gold"] for r in results]
     agreement = [r["stages"]["annotate"]["annotator_agreement"] for r in results]
-    lines += ["", f"reward model accuracy against gold: {stat(rm)}; annotator agreement: {stat(agreement)}"]
+    last = [r["rm_acc"] for r in results]
+    lines += ["", f"reward model accuracy against gold: {stat(first)} (first round), {stat(last)} (last round, first "
+              f"--algo); annotator agreement: {stat(agreement)}"]  # fmt: skip
     lines.append(f"minutes per run: {stat([r['seconds'] / 60 for r in results])}")
     return "\n".join(lines)
 
@@ -496,6 +566,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--algo", dest="algos", nargs="+", choices=ALGOS, default=d.algos,
         help="RL algorithm(s): ppo, or critic-free grpo / rloo; several run side by side")  # fmt: skip
     add("--dpo", action="store_true", help="also run offline DPO from the same rankings")
+    add("--rounds", type=int, default=d.rounds,
+        help="turns of the flywheel: each later round ranks the last policy's answers beside SFT's, retrains the "
+             "reward model on all rankings so far, and reruns RL from SFT (default %(default)s)")  # fmt: skip
     add("--noise", type=float, default=d.noise, help="std of the annotators' noise on the gold score")
     add("--annotators", type=int, default=d.annotators, help="simulated annotators sharing the ranking work")
     add("--bad-fraction", type=float, default=d.bad_fraction, help="share of wrong/rambling/rude SFT answers")

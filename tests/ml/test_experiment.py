@@ -62,21 +62,25 @@ def test_a_bad_ranking_line_stops_the_reward_stage_naming_it(tmp_path: Path, tin
 def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--quick", "--algo", "grpo", "rloo", "--dpo", "--rl-steps", "5", "--seed", "2"])
+    flags = ["--quick", "--algo", "grpo", "rloo", "--dpo", "--rl-steps", "5", "--seed", "2", "--rounds", "3"]
+    args = parser.parse_args(flags)
     config = ExperimentConfig(**{k: v for k, v in vars(args).items() if k in ExperimentConfig.__dataclass_fields__})
     assert config.algos == ["grpo", "rloo"] and config.dpo and config.resolved_scale().rl_steps == 5
+    assert config.rounds == 3
     assert config.resolved_scale().sft_steps == ExperimentConfig(quick=True).resolved_scale().sft_steps
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
     assert main(parser.parse_args(["--out", str(tmp_path / "busy"), "--no-progress"])) == 2
     assert "is not empty" in capsys.readouterr().err
     assert main(parser.parse_args(["--noise", "-1", "--no-progress"])) == 2
+    assert main(parser.parse_args(["--rounds", "0", "--no-progress"])) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_summary_over_seeds_is_mean_and_sample_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def run(seed: int, sft: float, ppo: float, rm: float) -> dict:
         policy = {"gold_greedy": 0.5, "kl": 2.0, "response_len": 10.0}
-        return {"config": {"seed": seed}, "seconds": 600.0,
+        return {"config": {"seed": seed}, "seconds": 600.0, "rm_acc": rm,
                 "policies": {"sft": {**policy, "gold": sft}, "rl-ppo": {**policy, "gold": ppo}},
                 "stages": {"reward": {"rm_acc_gold": rm}, "annotate": {"annotator_agreement": 0.9}}}  # fmt: skip
 
@@ -84,7 +88,7 @@ def test_summary_over_seeds_is_mean_and_sample_std(tmp_path: Path, capsys: pytes
     table = summarize(runs).splitlines()
     ppo = next(line for line in table if line.startswith("rl-ppo"))
     assert "0.400 ± 0.000" in ppo and "0.150 ± 0.071" in ppo  # gains 0.2 and 0.1: mean 0.15, sample std 0.0707
-    assert any("accuracy against gold: 0.850 ± 0.071" in line for line in table)
+    assert any("accuracy against gold: 0.850 ± 0.071 (first round), 0.850 ± 0.071" in line for line in table)
     for i, r in enumerate(runs):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
