@@ -180,6 +180,24 @@ class ModelVersionPublic(BaseModel):
     activated_at: datetime | None
 
 
+class SettingsPublic(BaseModel):
+    """The runtime settings admins change without a restart (stored in the database; the environment is the default)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    auto_retrain_after: int = Field(description="new rankings + thumbs that trigger reward then RL; 0 = off")
+    source: Literal["database", "environment"] = Field(description="where the value in force comes from")
+    updated_at: datetime | None
+    updated_by: str | None
+    labels_since_last_reward_model: int
+
+
+class SettingsUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    auto_retrain_after: int | None = Field(None, ge=0, le=1_000_000, strict=True, description="0 turns the rule off")
+
+
 class RollBack(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -25,6 +25,7 @@ class JobContext:
     data_dir: Path
     database_url: str
     report: Callable[..., None]  # report(progress=None, metrics=None, log=None)
+    nproc: int = 1  # processes to train with (`flywheel worker --nproc`): local DDP ranks, this process is rank 0
 
     def session(self) -> Session:
         """A database session of the child's own (a forked connection pool must not be shared)."""
@@ -34,6 +35,14 @@ class JobContext:
 
     def model_dir(self, kind: str) -> Path:
         return self.data_dir / "models" / f"{kind}-job{self.job_id}"
+
+    def train(self, trainer: Callable[..., dict[str, Any]], config: Any) -> dict[str, Any]:
+        """Run an ml/ trainer on `nproc` processes (app/distributed.py). The config is built once, here, so every rank
+        trains on the same rows even while new labels arrive; each progress point says how many ranks trained."""
+        from app.distributed import run_ranks
+
+        return run_ranks(trainer, config, nproc=self.nproc, on_progress=self.on_progress,
+                         log=lambda line: self.report(log=line))  # fmt: skip
 
     def on_progress(self, info: dict[str, Any]) -> None:
         """Adapter for ml/ trainers' progress callbacks: step/max_steps → progress, the rest → a metric point."""
@@ -67,7 +76,7 @@ def run_pretrain(ctx: JobContext) -> JobOutput:
     allowed = {f.name for f in fields(PretrainConfig)} - {"out", "resume", "progress"}
     out = ctx.model_dir("base")
     config = PretrainConfig(out=str(out), **_params(ctx, allowed))
-    metrics = pretrain(config, on_progress=ctx.on_progress)
+    metrics = ctx.train(pretrain, config)
     return JobOutput(
         model_kind="base", model_dir=str(out), metrics=_plain(metrics), training_data={"data": config.data}
     )
@@ -109,6 +118,7 @@ def _dialogue_files(ctx: JobContext) -> list[str]:
 
 def run_sft(ctx: JobContext) -> JobOutput:
     """Fine-tune the active base model on chats that allow training, imported dialogues and (optionally) the demo's."""
+    from ml.demo import World
     from ml.train.sft import SFTConfig, sft
 
     params = dict(ctx.params)
@@ -116,14 +126,17 @@ def run_sft(ctx: JobContext) -> JobOutput:
     with ctx.session() as session:
         base = _version(session, params, "base_version_id", (ModelKind.base,))
         chats = datasets.dialogues(session)
-    data = (["demo"] if include_demo else []) + _dialogue_files(ctx) + chats.records
-    if not data:
+    collected = _dialogue_files(ctx) + chats.records
+    if not collected and not include_demo:
         raise ValueError("no dialogues to train on: import some or allow the demo data")
     out = ctx.model_dir("sft")
-    config = SFTConfig(base=base.path, out=str(out), data=data,
+    config = SFTConfig(base=base.path, out=str(out), data=["demo"],
                        **_trainer_params(params, SFTConfig, {"base", "out", "data", "resume", "progress"}))  # fmt: skip
-    metrics = sft(config, on_progress=ctx.on_progress)
-    lineage = {**chats.watermark, "files": _dialogue_files(ctx), "demo": include_demo}
+    if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
+        demo = World(config.demo_seed).sft_dialogues(config.demo_dialogues, seed=config.seed) if include_demo else []
+        config.data = list(demo) + collected
+    metrics = ctx.train(sft, config)
+    lineage = {**chats.watermark, "dialogues": len(chats.records), "files": _dialogue_files(ctx), "demo": include_demo}
     return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
 
 
@@ -142,7 +155,7 @@ def run_reward(ctx: JobContext) -> JobOutput:
                           thumbs=_thumb_records(thumbs),
                           **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume",
                                                                    "progress"}))  # fmt: skip
-    metrics = train_reward(config, on_progress=ctx.on_progress)
+    metrics = ctx.train(train_reward, config)
     lineage = {**rankings.watermark, **thumbs.watermark, "rankings": len(rankings.records),
                "thumbs": len(thumbs.records)}  # fmt: skip
     return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
@@ -178,10 +191,13 @@ def run_rl(ctx: JobContext) -> JobOutput:
                       prompts=train_prompts.records,
                       **_trainer_params(params, RLConfig, {"policy", "out", "reward_model", "reference", "prompts",
                                                            "progress"}))  # fmt: skip
+    if ctx.nproc > 1:
+        ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
     metrics = rl(config, on_progress=ctx.on_progress)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
-    lineage = {**train_prompts.watermark, "reward_version_id": reward.id, "reference_version_id": reference.id}
+    lineage = {**train_prompts.watermark, "prompts": len(train_prompts.records), "reward_version_id": reward.id,
+               "reference_version_id": reference.id}  # fmt: skip
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 
@@ -200,10 +216,11 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     config = DPOConfig(policy=policy.path, out=str(out), algo=algo, **data,
                        **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume",
                                                              "progress"}))  # fmt: skip
-    metrics = train_preferences(config, on_progress=ctx.on_progress)
+    metrics = ctx.train(train_preferences, config)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
-    lineage = {**(rankings.watermark if algo == "dpo" else thumbs.watermark)}
+    used = (rankings, "rankings") if algo == "dpo" else (thumbs, "thumbs")
+    lineage = {**used[0].watermark, used[1]: len(used[0].records)}
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from app.db import make_engine, make_session_factory, transaction
 from app.models import JobStatus, ModelVersion
-from app.services import jobs, model_versions
+from app.services import app_settings, jobs, model_versions
 from app.settings import Settings
 
 log = logging.getLogger("flywheel.worker")
@@ -33,6 +33,7 @@ class WorkerConfig:
     lease_s: float = 60.0
     heartbeat_s: float = 2.0
     kill_grace_s: float = 5.0
+    nproc: int = 1  # processes per training job (local DDP, app/distributed.py); 1: the child trains alone
 
 
 def new_worker_id() -> str:
@@ -59,8 +60,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _child_main(
-    job_type: str, job_id: int, params: dict, data_dir: str, database_url: str, out: mp.Queue, parent_pid: int
-) -> None:
+    job_type: str, job_id: int, params: dict, data_dir: str, database_url: str, out: mp.Queue, parent_pid: int,
+    nproc: int = 1,
+) -> None:  # fmt: skip
     """Entry point of the child process: run the handler, stream reports, send the result or the error last."""
     _die_with_parent(parent_pid)
     from app.training import HANDLERS, JobContext
@@ -72,7 +74,7 @@ def _child_main(
         handler = HANDLERS.get(job_type)
         if handler is None:
             raise ValueError(f"this worker cannot run {job_type!r} jobs yet")
-        result = handler(JobContext(job_id, params, Path(data_dir), database_url, report))
+        result = handler(JobContext(job_id, params, Path(data_dir), database_url, report, nproc=nproc))
         out.put({"result": asdict(result)})
     except BaseException as exc:  # everything the child hits must reach the job row
         out.put({"error": f"{type(exc).__name__}: {exc}", "log": traceback.format_exc(limit=8)})
@@ -108,10 +110,11 @@ class Worker:
             self.run_job(*claimed)
 
     def _maybe_trigger(self) -> None:
-        if self.settings.auto_retrain_after <= 0:
-            return
+        """The automatic retraining rule, read from the database at every poll (admins change it while we run);
+        FLYWHEEL_AUTO_RETRAIN_AFTER is the value until an admin sets one."""
         with transaction(self.factory) as session:
-            for job in jobs.maybe_trigger_retraining(session, after_labels=self.settings.auto_retrain_after):
+            after = app_settings.auto_retrain_after(session, default=self.settings.auto_retrain_after)
+            for job in jobs.maybe_trigger_retraining(session, after_labels=after):
                 log.info("enough new labels: enqueued job %s (%s)", job.id, job.type)
 
     def run_job(self, job_id: int, job_type: str, params: dict[str, Any]) -> None:
@@ -129,6 +132,7 @@ class Worker:
                 self.settings.resolved_database_url,
                 out,
                 os.getpid(),
+                self.config.nproc,
             ),
             daemon=True,
         )

@@ -1,7 +1,6 @@
 """REST API under /api/v1 (Bearer tokens or the browser session). Later issues add rankings, feedback, models."""
 
-
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import AdminUser, CurrentUser, SessionDep
@@ -11,6 +10,8 @@ from app.schemas import (
     JobPublic,
     ModelVersionPublic,
     RollBack,
+    SettingsPublic,
+    SettingsUpdate,
     TokenCreate,
     TokenCreated,
     TokenPublic,
@@ -18,7 +19,7 @@ from app.schemas import (
     UserPublic,
     UserUpdate,
 )
-from app.services import datasets, jobs, model_versions, tokens, users
+from app.services import app_settings, datasets, jobs, model_versions, tokens, users
 
 router = APIRouter(tags=["api"])
 
@@ -127,6 +128,24 @@ def roll_back_model(body: RollBack, session: SessionDep, admin: AdminUser) -> Mo
     version = model_versions.roll_back(session, kind=body.kind)
     session.commit()
     return ModelVersionPublic.model_validate(version)
+
+
+@router.get("/settings", response_model=SettingsPublic)
+def get_settings(request: Request, session: SessionDep, admin: AdminUser) -> SettingsPublic:
+    """The runtime settings: the automatic retraining rule in force and the labels collected towards it."""
+    default = request.app.state.settings.auto_retrain_after
+    return SettingsPublic.model_validate(app_settings.retrain_rule(session, default=default))
+
+
+@router.patch("/settings", response_model=SettingsPublic)
+def update_settings(request: Request, body: SettingsUpdate, session: SessionDep, admin: AdminUser) -> SettingsPublic:
+    """Change the automatic retraining rule (`auto_retrain_after`: N new labels, 0 = off); workers apply it at their
+    next poll."""
+    if body.auto_retrain_after is not None:
+        app_settings.set_auto_retrain_after(session, value=body.auto_retrain_after, user=admin)
+        session.commit()
+    default = request.app.state.settings.auto_retrain_after
+    return SettingsPublic.model_validate(app_settings.retrain_rule(session, default=default))
 
 
 @router.get(

@@ -91,6 +91,7 @@ def run_in_process(monkeypatch, capsys, *args: str, stdin: str = "") -> tuple[in
         (("users", "set-role", "nobody", "admin"), "", "no user named"),
         (("tokens", "revoke", "99"), "", "token 99 not found"),
         (("users", "set-role", "root", "user"), "", "last enabled admin"),
+        (("worker", "--nproc", "0"), "", "--nproc must be at least 1"),
     ],
 )
 def test_errors_are_one_line_and_non_zero(env, monkeypatch, capsys, args, stdin, message) -> None:

@@ -105,6 +105,13 @@ def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, 
     with factory() as db:
         version = db.query(ModelVersion).filter_by(name=f"sft-job{job.id}").one()
         assert version.status == ModelStatus.candidate and version.training_data["conversation_id"] > 0
+        assert version.training_data["dialogues"] == 2
+    # With the defaults the demo's dialogues are mixed in with the collected chats.
+    job = run(settings, factory, "sft", steps=2, batch_size=2, demo_dialogues=8)
+    assert job.status == JobStatus.succeeded, job.error
+    with factory() as db:
+        version = db.query(ModelVersion).filter_by(name=f"sft-job{job.id}").one()
+        assert version.training_data["demo"] is True and version.training_data["dialogues"] == 2
 
 
 def test_gate_decisions_on_worked_numbers() -> None:

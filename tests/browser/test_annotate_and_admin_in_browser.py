@@ -61,3 +61,32 @@ def test_admin_starts_a_job_and_sees_it_listed(served_page: Page) -> None:
     page.get_by_role("link", name="← Admin").click()
     expect(page.locator("#jobs")).to_contain_text("reward")
     assert page.console_errors == [], page.console_errors
+
+
+def test_admin_sets_automatic_retraining_without_reload(served_page: Page) -> None:
+    page = served_page
+    with page.app.state.session_factory() as db:
+        make_user(db, "boss", Role.admin)
+    log_in(page, "boss")
+    page.goto("/admin")
+    expect(page.locator("#retrain-state")).to_have_text("off")
+    page.evaluate("window.notReloaded = true")
+    field = page.get_by_label("Retrain after N new labels (0 = off)")
+    field.fill("40")
+    page.locator("#retrain-form").get_by_role("button", name="Save").click()
+    expect(page.locator("#retrain-state")).to_have_text("after 40 new labels")
+    expect(page.locator("#retrain").get_by_role("status")).to_have_text("saved")
+    assert page.evaluate("window.notReloaded") is True  # htmx swapped the section; the page stayed
+    assert page.console_errors == [], page.console_errors
+    screenshot(page, "admin-retrain")
+    with page.app.state.session_factory() as db:
+        from app.services import app_settings
+
+        assert app_settings.auto_retrain_after(db, default=0) == 40
+
+    field.evaluate("el => el.removeAttribute('min')")  # past the browser's own check: the server's message shows
+    field.fill("-2")
+    page.locator("#retrain-form").get_by_role("button", name="Save").click()
+    expect(page.locator("#retrain-error")).to_contain_text("between 0 (off) and 1000000")
+    expect(page.locator("#retrain-state")).to_have_text("after 40 new labels")
+    assert page.evaluate("window.notReloaded") is True
