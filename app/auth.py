@@ -9,6 +9,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -56,8 +57,9 @@ def tokens_equal(a: str, b: str) -> bool:
 class CookieSigner:
     """Signs cookie values with the secret key, so a tampered or forged cookie is rejected before any lookup."""
 
-    def __init__(self, secret_key: str) -> None:
-        self._serializer = URLSafeSerializer(secret_key, salt="flywheel-cookie")
+    def __init__(self, secret_key: str, salt: str = "flywheel-cookie") -> None:
+        # A different salt per purpose: a value signed for one use never verifies for another.
+        self._serializer = URLSafeSerializer(secret_key, salt=salt)
 
     def sign(self, value: str) -> str:
         return self._serializer.dumps(value)
@@ -92,10 +94,13 @@ class LoginRateLimiter:
     each keeps its own window, so the effective limit is multiplied by the process count.
     """
 
-    def __init__(self, max_failures: int, window_s: float, address_factor: int = 4) -> None:
+    def __init__(
+        self, max_failures: int, window_s: float, address_factor: int = 4, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
         self.address_factor = address_factor  # one address (an office, a NAT) may host several people
+        self.clock = clock  # tests pass a fake one to step through the window
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -107,7 +112,7 @@ class LoginRateLimiter:
 
     def retry_after(self, username: str, address: str) -> int:
         """Seconds to wait before another try is allowed; 0 when allowed now."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             waits = []
             for key, limit in (
@@ -120,7 +125,7 @@ class LoginRateLimiter:
             return max(1, int(max(waits)) + 1) if waits else 0
 
     def record_failure(self, username: str, address: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             for key in (f"u:{username.lower()}", f"a:{address}"):
                 self._recent(key, now).append(now)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from app.auth import CookieSigner, LoginRateLimiter
 from app.db import make_engine, make_session_factory
@@ -26,12 +27,23 @@ UPLOAD_LIMIT = 60 * 1024 * 1024
 CSRF = Depends(csrf_protect)
 
 
+class FlywheelApp(FastAPI):
+    """FastAPI with the browser security layer outside everything, even the last-resort 500 that Starlette's
+    ServerErrorMiddleware sends (it sits outside all user middleware, so an added middleware never sees that 500)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return BrowserSecurityMiddleware(
+            super().build_middleware_stack(), signer=self.state.signer, secure_cookie=self.state.settings.cookie_secure
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The database is migrated by `flywheel serve` / `flywheel db upgrade`, not here: with several
     server processes, one migration must run before any of them starts; /readyz reports a database behind."""
     settings = settings or Settings()
     engine = make_engine(settings.resolved_database_url)
-    signer = CookieSigner(settings.resolved_secret_key())
+    secret_key = settings.resolved_secret_key()
+    signer = CookieSigner(secret_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -43,18 +55,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.inference.close()
             engine.dispose()
 
-    app = FastAPI(title="Flywheel", version="0.1.0", lifespan=lifespan)
+    app = FlywheelApp(title="Flywheel", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.signer = signer
+    app.state.notice_signer = CookieSigner(secret_key, salt="flywheel-notice")
     app.state.templates = make_templates()
     app.state.login_limiter = LoginRateLimiter(settings.login_max_failures, settings.login_window_s)
     app.state.inference = make_inference(settings)
     app.state.unloadable_versions = set()
     app.state.stop_requests = {}  # message id -> asyncio.Event, set by the Stop button
 
-    app.add_middleware(BrowserSecurityMiddleware, signer=signer, secure_cookie=settings.cookie_secure)
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_body_bytes, upload_limit=UPLOAD_LIMIT,
                        upload_paths=("/admin/import", "/api/v1/prompts/import"))  # fmt: skip
     install_error_handlers(app)

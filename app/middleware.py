@@ -1,4 +1,8 @@
-"""Pure ASGI middleware (safe for streaming responses): security headers and the anonymous CSRF cookie."""
+"""Pure ASGI middleware (safe for streaming responses): security headers and the anonymous CSRF cookie.
+
+The headers go on every response, whatever produced it (pages, JSON, static files, 413s, the last-resort 500):
+`app.main.FlywheelApp` puts `BrowserSecurityMiddleware` outside all of Starlette's own layers.
+"""
 
 import contextlib
 import json
@@ -18,7 +22,12 @@ SECURITY_HEADERS = [
         b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         b"connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'",
     ),
+    (b"cross-origin-opener-policy", b"same-origin"),
 ]
+# Chats, tokens shown once and admin data must not linger in a browser's or a proxy's cache (nor come back with the
+# Back button after logging out); only the static files are worth caching.
+NO_STORE = (b"cache-control", b"no-store")
+STATIC_PREFIX = "/static/"
 
 
 def _cookies(scope: Scope) -> dict[str, str]:
@@ -56,6 +65,8 @@ class BrowserSecurityMiddleware:
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
                 headers += [(name, value) for name, value in SECURITY_HEADERS if name not in present]
+                if NO_STORE[0] not in present and not scope.get("path", "").startswith(STATIC_PREFIX):
+                    headers.append(NO_STORE)
                 if set_cookie:
                     cookie = f"{CSRF_COOKIE}={self.signer.sign(nonce)}; Path=/; HttpOnly; SameSite=Lax"
                     headers.append((b"set-cookie", (cookie + ("; Secure" if secure else "")).encode()))

@@ -40,9 +40,10 @@ async def answer(
     service: InferenceService = app.state.inference
     params = params or SamplingParams(max_tokens=app.state.settings.max_new_tokens)
     active: dict[int, asyncio.Event] = app.state.stop_requests
-    if message_id in active:
-        raise Conflict(f"message {message_id} is already being answered")
+    # Ownership first: someone else's message is a 404 whether or not it is streaming (no 409 that reveals it is).
     history = await asyncio.to_thread(_prepare, app, user, message_id)
+    if message_id in active:  # checked and claimed with no await in between: two requests cannot both pass
+        raise Conflict(f"message {message_id} is already being answered")
     stop = active[message_id] = asyncio.Event()
     version_id = service.current.version_id if service.current else None
     parts: list[str] = []

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.auth import hash_password, verify_password
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Role, User, UserSession, utcnow
+from app.services import tokens
 
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{1,31}$")
 MIN_PASSWORD_LENGTH = 8
@@ -84,9 +85,10 @@ def update_user(session: Session, *, user_id: int, role: Role | None = None, dis
         user.role = role
     if disabled is not None:
         user.disabled = disabled
-        if disabled:  # end every open login at once
+        if disabled:  # end every open login and API token at once, for good: enabling again revives neither
             for login in session.scalars(select(UserSession).where(UserSession.user_id == user.id)):
                 session.delete(login)
+            tokens.revoke_all(session, user_id=user.id)
     session.flush()
     return user
 

@@ -1,5 +1,6 @@
 """A person chats in a real browser: streamed text arrives, Stop works, thumbs with a reason, `<script>` is text."""
 
+import asyncio
 import re
 
 from playwright.sync_api import Page, expect
@@ -57,6 +58,16 @@ def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> 
     # A long answer (no stop token, room for 600 tokens: a new chat, so no history eats the context) is stopped.
     monkeypatch.setattr(Tokenizer, "stop_token_ids", property(lambda self: []))
     page.app.state.inference.limits.max_new_tokens = 600
+    page.app.state.settings.max_new_tokens = 600  # what the chat asks for
+    fast = page.app.state.inference.stream
+
+    async def paced(*args, **kwargs):
+        """A tiny model writes 600 tokens faster than a click travels: pace them so that Stop lands mid-answer."""
+        async for delta in fast(*args, **kwargs):
+            await asyncio.sleep(0.02)
+            yield delta
+
+    monkeypatch.setattr(page.app.state.inference, "stream", paced)
     page.get_by_role("button", name="New chat").click()
     box = page.get_by_label("Your message")
     box.fill("Tell me a very long story")
