@@ -41,6 +41,7 @@ def _session_factory(settings: Settings):
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import signal
     import subprocess
 
     import uvicorn
@@ -55,8 +56,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     host, port = args.host or settings.host, args.port or settings.port
     worker = None
     if not args.no_worker:  # the embedded default: one worker process beside the web server
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--nproc", str(args.worker_nproc)])
     print(f"Flywheel serving on http://{host}:{port}", file=sys.stderr)
+    # uvicorn re-raises SIGTERM once it has shut down; with the default action that kills this process on the spot,
+    # before `finally` stops the worker (left running, orphaned). Exit through `finally` instead.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers, proxy_headers=True)
     finally:
@@ -71,7 +75,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     from app.worker import Worker, WorkerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    worker = Worker(settings, WorkerConfig(poll_s=args.poll, lease_s=args.lease))
+    if args.nproc < 1:
+        raise CLIError("--nproc must be at least 1")
+    worker = Worker(settings, WorkerConfig(poll_s=args.poll, lease_s=args.lease, nproc=args.nproc))
     worker.install_signal_handlers()
     print(f"worker {worker.worker_id} waiting for jobs", file=sys.stderr)
     worker.run(once=args.once)
@@ -244,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
     serve.add_argument("--no-worker", action="store_true", help="run no embedded worker (run `flywheel worker`s)")
     serve.add_argument("--no-bootstrap", action="store_true", help="do not train the demo model on first start")
+    serve.add_argument("--worker-nproc", type=int, default=1, metavar="N", help="the embedded worker's --nproc")
 
     worker = _add(groups, "worker", cmd_worker, "claim and run training jobs from the queue")
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     worker.add_argument("--lease", type=float, default=60.0, help="seconds a job stays ours without a heartbeat")
+    worker.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train each job on N processes (DDP: gloo on CPU, one GPU each on CUDA); rl, evaluate and "
+                             "candidates run in one")  # fmt: skip
 
     db = groups.add_parser("db", help="database schema", description="database schema").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"

@@ -1,11 +1,24 @@
 """Engine and session factory: SQLite (the embedded default) with WAL and foreign keys; PostgreSQL via psycopg."""
 
+import re
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-from sqlalchemy import Engine, create_engine, event
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+BUSY_TIMEOUT_S = 10
+_WRITE = re.compile(r"\s*(INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
 
 
 def normalise_url(url: str) -> str:
@@ -20,18 +33,114 @@ def _configure_sqlite(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, fast
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
     cursor.close()
+
+
+class SQLiteWriteLock:
+    """Writers take turns on a lock of our own before SQLite would make them wait.
+
+    SQLite lets one connection write at a time; the others wait in its busy handler, which sleeps in growing steps
+    (up to 100 ms) and cannot be woken. Under concurrent requests that sleeping, not the writing, set the latency.
+    Here a connection takes this lock just before its transaction's first write, and gives it back the moment that
+    transaction ends (in `LockingConnection.commit/rollback/close`, after SQLite has finished, not at the engine's
+    commit event, which comes before it). Within a process that is a thread lock, so the next writer starts as soon
+    as the previous one is done; across processes (`flywheel serve --workers N`, the training worker) it is also an
+    flock on `<database>-writer.lock`, polled every half millisecond. If the lock is not had within SQLite's busy
+    timeout, the writer goes on and lets SQLite decide, as it would without the lock; a process that dies loses its
+    flock with it.
+    """
+
+    def __init__(self, path: str, timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        self._lock = threading.Lock()  # not an RLock: a session may commit on another thread than it wrote on
+        self._lock_path = f"{path}-writer.lock"
+        self._file: BinaryIO | None = None  # open while this process holds the lock (closing it drops the flock)
+        self.timeout_s = timeout_s
+
+    def install(self, engine: Engine) -> None:
+        event.listen(engine, "connect", self._adopt)
+        event.listen(engine, "before_cursor_execute", self._before_execute)
+
+    def _adopt(self, dbapi_connection: "LockingConnection", _record) -> None:
+        dbapi_connection.write_lock = self
+
+    def _before_execute(self, _conn, cursor, statement: str, *_args) -> None:
+        connection: LockingConnection = cursor.connection
+        if not connection.holds_write_lock and _WRITE.match(statement):
+            connection.holds_write_lock = self.acquire()
+
+    def acquire(self) -> bool:
+        """True once this process and no other may write; False after the timeout (then SQLite decides)."""
+        deadline = time.monotonic() + self.timeout_s
+        if not self._lock.acquire(timeout=self.timeout_s):
+            return False
+        if fcntl is None:  # no flock on this platform: SQLite's own lock is all there is between processes
+            return True
+        self._file = open(self._lock_path, "ab")  # noqa: SIM115 - closed in release()
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.release()
+                    return False
+                time.sleep(0.0005)
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._lock.release()
+
+
+class LockingConnection(sqlite3.Connection):
+    """A pysqlite connection that gives its engine's write lock back the moment its transaction ends."""
+
+    write_lock: SQLiteWriteLock | None = None
+    holds_write_lock = False
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._give_back()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._give_back()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        if self.holds_write_lock and self.write_lock is not None:
+            self.holds_write_lock = False
+            self.write_lock.release()
 
 
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        path = make_url(url).database
+        in_file = bool(path) and path != ":memory:" and not path.startswith("file:")
+        if in_file:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        # A file database keeps one pooled connection per request thread (anyio runs up to 40): a smaller pool
+        # opens and closes connections under load, and each new one pays for its PRAGMAs.
+        pool = {"pool_size": 40, "max_overflow": 20} if in_file else {}
+        connect_args = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}
+        if in_file:
+            connect_args["factory"] = LockingConnection
+        engine = create_engine(url, connect_args=connect_args, **pool)
         event.listen(engine, "connect", _configure_sqlite)
+        if in_file:
+            SQLiteWriteLock(path).install(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 

@@ -6,7 +6,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -16,6 +16,7 @@ from app.templating import is_htmx, render
 
 API_PREFIXES = ("/api/", "/v1/")
 DATABASE_DOWN = "the database is unavailable; try again shortly"
+VALUE_OUT_OF_RANGE = "a value in the request is out of range (an id or number too large to exist)"
 
 log = logging.getLogger("flywheel.handlers")
 
@@ -77,3 +78,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if getattr(request.state, "principal", None) is None:  # the error page must not ask the database who this is
             request.state.principal = Principal(None, "anonymous", request.scope.get("state", {}).get("csrf_nonce", ""))
         return error_response(request, 503, DATABASE_DOWN, {"Retry-After": "1"})
+
+    @app.exception_handler(DataError)
+    @app.exception_handler(OverflowError)
+    async def value_out_of_range(request: Request, exc: Exception) -> Response:
+        """A value no row can hold is the request's fault: an id past the integer range of the database (PostgreSQL:
+        DataError "integer out of range"; SQLite's driver: OverflowError before the query runs) names nothing, so
+        it is a 422 rather than a 500. Catching these here covers every route's path, query and body at once."""
+        log.info("%s %s: value out of range: %s", request.method, request.url.path, str(exc).splitlines()[0])
+        return error_response(request, 422, VALUE_OUT_OF_RANGE)

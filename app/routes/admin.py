@@ -1,38 +1,115 @@
 """Admin pages: the dashboard (counts, models, jobs with live progress and charts, data import/export), people."""
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.charts import job_charts
 from app.deps import AdminUser, SessionDep
 from app.errors import Invalid, ServiceError
-from app.models import ModelKind, Role
-from app.services import annotation, datasets, imports, jobs, model_versions, stats, tokens, users
+from app.models import ModelKind, ModelVersion, Role
+from app.services import (
+    annotation,
+    app_settings,
+    datasets,
+    imports,
+    jobs,
+    lineage,
+    model_versions,
+    stats,
+    tokens,
+    users,
+)
 from app.templating import is_htmx, render
 
 router = APIRouter(prefix="/admin")
 
 
-@router.get("", response_class=HTMLResponse, name="admin_dashboard")
-def dashboard(request: Request, session: SessionDep, admin: AdminUser, message: str | None = None) -> HTMLResponse:
+def notice_url(request: Request, text: str) -> str:
+    """The dashboard showing `text` as a notice, signed: a link made elsewhere cannot put words in an admin's page."""
+    notice = request.app.state.notice_signer.sign(text)
+    return str(request.url_for("admin_dashboard").include_query_params(message=notice))
+
+
+def _dashboard_context(request: Request, session: Session, message: str | None = None) -> dict[str, Any]:
     settings = request.app.state.settings
     current = request.app.state.inference.current
-    context = {
+    versions = model_versions.list_versions(session)
+    return {
         "counts": stats.dashboard_counts(session, per_set=settings.annotations_per_set),
         "agreement": annotation.agreement(session),
-        "versions": model_versions.list_versions(session),
+        "versions": versions,
+        "version_names": lineage.version_names(versions),
+        "describe": lineage.describe_training_data,
+        "gate_verdict": lineage.gate_verdict,
         "kinds": list(ModelKind),
         "jobs": jobs.list_jobs(session, limit=20),
         "job_types": sorted(jobs.JOB_TYPES),
         "export_kinds": datasets.KINDS,
         "import_kinds": imports.IMPORT_KINDS,
         "served": current.name if current else None,
-        "message": message,
+        "message": request.app.state.notice_signer.unsign(message),  # only what this server signed: see notice_url
+        **_retrain_context(request, session),
     }
-    return render(request, "admin.html", context)
+
+
+def _retrain_context(request: Request, session: Session, value: str | None = None, error: str | None = None,
+                     saved: bool = False) -> dict[str, Any]:  # fmt: skip
+    rule = app_settings.retrain_rule(session, default=request.app.state.settings.auto_retrain_after)
+    value = str(rule.auto_retrain_after) if value is None else value
+    return {"rule": rule, "retrain_value": value, "retrain_error": error, "retrain_saved": saved}
+
+
+@router.get("", response_class=HTMLResponse, name="admin_dashboard")
+def dashboard(request: Request, session: SessionDep, admin: AdminUser, message: str | None = None) -> HTMLResponse:
+    return render(request, "admin.html", _dashboard_context(request, session, message))
+
+
+@router.post("/settings", name="admin_settings_update")
+def update_settings(
+    request: Request, session: SessionDep, admin: AdminUser,
+    auto_retrain_after: Annotated[str, Form(max_length=20)],
+) -> Response:  # fmt: skip
+    """Set the automatic retraining rule. A bad value is shown beside the field (the section alone for htmx, the
+    whole page without JavaScript), with the text the admin typed kept in the field."""
+    try:
+        value = app_settings.parse_threshold(auto_retrain_after)
+        app_settings.set_auto_retrain_after(session, value=value, user=admin)
+    except ServiceError as exc:
+        session.rollback()
+        retrain = _retrain_context(request, session, value=auto_retrain_after, error=exc.message)
+        if is_htmx(request):
+            return render(request, "partials/retrain.html", retrain, status_code=exc.status_code)
+        context = {**_dashboard_context(request, session), **retrain}
+        return render(request, "admin.html", context, status_code=exc.status_code)
+    session.commit()
+    if is_htmx(request):
+        return render(request, "partials/retrain.html", _retrain_context(request, session, saved=True))
+    state = f"after {value} new labels" if value else "off"
+    return RedirectResponse(notice_url(request, f"Automatic retraining: {state}"), status_code=303)
+
+
+@router.get("/models/{version_id}", response_class=HTMLResponse, name="admin_model")
+def model_detail(request: Request, session: SessionDep, admin: AdminUser, version_id: int) -> HTMLResponse:
+    """One model version's lineage: its ancestors, the data it was trained on, the gate's verdict, its metrics."""
+    version = model_versions.get_version(session, version_id=version_id)
+    chain = lineage.ancestors(session, version)
+    offspring = lineage.children(session, version)
+    names = lineage.version_names([version, *chain, *offspring])
+    for key in lineage.VERSION_REFERENCES:  # the reward model and reference it names, for their links
+        ref = version.training_data.get(key)
+        if isinstance(ref, int) and ref not in names and (other := session.get(ModelVersion, ref)) is not None:
+            names[ref] = other.name
+    context = {
+        "version": version, "ancestors": chain, "children": offspring,
+        "trained_on": lineage.describe_training_data(version.training_data or {}, names),
+        "gate": lineage.gate_verdict(version.metrics or {}),
+        "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in ("gate", "promoted")},
+    }  # fmt: skip
+    return render(request, "admin_model.html", context)
 
 
 @router.get("/jobs", response_class=HTMLResponse, name="admin_jobs")
@@ -102,8 +179,7 @@ async def import_data(
     summary = imports.import_file(session, request.app.state.settings, kind=kind, filename=file.filename or "",
                                   data=data)  # fmt: skip
     session.commit()
-    url = request.url_for("admin_dashboard").include_query_params(message=f"Imported {kind}: {summary}")
-    return RedirectResponse(url, status_code=303)
+    return RedirectResponse(notice_url(request, f"Imported {kind}: {summary}"), status_code=303)
 
 
 @router.get("/users", response_class=HTMLResponse, name="admin_users")

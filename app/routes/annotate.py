@@ -4,6 +4,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app.deps import AdminUser, AnnotatorUser, SessionDep
@@ -25,10 +26,11 @@ def workspace_context(session, cset_id: int) -> dict:
 
 @router.get("", response_class=HTMLResponse, name="annotate")
 async def workspace(request: Request, session: SessionDep, annotator: AnnotatorUser) -> HTMLResponse:
-    set_id = await tasks.next_task(request.app, annotator)
-    if set_id is None:
+    task = await tasks.next_task(request.app, annotator)
+    if task is None:
         return render(request, "annotate.html", {"cset": None})
-    return render(request, "annotate.html", workspace_context(session, set_id))
+    context = await run_in_threadpool(workspace_context, session, task.set_id)  # the database, off the event loop
+    return render(request, "annotate.html", context)
 
 
 def form_entries(form, cset_candidates) -> list[tuple[int, int]]:

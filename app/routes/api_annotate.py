@@ -3,7 +3,6 @@
 from fastapi import APIRouter, Request, Response, status
 
 from app.deps import AdminUser, AnnotatorUser, SessionDep
-from app.models import Prompt
 from app.routes.annotate import LABELS
 from app.schemas import CandidatePublic, ImportResult, PromptImport, RankEntry, RankingCreate, RankingPublic, TaskPublic
 from app.services import annotation, prompts, tasks
@@ -12,15 +11,13 @@ router = APIRouter(tags=["annotation"])
 
 
 @router.get("/annotation/next", response_model=TaskPublic, responses={204: {"description": "nothing to annotate"}})
-async def next_task(request: Request, session: SessionDep, annotator: AnnotatorUser) -> TaskPublic | Response:
+async def next_task(request: Request, annotator: AnnotatorUser) -> TaskPublic | Response:
     """The next candidate set for this annotator (sampled from the served model when none is waiting)."""
-    set_id = await tasks.next_task(request.app, annotator)
-    if set_id is None:
+    task = await tasks.next_task(request.app, annotator)
+    if task is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    cset = annotation.get_set(session, set_id=set_id)
-    prompt = session.get(Prompt, cset.prompt_id)
-    candidates = [CandidatePublic(id=c.id, label=LABELS[c.position], content=c.content) for c in cset.candidates]
-    return TaskPublic(set_id=cset.id, prompt_id=prompt.id, messages=prompt.messages, candidates=candidates)
+    candidates = [CandidatePublic(id=i, label=LABELS[position], content=text) for i, position, text in task.candidates]
+    return TaskPublic(set_id=task.set_id, prompt_id=task.prompt_id, messages=task.messages, candidates=candidates)
 
 
 @router.post("/annotation/sets/{set_id}/ranking", response_model=RankingPublic, status_code=status.HTTP_201_CREATED)
@@ -31,7 +28,7 @@ def submit_ranking(set_id: int, body: RankingCreate, session: SessionDep, annota
         time_spent_ms=body.time_spent_ms,
     )  # fmt: skip
     session.commit()
-    entries = [RankEntry(candidate_id=e.candidate_id, rank=e.rank) for e in ranking.entries]
+    entries = [RankEntry(candidate_id=candidate_id, rank=rank) for candidate_id, rank in ranking.entries]
     return RankingPublic(
         id=ranking.id, candidate_set_id=ranking.candidate_set_id, status=ranking.status,
         time_spent_ms=ranking.time_spent_ms, created_at=ranking.created_at, ranking=entries,

@@ -3,9 +3,11 @@
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentUser, SessionDep
+from app.models import Message
 from app.schemas import (
     ConversationCreate,
     ConversationDetail,
@@ -70,18 +72,28 @@ async def send_message(
 ) -> ExchangePublic | StreamingResponse:
     """Store the user's message and answer it with the served model (the whole answer, or streamed)."""
     answering.require_model(request.app)
-    message, answer = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=body.content)
-    session.commit()
+
+    def store() -> tuple[Message, Message]:  # on a thread: the event loop never waits for the database
+        stored = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=body.content)
+        session.commit()
+        return stored
+
+    message, answer = await run_in_threadpool(store)
     params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed)
     deltas = answering.answer(request.app, user=user, message_id=answer.id, params=params)
     if body.stream:
         return StreamingResponse(_events(deltas, message.id, answer.id), media_type="text/event-stream")
     async for _ in deltas:
         pass
-    session.expire_all()
+
+    def saved_answer() -> MessagePublic:
+        session.expire_all()
+        public = MessagePublic.model_validate(chat.get_message(session, user=user, message_id=answer.id))
+        session.rollback()
+        return public
+
     return ExchangePublic(user_message=MessagePublic.model_validate(message),
-                          answer=MessagePublic.model_validate(chat.get_message(session, user=user,
-                                                                               message_id=answer.id)))  # fmt: skip
+                          answer=await run_in_threadpool(saved_answer))  # fmt: skip
 
 
 async def _events(deltas, user_message_id: int, answer_id: int) -> AsyncIterator[str]:

@@ -9,13 +9,14 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
-from app.models import Candidate, CandidateSet, Prompt, Ranking, RankingEntry, RankingStatus, User
+from app.models import Candidate, CandidateSet, Prompt, Ranking, RankingEntry, RankingStatus, User, utcnow
 from app.text import clean, clean_optional
 
 MAX_FLAG_REASON = 200
@@ -23,17 +24,20 @@ MAX_TIME_SPENT_MS = 24 * 3600 * 1000
 
 
 def next_set(session: Session, *, annotator: User, per_set: int) -> CandidateSet | None:
-    """The existing set that most needs this annotator: not ranked by them, fewest rankings, oldest."""
-    counts = select(Ranking.candidate_set_id, func.count().label("n")).group_by(Ranking.candidate_set_id).subquery()
-    mine = select(Ranking.candidate_set_id).where(Ranking.annotator_id == annotator.id)
-    query = (
-        select(CandidateSet)
-        .outerjoin(counts, counts.c.candidate_set_id == CandidateSet.id)
-        .where(CandidateSet.id.not_in(mine), func.coalesce(counts.c.n, 0) < per_set)
-        .order_by(func.coalesce(counts.c.n, 0), CandidateSet.id)
-        .limit(1)
-    )
-    return session.scalar(query)
+    """The existing set that most needs this annotator: not ranked by them, fewest rankings, oldest.
+
+    Asked one level at a time (sets with no ranking yet, then with one, …): each query walks the sets in id order
+    through the rankings' indexes and stops at the first match, where one query ordering every set by its count of
+    rankings would count them all on every request for work.
+    """
+    count = select(func.count()).select_from(Ranking).where(Ranking.candidate_set_id == CandidateSet.id)
+    mine = exists().where(Ranking.candidate_set_id == CandidateSet.id, Ranking.annotator_id == annotator.id)
+    for level in range(per_set):
+        query = select(CandidateSet).where(count.scalar_subquery() == level, ~mine).order_by(CandidateSet.id).limit(1)
+        cset = session.scalar(query)
+        if cset is not None:
+            return cset
+    return None
 
 
 def prompt_needing_candidates(session: Session, *, annotator: User) -> Prompt | None:
@@ -74,6 +78,31 @@ def create_set(
     return cset
 
 
+@dataclass(frozen=True)
+class Task:
+    """What an annotator is shown: the set, its prompt's turns and its candidates as (id, position, content)."""
+
+    set_id: int
+    prompt_id: int
+    messages: list[dict[str, str]]
+    candidates: list[tuple[int, int, str]]
+
+
+def load_task(session: Session, *, set_id: int) -> Task:
+    """Two plain queries (the prompt through its set, the candidates): this runs on every request for work."""
+    row = session.execute(
+        select(Prompt.id, Prompt.messages).join(CandidateSet, CandidateSet.prompt_id == Prompt.id)
+        .where(CandidateSet.id == set_id)
+    ).one_or_none()  # fmt: skip
+    if row is None:
+        raise NotFound(f"candidate set {set_id} not found")
+    candidates = session.execute(
+        select(Candidate.id, Candidate.position, Candidate.content)
+        .where(Candidate.candidate_set_id == set_id).order_by(Candidate.position)
+    ).all()  # fmt: skip
+    return Task(set_id, row.id, row.messages, [tuple(c) for c in candidates])
+
+
 def get_set(session: Session, *, set_id: int) -> CandidateSet:
     cset = session.get(CandidateSet, set_id)
     if cset is None:
@@ -87,46 +116,73 @@ def dense_ranks(ranks: dict[int, int]) -> dict[int, int]:
     return {c: levels[r] for c, r in ranks.items()}
 
 
-def validate_ranks(cset: CandidateSet, entries: list[tuple[int, int]]) -> dict[int, int]:
-    ids = [c.id for c in cset.candidates]
+def validate_ranks(set_id: int, ids: list[int], entries: list[tuple[int, int]]) -> dict[int, int]:
+    """{candidate: dense rank}; every candidate of the set (`ids`) exactly once, ranks from 1."""
     named = [candidate_id for candidate_id, _ in entries]
     repeated = sorted({c for c in named if named.count(c) > 1})
     if repeated:
         raise Invalid(f"candidate {repeated[0]} is ranked more than once")
     foreign = sorted(set(named) - set(ids))
     if foreign:
-        raise Invalid(f"candidate {foreign[0]} is not in set {cset.id}")
+        raise Invalid(f"candidate {foreign[0]} is not in set {set_id}")
     missing = sorted(set(ids) - set(named))
     if missing:
-        raise Invalid(f"candidate {missing[0]} of set {cset.id} has no rank")
+        raise Invalid(f"candidate {missing[0]} of set {set_id} has no rank")
     if any(rank < 1 for _, rank in entries):
         raise Invalid("ranks start at 1 (best)")
     return dense_ranks(dict(entries))
 
 
+@dataclass(frozen=True)
+class StoredRanking:
+    """What submit_ranking wrote: the ranking row's fields and its entries (candidate id, dense rank)."""
+
+    id: int
+    candidate_set_id: int
+    status: RankingStatus
+    time_spent_ms: int | None
+    created_at: datetime
+    entries: list[tuple[int, int]]
+
+
 def submit_ranking(
     session: Session, *, annotator: User, set_id: int, status: RankingStatus, entries: list[tuple[int, int]],
     flag_reason: str | None = None, time_spent_ms: int | None = None,
-) -> Ranking:  # fmt: skip
-    """One annotator's verdict: ranked (every candidate once), skipped, or flagged (all bad or unsafe)."""
-    cset = get_set(session, set_id=set_id)
-    ranks = validate_ranks(cset, entries) if status == RankingStatus.ranked else {}
+) -> StoredRanking:  # fmt: skip
+    """One annotator's verdict: ranked (every candidate once), skipped, or flagged (all bad or unsafe).
+
+    The ranking and its entries are two plain INSERTs in the caller's transaction, which commits both or neither:
+    this is the hottest write of the service, and on SQLite writers take turns, so everything that can be checked
+    is checked by reads before the first write (no savepoint, no ORM unit of work while others wait). Two requests
+    for the same set and annotator at the same moment still meet the unique constraint: the loser gets a Conflict
+    and its transaction is to be rolled back.
+    """
+    ids = list(session.scalars(select(Candidate.id).where(Candidate.candidate_set_id == set_id)))
+    if not ids:  # a set always has candidates: none means there is no such set
+        raise NotFound(f"candidate set {set_id} not found")
+    status = RankingStatus(status)
+    ranks = validate_ranks(set_id, ids, entries) if status == RankingStatus.ranked else {}
     if status != RankingStatus.ranked and entries:
         raise Invalid(f"a {status.value} set takes no ranks")
     if flag_reason is not None and len(flag_reason) > MAX_FLAG_REASON:
         raise Invalid(f"a flag reason may have at most {MAX_FLAG_REASON} characters")
     if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise Invalid("time_spent_ms must be between 0 and one day")
-    ranking = Ranking(candidate_set_id=cset.id, annotator_id=annotator.id, status=status,
-                      flag_reason=clean_optional(flag_reason) if status == RankingStatus.flagged else None,
-                      time_spent_ms=time_spent_ms)  # fmt: skip
-    ranking.entries = [RankingEntry(candidate_id=c, rank=r) for c, r in ranks.items()]
+    mine = select(Ranking.id).where(Ranking.candidate_set_id == set_id, Ranking.annotator_id == annotator.id)
+    if session.scalar(mine) is not None:
+        raise Conflict(f"you have already ranked set {set_id}")
+    row = {"candidate_set_id": set_id, "annotator_id": annotator.id, "status": status, "created_at": utcnow(),
+           "flag_reason": clean_optional(flag_reason) if status == RankingStatus.flagged else None,
+           "time_spent_ms": time_spent_ms}  # fmt: skip
     try:
-        with session.begin_nested():
-            session.add(ranking)
+        ranking_id = session.execute(insert(Ranking).returning(Ranking.id), [row]).scalar_one()
     except IntegrityError as exc:
         raise Conflict(f"you have already ranked set {set_id}") from exc
-    return ranking
+    if ranks:
+        session.execute(insert(RankingEntry), [{"ranking_id": ranking_id, "candidate_id": c, "rank": r}
+                                               for c, r in ranks.items()])  # fmt: skip
+    stored = sorted(ranks.items(), key=lambda item: (item[1], item[0]))
+    return StoredRanking(ranking_id, set_id, status, time_spent_ms, row["created_at"], stored)
 
 
 def kendall_tau_b(a: list[float], b: list[float]) -> float | None:

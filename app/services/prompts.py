@@ -5,7 +5,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Invalid
@@ -84,27 +85,48 @@ def import_jsonl(session: Session, *, text: str) -> int:
     return add_prompts(session, items=items, source=PromptSource.imported)
 
 
+def _conversations_with_new_turns(session: Session) -> list[int]:
+    """Chats that allow training and have a user turn that is not a prompt yet: only these need reading."""
+    has_prompt = exists().where(Prompt.source_message_id == Message.id)
+    query = (
+        select(Message.conversation_id)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Conversation.allow_training.is_(True), Message.role == MessageRole.user, ~has_prompt)
+        .distinct()
+        .order_by(Message.conversation_id)
+    )
+    return list(session.scalars(query))
+
+
 def sync_chat_prompts(session: Session) -> int:
-    """Turn user turns of chats that allow training into prompts (their context up to that turn)."""
-    known = set(session.scalars(select(Prompt.source_message_id).where(Prompt.source_message_id.isnot(None))))
+    """Turn user turns of chats that allow training into prompts (their context up to that turn).
+
+    Reads only the chats with a turn that is not a prompt yet, and inserts each prompt on its own savepoint: two
+    annotators asking for work at the same moment both sync, and the one that loses a race skips that prompt.
+    """
     added = 0
-    existing = set(session.scalars(select(Prompt.content_hash)))
-    for conversation in session.scalars(select(Conversation).where(Conversation.allow_training.is_(True))):
-        messages = list(session.scalars(select(Message).where(Message.conversation_id == conversation.id)
+    for conversation_id in _conversations_with_new_turns(session):
+        messages = list(session.scalars(select(Message).where(Message.conversation_id == conversation_id)
                                         .order_by(Message.id)))  # fmt: skip
+        ids = [m.id for m in messages]
+        done = set(session.scalars(select(Prompt.source_message_id).where(Prompt.source_message_id.in_(ids))))
         context: list[dict[str, str]] = []
+        new: dict[str, tuple[Message, list[dict[str, str]]]] = {}
         for message, _ in visible_thread(messages):
             if message.finish_reason == STREAMING or not message.content:
                 continue
             context.append({"role": message.role.value, "content": message.content})
-            if message.role != MessageRole.user or message.id in known:
+            if message.role == MessageRole.user and message.id not in done:
+                new.setdefault(content_hash(context), (message, list(context)))
+        known = set(session.scalars(select(Prompt.content_hash).where(Prompt.content_hash.in_(list(new)))))
+        for digest, (message, turns) in new.items():
+            if digest in known:
                 continue
-            digest = content_hash(context)
-            if digest in existing:
+            try:
+                with session.begin_nested():
+                    session.add(Prompt(messages=turns, content_hash=digest, source=PromptSource.chat,
+                                       source_message_id=message.id, split=split_for(turns)))  # fmt: skip
+                added += 1
+            except IntegrityError:  # the same prompt, inserted by a concurrent request
                 continue
-            existing.add(digest)
-            session.add(Prompt(messages=list(context), content_hash=digest, source=PromptSource.chat,
-                               source_message_id=message.id, split=split_for(context)))  # fmt: skip
-            added += 1
-    session.flush()
     return added

@@ -2,6 +2,7 @@
 
 import asyncio
 import secrets
+import time
 
 from fastapi import FastAPI
 
@@ -11,17 +12,30 @@ from app.services import annotation, prompts
 from app.services.inference import InferenceService, ModelUnavailable, SamplingParams
 
 CANDIDATE_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 96}
+PROMPT_SYNC_INTERVAL_S = 10.0
 
 
-def _pick(app: FastAPI, annotator: User) -> tuple[str, int, list | None] | None:
+def _prompt_sync_due(app: FastAPI) -> bool:
+    """Chats become prompts at most every few seconds per process while sets are waiting (the sync reads chats, and
+    annotators ask for work many times a second), and always when a new set must be built."""
+    now = time.monotonic()
+    if now - getattr(app.state, "prompts_synced_at", float("-inf")) < PROMPT_SYNC_INTERVAL_S:
+        return False
+    app.state.prompts_synced_at = now
+    return True
+
+
+def _pick(app: FastAPI, annotator: User) -> annotation.Task | tuple[int, list] | None:
+    """A waiting set, loaded; else the prompt to sample a new set for (id, messages); else None."""
     settings = app.state.settings
     with transaction(app.state.session_factory) as session:
-        prompts.sync_chat_prompts(session)
         cset = annotation.next_set(session, annotator=annotator, per_set=settings.annotations_per_set)
+        if cset is None or _prompt_sync_due(app):
+            prompts.sync_chat_prompts(session)
         if cset is not None:
-            return "set", cset.id, None
+            return annotation.load_task(session, set_id=cset.id)
         prompt = annotation.prompt_needing_candidates(session, annotator=annotator)
-        return ("prompt", prompt.id, prompt.messages) if prompt is not None else None
+        return (prompt.id, prompt.messages) if prompt is not None else None
 
 
 async def _sample(service: InferenceService, messages: list, k: int) -> list[tuple[str, int]]:
@@ -38,24 +52,23 @@ async def _sample(service: InferenceService, messages: list, k: int) -> list[tup
     return list(await asyncio.gather(*(one(base + i) for i in range(k))))
 
 
-async def next_task(app: FastAPI, annotator: User) -> int | None:
-    """The id of the set this annotator should rank next, sampling a new one if needed; None when all is done."""
+async def next_task(app: FastAPI, annotator: User) -> annotation.Task | None:
+    """The set this annotator should rank next, sampling a new one if needed; None when all is done. Picking and
+    loading a waiting set is one trip to a thread and one transaction."""
     picked = await asyncio.to_thread(_pick, app, annotator)
-    if picked is None:
-        return None
-    kind, ident, messages = picked
-    if kind == "set":
-        return ident
+    if picked is None or isinstance(picked, annotation.Task):
+        return picked
+    prompt_id, messages = picked
     service: InferenceService = app.state.inference
     if service.current is None:
         raise ModelUnavailable("no model is being served to sample candidate answers from")
     version_id = service.current.version_id
     answers = await _sample(service, messages, app.state.settings.candidates_per_set)
 
-    def store() -> int:
+    def store() -> annotation.Task:
         with transaction(app.state.session_factory) as session:
-            cset = annotation.create_set(session, prompt_id=ident, answers=answers, model_version_id=version_id,
+            cset = annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=version_id,
                                          params=CANDIDATE_SAMPLING)  # fmt: skip
-            return cset.id
+            return annotation.load_task(session, set_id=cset.id)
 
     return await asyncio.to_thread(store)

@@ -1,8 +1,8 @@
 """API tokens for REST: shown once at creation, stored as a SHA-256 hash, revocable, optionally expiring."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.auth import new_api_token, sha256_hex
@@ -48,19 +48,26 @@ def revoke_token(session: Session, *, token_id: int, user: User | None = None) -
     return token
 
 
-def is_usable(token: ApiToken, now: datetime) -> bool:
-    return token.revoked_at is None and (token.expires_at is None or token.expires_at > now)
-
-
 def resolve_token(session: Session, *, secret: str) -> User | None:
-    """The enabled owner of a live token, or None. Records the last use."""
-    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == sha256_hex(secret)))
+    """The enabled owner of a live token, or None. Records the last use (to the minute).
+
+    This runs on every API request: one query loads the owner with the few token columns needed, rather than both
+    rows as objects, and the last use is written with a plain UPDATE only when it is due.
+    """
+    query = (
+        select(User, ApiToken.id, ApiToken.revoked_at, ApiToken.expires_at, ApiToken.last_used_at)
+        .join(ApiToken, ApiToken.user_id == User.id)
+        .where(ApiToken.token_hash == sha256_hex(secret))
+    )
+    row = session.execute(query).one_or_none()
     now = utcnow()
-    if token is None or not is_usable(token, now) or token.user.disabled:
+    if row is None or row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
         return None
-    if token.last_used_at is None or now - token.last_used_at > LAST_USED_GRANULARITY:
-        token.last_used_at = now
-    return token.user
+    if row.User.disabled:
+        return None
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_GRANULARITY:
+        session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+    return row.User
 
 
 def active_counts(session: Session) -> dict[int, int]:

@@ -78,7 +78,8 @@ def test_dashboard_jobs_and_charts(client: TestClient, db: Session) -> None:
     db.commit()
     page = client.get("/admin")
     assert page.status_code == 200 and "rankings" in page.text and "ann-a" in page.text
-    assert "ranking_id=42" in page.text and "val_acc=0.8" in page.text and "gate: wins 0.6" in page.text
+    assert "all rankings (row ids up to 42)" in page.text and "val_acc=0.8" in page.text
+    assert "gate: <strong>held back</strong> — wins 0.6" in page.text
     created = client.post("/admin/jobs", data={"type": "reward", "params": '{"steps": 3}', "csrf_token": csrf},
                           follow_redirects=False)  # fmt: skip
     assert created.status_code == 303
@@ -110,7 +111,69 @@ def test_import_prompts_dialogues_and_corpus(client: TestClient, db: Session, se
     assert not (settings.data_dir / "datasets" / "dialogues").exists()
     good = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     response = upload("dialogues", good)
-    assert response.status_code == 303 and "1+dialogues" in response.headers["location"]
+    assert response.status_code == 303 and "1 dialogues" in client.get(response.headers["location"]).text
     assert len(list((settings.data_dir / "datasets" / "dialogues").iterdir())) == 1
     assert upload("corpus", b"Mira lives in Oslo.\n").status_code == 303
     assert upload("corpus", b"\xff\xfe").status_code == 422
+
+
+def test_model_lineage_on_the_admin_page(client: TestClient, db: Session) -> None:
+    """Parents are linked, training data reads as counts and row-id watermarks, and the gate's verdict is shown."""
+    from app.models import ModelKind, ModelStatus, ModelVersion
+
+    admin_session(client, db)
+    base = ModelVersion(name="base-job1", kind=ModelKind.base, path="/m/b", training_data={"data": ["demo"]},
+                        status=ModelStatus.active)  # fmt: skip
+    db.add(base)
+    db.flush()
+    sft = ModelVersion(name="sft-job2", kind=ModelKind.sft, path="/m/s", parent_id=base.id, status=ModelStatus.active,
+                       training_data={"conversation_id": 31, "dialogues": 9, "files": ["/data/datasets/d/a.jsonl"],
+                                      "demo": True})  # fmt: skip
+    db.add(sft)
+    db.flush()
+    reward = ModelVersion(name="reward-job3", kind=ModelKind.reward, path="/m/r", parent_id=sft.id,
+                          training_data={"ranking_id": 57, "rankings": 6, "feedback_id": 0, "thumbs": 0})  # fmt: skip
+    db.add(reward)
+    db.flush()
+    policy = ModelVersion(
+        name="policy-job4", kind=ModelKind.policy, path="/m/p", parent_id=sft.id,
+        training_data={"prompt_id": 800, "prompts": 640, "reward_version_id": reward.id,
+                       "reference_version_id": sft.id},
+        metrics={"win_rate": 0.41, "kl": 2.5, "promoted": False, "gate": "win rate 0.410 is below 0.520"},
+    )  # fmt: skip
+    db.add(policy)
+    db.commit()
+
+    page = client.get("/admin").text
+    row = page[page.index(f'id="model-{policy.id}"') :]
+    row = row[: row.index("</tr>")]
+    assert f'href="http://testserver/admin/models/{sft.id}" class="parent">sft-job2</a>' in row
+    assert "640 train-split prompts (row ids up to 800)" in row and "judged by reward model: reward-job3" in row
+    assert "gate: <strong>held back</strong> — win rate 0.410 is below 0.520" in row
+    assert "6 rankings (row ids up to 57)" in page and "thumbs up/down: none" in page
+    assert "9 chats that allow training (row ids up to 31)" in page and "a.jsonl" in page
+    assert "/data/datasets" not in page  # file names, not the server's paths
+
+    detail = client.get(f"/admin/models/{policy.id}")
+    assert detail.status_code == 200
+    ancestors = detail.text[detail.text.index('id="ancestors"') :]
+    ancestors = ancestors[: ancestors.index("</ol>")]
+    assert ancestors.index("sft-job2") < ancestors.index("base-job1")  # parent first, then its parent
+    assert f'href="http://testserver/admin/models/{reward.id}">reward-job3</a>' in detail.text
+    assert "Held back</strong>: win rate 0.410 is below 0.520" in detail.text and "0.41" in detail.text
+    base_page = client.get(f"/admin/models/{base.id}").text
+    assert "no parent version" in base_page and "the demo world&#39;s corpus" in base_page and "sft-job2" in base_page
+    assert client.get("/admin/models/999").status_code == 404
+
+
+def test_lineage_descriptions() -> None:
+    from app.services.lineage import describe_training_data, gate_verdict
+
+    recorded = {"ranking_id": 12, "feedback_id": 5, "thumbs": 2, "reward_version_id": 3, "mystery": "x"}
+    lines = {i.label: (i.text, i.version_id) for i in describe_training_data(recorded, {3: "rm"})}
+    assert lines == {"rankings": ("all rankings (row ids up to 12)", None),
+                     "thumbs up/down": ("2 thumbs up/down (row ids up to 5)", None),
+                     "judged by reward model": ("rm", 3), "mystery": ("x", None)}  # fmt: skip
+    assert gate_verdict({"val_acc": 0.8}) is None
+    verdict = gate_verdict({"gate": "wins 0.600", "promoted": True, "win_rate": 0.6, "steps": 3})
+    assert verdict.promoted and verdict.numbers == {"win_rate": 0.6}

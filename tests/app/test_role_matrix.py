@@ -1,4 +1,5 @@
-"""Who may call what: every registered route × anonymous / user / annotator / admin gets exactly the intended status.
+"""Who may call what: every registered route × anonymous / user / annotator / admin gets exactly the intended status,
+and a disabled person's cookie or token, or a revoked token, gets no further than an anonymous visitor.
 
 Adding a route without adding it here fails `test_every_route_is_in_the_matrix`.
 """
@@ -15,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ModelKind, ModelVersion, Prompt, PromptSource, Role, User
-from app.services import annotation, chat, jobs, prompts, tokens
-from tests.factories import PASSWORD, csrf_from, login, make_user
+from app.services import annotation, chat, jobs, prompts, tokens, users
+from tests.factories import PASSWORD, csrf_from, db_snapshot, login, make_user
 
 ROLES = ("anonymous", "user", "annotator", "admin")
 _names = itertools.count()
@@ -129,6 +130,10 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/api/v1/jobs"): ((401, 403, 403, 201), body(type="reward")),
     ("GET", "/api/v1/jobs/{job_id}"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/jobs/{job_id}/cancel"): ((401, 403, 403, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
+    ("GET", "/admin/models/{version_id}"): ((303, 403, 403, 200), nothing),
+    ("POST", "/admin/settings"): ((401, 403, 403, 303), form(auto_retrain_after="0")),
+    ("GET", "/api/v1/settings"): ((401, 403, 403, 200), nothing),
+    ("PATCH", "/api/v1/settings"): ((401, 403, 403, 200), body(auto_retrain_after=0)),
 }
 
 
@@ -221,3 +226,52 @@ def test_role_matrix(callers: dict[str, Caller]) -> None:
             if response.status_code != want:
                 failures.append(f"{role:9} {method:6} {url}: got {response.status_code}, want {want}")
     assert not failures, "\n".join(failures)
+
+
+# A bad token is refused before anything else looks at the request, even where anonymous visitors are welcome.
+BAD_TOKEN_OVERRIDES = {("GET", "/"): 303, ("GET", "/login"): 303, ("POST", "/signup"): 401, ("POST", "/logout"): 401}
+
+
+def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(
+    app: FastAPI, db: Session, settings, callers: dict[str, Caller]
+) -> None:
+    """Every route, called with the session cookie of a person since disabled, their API token, or a revoked token
+    of an active person: exactly what an anonymous visitor gets (a bad token: a 401 even on public pages), and the
+    database is left exactly as it was."""
+    shared = {k: v for k, v in callers["admin"].ids.items() if k in ("user_id", "job_id", "version_id", "set_id",
+              "api_set_id", "admin_cancel_job_id", "kind")}  # fmt: skip
+    gone = make_user(db, "gone", Role.annotator)
+    browser = TestClient(app)
+    login(browser, gone.username)
+    ids = {**shared, **own_objects(db, gone)}
+    _, gone_secret = tokens.create_token(db, user=gone, name="before")
+    users.update_user(db, user_id=gone.id, disabled=True)
+    live = make_user(db, "live", Role.admin)
+    row, revoked_secret = tokens.create_token(db, user=live, name="leaked")
+    tokens.revoke_token(db, token_id=row.id)
+    db.commit()
+    as_disabled = Caller(browser, csrf_from(browser.get("/login").text), ids)  # the page now offers anonymous CSRF
+    bearers = {
+        "disabled token": Caller(TestClient(app, headers={"Authorization": f"Bearer {gone_secret}"}), "", ids),
+        "revoked token": Caller(TestClient(app, headers={"Authorization": f"Bearer {revoked_secret}"}), "", ids),
+    }
+    before = db_snapshot(settings.resolved_database_url)
+    failures = []
+    for (method, path), (expected, make_args) in sorted(MATRIX.items(), key=lambda kv: kv[0][1] == "/logout"):
+        bad_token = BAD_TOKEN_OVERRIDES.get((method, path), expected[0])
+        wants = {"disabled": expected[0]} | dict.fromkeys(bearers, bad_token)
+        for name, caller in {"disabled": as_disabled, **bearers}.items():
+            url = path.format(**caller.ids)
+            response = caller.client.request(method, url, follow_redirects=False, **make_args(caller))
+            if response.status_code != wants[name]:
+                failures.append(f"{name:14} {method:6} {url}: got {response.status_code}, want {wants[name]}")
+    assert not failures, "\n".join(failures)
+    assert db_snapshot(settings.resolved_database_url) == before
+    # Nor can the disabled person log in again; and enabling the account again revives no old login or token.
+    token = csrf_from(browser.get("/login").text)
+    attempt = {"username": gone.username, "password": PASSWORD, "csrf_token": token}
+    assert browser.post("/login", data=attempt, follow_redirects=False).status_code == 401
+    users.update_user(db, user_id=gone.id, disabled=False)
+    db.commit()
+    assert bearers["disabled token"].client.get("/api/v1/me").status_code == 401
+    assert browser.get("/api/v1/me").status_code == 401
