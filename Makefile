@@ -35,11 +35,12 @@ format: setup
 	$(BIN)/ruff format app ml tests bench
 	$(BIN)/ruff check --fix .
 
-# Side-by-side speed comparisons (minutes each; run on a quiet machine). Each prints a table and a last line NAME: RATIO.
+# Speed comparisons and the HTTP load test (minutes each; run on a quiet machine). Each prints a table and a last line.
 bench: setup
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/generate_speed.py
 	$(BIN)/python bench/serve_speed.py
+	$(BIN)/python bench/http_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
