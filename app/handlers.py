@@ -29,7 +29,10 @@ def error_response(request: Request, status_code: int, message: str, headers: di
     headers = dict(headers or {})
     if wants_json(request):
         return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
-    if status_code == 401 and request.method == "GET" and not is_htmx(request):
+    # A browser without a login goes to the login page; a client that sent its own Authorization header (a bad
+    # token) would only be refused there again, a redirect loop, so it gets the 401 page instead.
+    sent_credentials = "authorization" in request.headers
+    if status_code == 401 and request.method == "GET" and not is_htmx(request) and not sent_credentials:
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
     if is_htmx(request):  # keep the page as it is and show the message as an out-of-band toast
         headers["HX-Reswap"] = "none"

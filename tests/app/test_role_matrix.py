@@ -229,7 +229,8 @@ def test_role_matrix(callers: dict[str, Caller]) -> None:
 
 
 # A bad token is refused before anything else looks at the request, even where anonymous visitors are welcome.
-BAD_TOKEN_OVERRIDES = {("GET", "/"): 303, ("GET", "/login"): 303, ("POST", "/signup"): 401, ("POST", "/logout"): 401}
+# A bad token is never redirected to the login page either (which would refuse it again: a redirect loop).
+BAD_TOKEN_OVERRIDES = {("GET", "/"): 401, ("GET", "/login"): 401, ("POST", "/signup"): 401, ("POST", "/logout"): 401}
 
 
 def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(
@@ -258,7 +259,7 @@ def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(
     before = db_snapshot(settings.resolved_database_url)
     failures = []
     for (method, path), (expected, make_args) in sorted(MATRIX.items(), key=lambda kv: kv[0][1] == "/logout"):
-        bad_token = BAD_TOKEN_OVERRIDES.get((method, path), expected[0])
+        bad_token = BAD_TOKEN_OVERRIDES.get((method, path), 401 if expected[0] == 303 else expected[0])
         wants = {"disabled": expected[0]} | dict.fromkeys(bearers, bad_token)
         for name, caller in {"disabled": as_disabled, **bearers}.items():
             url = path.format(**caller.ids)
@@ -275,3 +276,12 @@ def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(
     db.commit()
     assert bearers["disabled token"].client.get("/api/v1/me").status_code == 401
     assert browser.get("/api/v1/me").status_code == 401
+
+
+def test_a_bad_token_on_a_page_is_refused_without_a_redirect_loop(app: FastAPI) -> None:
+    """A client sending a bad token gets a 401 where a browser without a login is sent to the login page: following
+    that redirect would only be refused again, for ever."""
+    client = TestClient(app, headers={"Authorization": "Bearer fw_not-a-token"})
+    response = client.get("/chat", follow_redirects=True)
+    assert response.status_code == 401 and not response.history
+    assert TestClient(app).get("/chat", follow_redirects=False).status_code == 303
