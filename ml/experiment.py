@@ -255,6 +255,7 @@ def _next_round_data(
     scale: Scale,
     out: Path,
     dirs: tuple[str, str],
+    prompts: list[Prompt],
     seed: int,
     report: Progress,
 ) -> tuple[Path, Path, dict[str, float]]:
@@ -262,7 +263,6 @@ def _next_round_data(
     by the simulated annotators. The policy's answers are the ones the last reward model over-rated (fluent but
     wrong, off-topic), so ranking them against SFT's teaches the next reward model what it missed."""
     policy, data = dirs
-    prompts = [p for p in world.prompts(10_000) if p.split == "train"][: scale.annotated_prompts]
     tick = _counter("sample", 2 * len(prompts), report)
     mine, _ = sample_candidate_sets(out / policy, prompts, K // 2, scale.max_new_tokens, seed, tick, min_answers=1)
     theirs, _ = sample_candidate_sets(
@@ -444,10 +444,11 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
     stage("sft", lambda r: _sft_stage(config, world, scale, out, r))
     train = [p for p in world.prompts(10_000) if p.split == "train"]
     heldout = _heldout_prompts(world, scale.eval_prompts)
+    annotated = train[: scale.annotated_prompts]  # every round ranks answers to the same train prompts
 
     def sample(report: Progress) -> tuple[list, list]:
-        tick = _counter("sample", len(train[: scale.annotated_prompts]) + len(heldout), report)
-        a, counts = sample_candidate_sets(out / "sft", train[: scale.annotated_prompts], K, scale.max_new_tokens,
+        tick = _counter("sample", len(annotated) + len(heldout), report)
+        a, counts = sample_candidate_sets(out / "sft", annotated, K, scale.max_new_tokens,
                                           config.seed, tick)  # fmt: skip
         b, held_counts = sample_candidate_sets(
             out / "sft", heldout, K, scale.max_new_tokens, config.seed + 1, lambda n: tick(len(a) + n)
@@ -464,12 +465,12 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
     for algo in config.algos:
         stage(f"rl-{algo}", lambda r, a=algo: _rl_stage(config, a, scale, out, ("rm", f"rl-{a}"), train, r))
         policies.append(f"rl-{algo}")
-        files, policy = ([rankings], [thumbs]), f"rl-{algo}"
+        files = ([rankings], [thumbs])
         for n in range(2, config.rounds + 1):
             policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
             seed = config.seed + 100 * n + ALGOS.index(algo)
             new = stage(f"annotate-{algo}-r{n}", lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed:
-                        _next_round_data(config, world, scale, out, d, s, r))  # fmt: skip
+                        _next_round_data(config, world, scale, out, d, annotated, s, r))  # fmt: skip
             stages[f"annotate-{algo}-r{n}"].update(new[2])
             files = (files[0] + [new[0]], files[1] + [new[1]])
             stage(f"reward-{algo}-r{n}", lambda r, m=rm, f=files: _reward_stage(

@@ -1,6 +1,7 @@
 """Factories and helpers for tests: users, browser-like login, CSRF tokens, database snapshots."""
 
 import re
+import time
 
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, select, text
@@ -82,3 +83,11 @@ def register_active_model(session: Session, path, kind: str = "sft", name: str =
     promote(session, version_id=version.id)
     session.commit()
     return version
+
+
+def wait_for_model(app, timeout_s: float = 30) -> None:
+    """Block until the app's model watcher has loaded the active model (it loads in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while app.state.inference.current is None:
+        assert time.monotonic() < deadline, "the model did not load"
+        time.sleep(0.05)

@@ -13,7 +13,7 @@ from app.main import create_app
 from app.models import Prompt, PromptSource, Ranking, RankingEntry, Role
 from app.services import annotation, chat, prompts, tokens
 from app.settings import Settings
-from tests.factories import db_snapshot, make_tiny_model_dir, make_user, register_active_model
+from tests.factories import db_snapshot, make_tiny_model_dir, make_user, register_active_model, wait_for_model
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,7 @@ def setup(settings: Settings, model_dir: Path) -> Iterator[tuple]:
         prompts.add_prompts(db, items=items, source=PromptSource.demo)
         db.commit()
         with TestClient(app) as client:
-            deadline = time.monotonic() + 30
-            while app.state.inference.current is None:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_for_model(app)
             yield client, db, settings
 
 

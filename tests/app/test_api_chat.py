@@ -1,7 +1,6 @@
 """Chat through REST and through the official `openai` client, against a real tiny served model."""
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from app.models import Feedback
 from app.services import tokens
 from app.settings import Settings
 from tests.conftest import serving
-from tests.factories import make_tiny_model_dir, make_user, register_active_model
+from tests.factories import make_tiny_model_dir, make_user, register_active_model, wait_for_model
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +34,7 @@ def api(settings: Settings, model_dir: Path) -> Iterator[tuple[TestClient, Sessi
         _, secret = tokens.create_token(db, user=user, name="api")
         db.commit()
         with TestClient(app, headers={"Authorization": f"Bearer {secret}"}) as client:
-            deadline = time.monotonic() + 30
-            while app.state.inference.current is None:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_for_model(app)
             yield client, db, secret
 
 

@@ -6,7 +6,6 @@ out-of-range ids and NUL characters on SQLite and PostgreSQL.
 """
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from app.models import Prompt, PromptSource, Role, User
 from app.services import annotation, chat, prompts, tokens
 from app.settings import Settings
 from tests.conftest import serving
-from tests.factories import make_tiny_model_dir, make_user, register_active_model
+from tests.factories import make_tiny_model_dir, make_user, register_active_model, wait_for_model
 
 HUGE = 2**63  # past every integer column: PostgreSQL says "out of range" unless the app refuses it first
 
@@ -67,10 +66,7 @@ def build_world(settings: Settings, model_dir: Path) -> Iterator[World]:
         db.commit()
         ids = (admin.id, answer.id, conversation.id, cset.id)
     with serving(app) as url:
-        deadline = time.monotonic() + 30
-        while app.state.inference.current is None:
-            assert time.monotonic() < deadline, "the model was not loaded"
-            time.sleep(0.05)
+        wait_for_model(app)
         yield World(app, url, ids[0], secret, ids[1], ids[2], ids[3])
 
 

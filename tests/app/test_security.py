@@ -5,7 +5,6 @@ flags, the login rate limit, security headers on every kind of response, and tex
 """
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +29,7 @@ from tests.factories import (
     make_tiny_model_dir,
     make_user,
     register_active_model,
+    wait_for_model,
 )
 
 UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
@@ -53,10 +53,7 @@ def served_app(settings: Settings, model_dir: Path) -> Iterator[FastAPI]:
     with app.state.session_factory() as db:
         register_active_model(db, model_dir)
     with TestClient(app):  # runs the lifespan: the watcher loads the model
-        deadline = time.monotonic() + 30
-        while app.state.inference.current is None:
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.05)
+        wait_for_model(app)
         yield app
 
 

@@ -56,6 +56,18 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
+def sign_up(page, name: str) -> None:
+    """Create an account through the sign-up form (the first one on a server is its admin); wait until signed in."""
+    from playwright.sync_api import expect
+
+    page.goto("/signup")
+    page.get_by_label("Username").fill(name)
+    page.get_by_label("Password", exact=True).fill("a long password")
+    page.get_by_label("Password again").fill("a long password")
+    page.get_by_role("button", name="Create account").click()
+    expect(page.get_by_text("Signed in as")).to_be_visible()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.factories import make_tiny_model_dir

@@ -7,7 +7,7 @@ from playwright.sync_api import Page, expect
 
 from app.models import Feedback, Message, MessageRole
 from ml.tokenizer import Tokenizer
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import screenshot, sign_up
 
 
 def visible(text: str) -> str:
@@ -15,18 +15,9 @@ def visible(text: str) -> str:
     return "".join(ch for ch in text if ch.isalnum())
 
 
-def sign_up(page: Page, name: str = "chatter") -> None:
-    page.goto("/signup")
-    page.get_by_label("Username").fill(name)
-    page.get_by_label("Password", exact=True).fill("a long password")
-    page.get_by_label("Password again").fill("a long password")
-    page.get_by_role("button", name="Create account").click()
-    expect(page.get_by_text("Signed in as")).to_be_visible()
-
-
 def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> None:
     page = served_page
-    sign_up(page)
+    sign_up(page, "chatter")
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Chat").click()
     page.get_by_role("button", name="New chat").click()
     screenshot(page, "chat-empty")

@@ -14,7 +14,7 @@ from playwright.sync_api import Page, expect
 
 from app.models import Job, ModelKind, ModelVersion, Ranking
 from app.services.inference import Delta
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import screenshot, sign_up
 
 PAYLOAD = (
     '<img src=x onerror="window.__xss=1;alert(1)"><script>window.__xss=2;alert(2)</script>'
@@ -75,19 +75,9 @@ def assert_inert(page: Page, where: str, page_status: int | None = None) -> None
     assert errors == [], f"{where}: {errors}"
 
 
-def sign_up(page: Page, name: str = "first") -> None:
-    """The first account on the server: an admin, who may use every page."""
-    page.goto("/signup")
-    page.get_by_label("Username").fill(name)
-    page.get_by_label("Password", exact=True).fill("a long password")
-    page.get_by_label("Password again").fill("a long password")
-    page.get_by_role("button", name="Create account").click()
-    expect(page.get_by_text("Signed in as")).to_be_visible()
-
-
 def test_chat_text_model_output_titles_comments_and_token_names_stay_text(watched: Page) -> None:
     page = watched
-    sign_up(page)
+    sign_up(page, "first")
     page.goto("/chat")
     page.get_by_role("button", name="New chat").click()
     box = page.get_by_label("Your message")
@@ -139,7 +129,7 @@ def test_chat_text_model_output_titles_comments_and_token_names_stay_text(watche
 
 def test_prompts_candidates_flag_reasons_and_guidelines_stay_text(watched: Page) -> None:
     page = watched
-    sign_up(page)
+    sign_up(page, "first")
     page.goto("/admin")
     page.get_by_label("Import", exact=True).select_option("prompts")
     line = json.dumps({"prompt": PAYLOAD}).encode()
@@ -173,7 +163,7 @@ def test_prompts_candidates_flag_reasons_and_guidelines_stay_text(watched: Page)
 
 def test_job_parameters_errors_model_names_notices_and_file_names_stay_text(watched: Page) -> None:
     page = watched
-    sign_up(page)
+    sign_up(page, "first")
     page.goto("/admin")
     page.get_by_label("Job", exact=True).select_option("reward")
     page.get_by_label("Parameters (JSON, optional)").fill(json.dumps({"note": PAYLOAD}))
