@@ -149,8 +149,14 @@ class _StaticCache:
     def __init__(self, cache: KVCache, step: Callable[..., Tensor], model: Transformer) -> None:
         assert cache.k is not None and cache.v is not None
         self.model, self.step = model, step
-        self.ks = [cache.k[i].clone() for i in range(cache.n_layer)]  # (N, n_kv_head, S, head_dim)
-        self.vs = [cache.v[i].clone() for i in range(cache.n_layer)]
+        # (N, n_kv_head, S, head_dim) each. Unwritten columns must be zeros, not the cache's uninitialised memory:
+        # every column is multiplied in (by a weight of 0 when masked), and 0 * NaN is NaN.
+        self.ks, self.vs = [], []
+        for i in range(cache.n_layer):
+            for full, out in ((cache.k, self.ks), (cache.v, self.vs)):
+                layer = torch.zeros_like(full[i])
+                layer[:, :, : cache.pos] = full[i, :, :, : cache.pos]
+                out.append(layer)
         N, S, device = cache.batch_size, cache.max_len, cache.k.device
         self.valid = torch.ones(N, S, dtype=torch.bool, device=device)
         if cache.key_mask is not None:

@@ -219,3 +219,19 @@ def test_compiled_decoding_matches_eager(model: Transformer) -> None:
     assert [s.token_ids for s in sampled] == [s.token_ids for s in eager]
     for a, b in zip(sampled, eager, strict=True):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_static_cache_ignores_whatever_the_unwritten_cache_memory_holds(model: Transformer) -> None:
+    """Unwritten cache columns are multiplied in under a zero weight; garbage there (NaN) must not reach the logits."""
+    from ml.engine import _StaticCache, decode_step
+    from ml.model import KVCache
+
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 1, 16)
+        logits, _ = model(torch.tensor([[5, 17, 200]]), kv_cache=cache)
+        cache.k[:, :, :, cache.pos :] = float("nan")
+        cache.v[:, :, :, cache.pos :] = float("nan")
+        token = logits[:, -1].argmax(dim=-1)
+        step = _StaticCache(cache, decode_step, model)(token)
+        expected = model(token.unsqueeze(1), kv_cache=cache)[0][:, -1]
+    assert torch.allclose(step, expected, atol=1e-5)
