@@ -5,6 +5,10 @@ hidden 1024 and vocab 4096, fp32 on 2 CPU threads. transformers runs eager and u
 compiled (or eager with --no-compile). Sides alternate in rounds so that background load hits all of them; each
 figure is a variant's best round. MFU is against the fp32 matmul peak measured in the same process.
 
+Two ceiling rows time only the kernels every variant must run, at the same shapes: the linear layers' GEMMs
+(forward and both backward products), then those plus the attention kernel. No implementation on this BLAS can
+beat them, so `R at most` bounds what any rewrite of the model could reach against transformers.
+
 Both sides share one process-wide allocator setting (see tune_malloc): glibc otherwise returns every large freed
 tensor to the kernel and page-faults it back in on the next step, which costs ~30% of a step on CPU.
 
@@ -53,6 +57,42 @@ def matmul_peak(n: int = 4096, reps: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def kernel_floor_tokens_per_s(reps: int = 3) -> tuple[float, float]:
+    """Tokens/s of a step that did nothing but its GEMMs, then its GEMMs plus attention: a ceiling for any
+    implementation of this model on this BLAS, since every variant must run exactly these kernels.
+
+    Per linear layer: forward x @ W, backward dY @ W^T and X^T @ dY, at the bench's shapes (the tied head
+    included); attention is the SDPA kernel's causal forward + backward on (B, n_head, BLOCK, head_dim).
+    """
+    tokens, d, hidden = BATCH * BLOCK, SHAPE["n_embd"], SHAPE["intermediate_size"]
+    shapes = [(d, 3 * d), (d, d), (d, 2 * hidden), (hidden, d)] * SHAPE["n_layer"] + [(d, SHAPE["vocab_size"])]
+    mats = [(torch.randn(tokens, k), torch.randn(k, n), torch.randn(tokens, n)) for k, n in shapes]
+    head_dim = d // SHAPE["n_head"]
+    qkv = [torch.randn(BATCH, SHAPE["n_head"], BLOCK, head_dim, requires_grad=True) for _ in range(3)]
+    grad = torch.randn(BATCH, SHAPE["n_head"], BLOCK, head_dim)
+
+    def gemms() -> None:
+        for x, w, dy in mats:
+            x @ w, dy @ w.T, x.T @ dy
+
+    def attention() -> None:
+        for _ in range(SHAPE["n_layer"]):
+            y = torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True)
+            torch.autograd.grad(y, qkv, grad)
+
+    def best_seconds(fn: Callable[[], None]) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    g, a = best_seconds(gemms), best_seconds(attention)
+    return tokens / g, tokens / (g + a)
 
 
 def hf_model() -> torch.nn.Module:
@@ -131,6 +171,7 @@ def main() -> None:
             v.run(steps)
         peak = max(peak, matmul_peak(reps=2))
     flops = Transformer(ModelConfig(**SHAPE)).estimate_flops_per_token(BLOCK)
+    gemm_only, gemm_attention = kernel_floor_tokens_per_s()
     print(f"\nfp32 matmul peak {peak / 1e9:.0f} GFLOP/s, {flops / 1e6:.1f} MFLOP/token, {args.threads} threads, "
           f"malloc tuned: {tuned}")  # fmt: skip
     print(f"{'variant':<26}{'best tok/s':>12}{'median':>10}{'MFU':>8}")
@@ -138,6 +179,10 @@ def main() -> None:
         best, med = max(v.rates), sorted(v.rates)[len(v.rates) // 2]
         print(f"{v.name:<26}{best:>12.0f}{med:>10.0f}{best * flops / peak:>8.1%}")
     ours, hf_best = max(variants[0].rates), max(max(v.rates) for v in variants if v.name.startswith("transformers"))
+    print(f"{'ceiling: GEMMs only':<26}{gemm_only:>12.0f}{'':>10}{gemm_only * flops / peak:>8.1%}"
+          f"   (R at most {gemm_only / hf_best:.2f})")  # fmt: skip
+    print(f"{'ceiling: GEMMs+attention':<26}{gemm_attention:>12.0f}{'':>10}{gemm_attention * flops / peak:>8.1%}"
+          f"   (R at most {gemm_attention / hf_best:.2f}; norms, loss, optimizer free)")  # fmt: skip
     print(f"train_speed_vs_hf: {ours / hf_best:.2f}")
 
 
