@@ -68,16 +68,18 @@ class Scale:
     dpo_steps: int
     eval_prompts: int  # held-out prompts
     eval_samples: int = 4  # sampled answers per held-out prompt
+    label_sets: int = 1  # candidate sets of K ranked per annotated prompt in round 1 (the annotation budget)
+    kl_coef: float = 0.5  # RL's KL penalty: strong, since the reward model is wrong off its data (README)
     pretrain_batch: int = 32
     block_size: int = 128
     max_new_tokens: int = 64
 
 
 SCALES = {
-    "full": Scale(4, 128, 8000, 1500, 2000, 400, 1024, 300, 80, 200, 160),
+    "full": Scale(4, 128, 8000, 1500, 2000, 400, 1024, 300, 80, 200, 160, label_sets=4),
     "quick": Scale(4, 96, 6000, 700, 1500, 300, 256, 120, 40, 120, 96),
     "tiny": Scale(2, 64, 1500, 150, 400, 100, 64, 60, 16, 40, 24, eval_samples=2, pretrain_batch=16,
-                  max_new_tokens=40),
+                  max_new_tokens=40, kl_coef=0.1),  # 16 RL steps: a strong penalty would leave the policy as it was
 }  # fmt: skip
 
 
@@ -97,13 +99,14 @@ class ExperimentConfig:
     bad_fraction: float = 0.5  # share of SFT answers that are wrong, rambling or rude
     sft_lr: float = 1e-3  # twice SFTConfig's default: the chat format is new to a base model this small
     rl_lr: float = 1e-4
-    kl_coef: float = 0.1
     dpo_beta: float = 0.1
     pretrain_steps: int | None = None
     sft_steps: int | None = None
     reward_steps: int | None = None
     rl_steps: int | None = None
     dpo_steps: int | None = None
+    label_sets: int | None = None
+    kl_coef: float | None = None
     threads: int = 1  # torch CPU threads: one is fastest for models this small on a shared machine
     device: str = "auto"
     progress: bool = False
@@ -115,18 +118,20 @@ class ExperimentConfig:
             raise ValueError("give at least one --algo")
         if self.scale is not None and self.scale not in SCALES:
             raise ValueError(f"--scale must be one of {sorted(SCALES)}")
+        if self.kl_coef is not None and self.kl_coef < 0:
+            raise ValueError("--kl-coef must be >= 0")
         if self.noise < 0 or not 0 <= self.bad_fraction <= 1 or self.annotators < 1:
             raise ValueError("--noise must be >= 0, --bad-fraction in [0, 1] and --annotators >= 1")
         if self.rounds < 1:
             raise ValueError("--rounds must be at least 1")
-        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps")
+        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps", "label_sets")
         if any(getattr(self, s) is not None and getattr(self, s) < 1 for s in steps):
-            raise ValueError("step counts must be at least 1")
+            raise ValueError("step counts and --label-sets must be at least 1")
 
     def resolved_scale(self) -> Scale:
         """The scale with the per-stage step overrides applied."""
         scale = SCALES[self.scale or ("quick" if self.quick else "full")]
-        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps")
+        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps", "label_sets", "kl_coef")
         return replace(scale, **{s: getattr(self, s) for s in steps if getattr(self, s) is not None})
 
 
@@ -277,6 +282,15 @@ def _next_round_data(
     return annotate(world, sets, config, out / data)
 
 
+def _merge_label_stats(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Counts summed and rates averaged (weighted by rankings) over several annotated files."""
+    n = sum(p["rankings"] for p in parts)
+    merged = {k: sum(p[k] for p in parts) for k in ("rankings", "thumbs")}
+    for rate in ("thumbs_up", "annotator_agreement"):
+        merged[rate] = sum(p[rate] * p["rankings"] for p in parts) / max(n, 1)
+    return merged
+
+
 def gold_rankings(world: World, sets: list[tuple[list[dict[str, str]], list[str]]], path: Path) -> Path:
     """Held-out candidate sets ranked by the gold scorer itself (noise 0; equal gold scores tie), as JSONL."""
     truth = SimulatedAnnotator(world, noise=0.0)
@@ -380,17 +394,17 @@ def _rl_stage(
         RLConfig(
             policy=str(out / "sft"), out=str(out / policy), reward_model=str(out / rm), prompts=train,
             algo=algo, steps=scale.rl_steps, max_new_tokens=scale.max_new_tokens, lr=config.rl_lr,
-            kl_coef=config.kl_coef, seed=config.seed, device=config.device,
+            kl_coef=scale.kl_coef, seed=config.seed, device=config.device,
         ),
         on_progress=report,
     )  # fmt: skip
     return {"reward_first": m["reward_first"], "reward_last": m["reward_last"], "kl_last": m["kl_last"]}
 
 
-def _dpo_stage(config: ExperimentConfig, scale: Scale, out: Path, rankings: Path, report: Progress):
+def _dpo_stage(config: ExperimentConfig, scale: Scale, out: Path, rankings: list[Path], report: Progress):
     m = train_preferences(
         DPOConfig(
-            policy=str(out / "sft"), out=str(out / "dpo"), rankings=[rankings], beta=config.dpo_beta,
+            policy=str(out / "sft"), out=str(out / "dpo"), rankings=rankings, beta=config.dpo_beta,
             steps=scale.dpo_steps, eval_every=0, seed=config.seed, device=config.device,
         ),
         on_progress=report,
@@ -447,25 +461,33 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
     annotated = train[: scale.annotated_prompts]  # every round ranks answers to the same train prompts
 
     def sample(report: Progress) -> tuple[list, list]:
-        tick = _counter("sample", len(annotated) + len(heldout), report)
-        a, counts = sample_candidate_sets(out / "sft", annotated, K, scale.max_new_tokens,
-                                          config.seed, tick)  # fmt: skip
+        """`label_sets` candidate sets per annotated prompt (each its own ranking), and one per held-out prompt."""
+        n = len(annotated)
+        tick = _counter("sample", n * scale.label_sets + len(heldout), report)
+        train_sets, totals = [], {}
+        for i in range(scale.label_sets):
+            part, counts = sample_candidate_sets(out / "sft", annotated, K, scale.max_new_tokens, config.seed + 50 * i,
+                                                 lambda done, i=i: tick(n * i + done))  # fmt: skip
+            train_sets.append(part)
+            totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
         b, held_counts = sample_candidate_sets(
-            out / "sft", heldout, K, scale.max_new_tokens, config.seed + 1, lambda n: tick(len(a) + n)
+            out / "sft", heldout, K, scale.max_new_tokens, config.seed + 1, lambda d: tick(n * scale.label_sets + d)
         )
-        stages["sample"] = {**counts, "heldout_sets": held_counts["sets"]}
-        return a, b
+        stages["sample"] = {**totals, "heldout_sets": held_counts["sets"]}
+        return train_sets, b
 
     train_sets, heldout_sets = stage("sample", sample)
-    rankings, thumbs, labels = annotate(world, train_sets, config, out / "data")
+    labelled = [annotate(world, sets, config, out / ("data" if i == 0 else f"data-{i + 1}"))
+                for i, sets in enumerate(train_sets)]  # fmt: skip
+    rankings, thumbs = [r for r, _, _ in labelled], [t for _, t, _ in labelled]
     heldout_path = gold_rankings(world, heldout_sets, out / "data" / "heldout_gold_rankings.jsonl")
-    stages["annotate"] = labels
-    stage("reward", lambda r: _reward_stage(config, scale, out, "rm", ([rankings], [thumbs], heldout_path), r))
+    stages["annotate"] = _merge_label_stats([stats for _, _, stats in labelled])
+    stage("reward", lambda r: _reward_stage(config, scale, out, "rm", (rankings, thumbs, heldout_path), r))
     policies, final_rm = ["sft"], {}
     for algo in config.algos:
         stage(f"rl-{algo}", lambda r, a=algo: _rl_stage(config, a, scale, out, ("rm", f"rl-{a}"), train, r))
         policies.append(f"rl-{algo}")
-        files = ([rankings], [thumbs])
+        files = (rankings, thumbs)
         for n in range(2, config.rounds + 1):
             policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
             seed = config.seed + 100 * n + ALGOS.index(algo)
@@ -574,10 +596,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--annotators", type=int, default=d.annotators, help="simulated annotators sharing the ranking work")
     add("--bad-fraction", type=float, default=d.bad_fraction, help="share of wrong/rambling/rude SFT answers")
     add("--rl-lr", type=float, default=d.rl_lr, help="RL policy learning rate (default %(default)s)")
-    add("--kl-coef", type=float, default=d.kl_coef, help="RL KL penalty coefficient beta (default %(default)s)")
+    add("--kl-coef", type=float, default=None,
+        help="RL KL penalty coefficient beta (default: from the scale, 0.5; 0.1 for tiny)")  # fmt: skip
     add("--dpo-beta", type=float, default=d.dpo_beta, help="DPO beta (default %(default)s)")
     for stage in ("pretrain", "sft", "reward", "rl", "dpo"):
         add(f"--{stage}-steps", type=int, default=None, help=f"{stage} steps (default: from the scale)")
+    add("--label-sets", type=int, default=None,
+        help="sets of K candidates ranked per annotated prompt in round 1; reward steps grow with them "
+             "(default: from the scale, 4 at full size)")  # fmt: skip
     add("--threads", type=int, default=d.threads, help="torch CPU threads; 0: torch's default (default %(default)s)")
     add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars on stderr")
