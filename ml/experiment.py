@@ -282,7 +282,7 @@ def _next_round_data(
     return annotate(world, sets, config, out / data)
 
 
-def _merge_label_stats(parts: list[dict[str, float]]) -> dict[str, float]:
+def merge_label_stats(parts: list[dict[str, float]]) -> dict[str, float]:
     """Counts summed and rates averaged (weighted by rankings) over several annotated files."""
     n = sum(p["rankings"] for p in parts)
     merged = {k: sum(p[k] for p in parts) for k in ("rankings", "thumbs")}
@@ -481,7 +481,7 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
                 for i, sets in enumerate(train_sets)]  # fmt: skip
     rankings, thumbs = [r for r, _, _ in labelled], [t for _, t, _ in labelled]
     heldout_path = gold_rankings(world, heldout_sets, out / "data" / "heldout_gold_rankings.jsonl")
-    stages["annotate"] = _merge_label_stats([stats for _, _, stats in labelled])
+    stages["annotate"] = merge_label_stats([stats for _, _, stats in labelled])
     stage("reward", lambda r: _reward_stage(config, scale, out, "rm", (rankings, thumbs, heldout_path), r))
     policies, final_rm = ["sft"], {}
     for algo in config.algos:

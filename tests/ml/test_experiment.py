@@ -17,6 +17,7 @@ from ml.experiment import (
     annotate,
     format_report,
     main,
+    merge_label_stats,
     run_experiment,
     summarize,
 )
@@ -67,6 +68,10 @@ def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest
     config = ExperimentConfig(**{k: v for k, v in vars(args).items() if k in ExperimentConfig.__dataclass_fields__})
     assert config.algos == ["grpo", "rloo"] and config.dpo and config.resolved_scale().rl_steps == 5
     assert config.rounds == 3
+    assert (config.resolved_scale().label_sets, config.resolved_scale().kl_coef) == (1, 0.5)  # quick's own
+    assert ExperimentConfig(scale="tiny").resolved_scale().kl_coef == 0.1
+    assert ExperimentConfig(label_sets=3, kl_coef=0.2).resolved_scale().label_sets == 3
+    assert ExperimentConfig(kl_coef=0.2).resolved_scale().kl_coef == 0.2
     assert config.resolved_scale().sft_steps == ExperimentConfig(quick=True).resolved_scale().sft_steps
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
@@ -75,6 +80,18 @@ def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest
     assert main(parser.parse_args(["--noise", "-1", "--no-progress"])) == 2
     assert main(parser.parse_args(["--rounds", "0", "--no-progress"])) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
+    assert main(parser.parse_args(["--label-sets", "0", "--no-progress"])) == 2
+    assert "--label-sets must be at least 1" in capsys.readouterr().err
+    assert main(parser.parse_args(["--kl-coef", "-0.1", "--no-progress"])) == 2
+    assert "--kl-coef must be >= 0" in capsys.readouterr().err
+
+
+def test_label_stats_of_several_sets_sum_counts_and_weigh_rates() -> None:
+    parts = [{"rankings": 30, "thumbs": 30, "thumbs_up": 0.2, "annotator_agreement": 0.9},
+             {"rankings": 10, "thumbs": 10, "thumbs_up": 0.6, "annotator_agreement": 0.5}]  # fmt: skip
+    merged = merge_label_stats(parts)
+    assert merged["rankings"] == 40 and merged["thumbs"] == 40
+    assert merged["thumbs_up"] == pytest.approx(0.3) and merged["annotator_agreement"] == pytest.approx(0.8)
 
 
 def test_summary_over_seeds_is_mean_and_sample_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
