@@ -1,7 +1,8 @@
 """The whole pipeline on the demo world, with numbers: does each stage of the flywheel make the model better?
 
     pretrain -> SFT (on dialogues of mixed quality) -> sample K=4 candidates per train prompt from the SFT policy
-    -> simulated annotators rank them (and thumb one) -> reward model -> RL (PPO, or GRPO / RLOO) [-> DPO]
+    (--label-sets such sets per prompt) -> simulated annotators rank them (and thumb one) -> reward model
+    -> RL (PPO, or GRPO / RLOO) [-> DPO]
     -> evaluate every policy on held-out prompts against the demo world's gold scorer
 
 Every number is measured on held-out prompts (questions never seen in SFT, annotation or RL):
@@ -16,7 +17,7 @@ The rankings and thumbs are written as JSONL under --out and read back through m
 data takes the same path (and the same checks, naming the bad record) as a user's.
 
 Run (CPU):  python -m ml.experiment --quick                       (9.5 minutes on 2 busy cores)
-            python -m ml.experiment --algo ppo grpo --dpo --seed 1 --out /tmp/exp-s1   (the README's table, per seed)
+            python -m ml.experiment --algo ppo rloo grpo --dpo --seed 1 --out /tmp/exp-s1   (README's table, per seed)
             python -m ml.experiment --summarize /tmp/exp-s0 /tmp/exp-s1 /tmp/exp-s2  (mean ± std over the seeds)
             flywheel demo experiment --quick --out /tmp/fw-exp
 """
