@@ -16,7 +16,7 @@ The last line is `demo_flywheel: gold_sft=X gold_rl=Y rm_acc=Z kl=K seconds=S` (
 The rankings and thumbs are written as JSONL under --out and read back through ml/examples.py, so the experiment's
 data takes the same path (and the same checks, naming the bad record) as a user's.
 
-Run (CPU):  python -m ml.experiment --quick                       (9.5 minutes on 2 busy cores)
+Run (CPU):  python -m ml.experiment --quick                       (about 5 minutes on 2 cores)
             python -m ml.experiment --algo ppo rloo grpo --dpo --seed 1 --out /tmp/exp-s1   (README's table, per seed)
             python -m ml.experiment --summarize /tmp/exp-s0 /tmp/exp-s1 /tmp/exp-s2  (mean ± std over the seeds)
             flywheel demo experiment --quick --out /tmp/fw-exp
