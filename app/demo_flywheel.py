@@ -163,7 +163,8 @@ def turns(url: str, token: str, args: argparse.Namespace) -> tuple[float, float]
         chats = train[(turn - 1) * args.chats : turn * args.chats]
         thumbs = driver.chat_and_thumb(user_client, user, chats)
         reward = driver.run_job("reward", {"steps": args.reward_steps}, args.job_timeout)
-        rl = driver.run_job("rl", {"steps": args.rl_steps, "gate_prompts": args.eval_prompts}, args.job_timeout)
+        rl_params = {"steps": args.rl_steps, "kl_coef": args.kl_coef, "gate_prompts": args.eval_prompts}
+        rl = driver.run_job("rl", rl_params, args.job_timeout)
         versions = driver.admin.get("/api/v1/models").raise_for_status().json()
         rm = next(v for v in versions if v["kind"] == "reward" and v["job_id"] == reward["id"])
         policy = next(v for v in versions if v["kind"] == "policy" and v["job_id"] == rl["id"])
@@ -188,6 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--reward-steps", type=int, default=150)
     parser.add_argument("--rl-steps", type=int, default=40)
+    parser.add_argument("--kl-coef", type=float, default=0.5,
+                        help="the rl job's KL penalty (default %(default)s, as in the demo experiment)")  # fmt: skip
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--demo-docs", type=int, default=8000)
