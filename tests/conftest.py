@@ -67,6 +67,14 @@ def settings(tmp_path: Path, sqlite_url: str) -> Settings:
     return Settings(data_dir=tmp_path / "data", database_url=sqlite_url, secret_key=secrets.token_urlsafe(40))
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model directory to serve, built once per test module."""
+    from tests.factories import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny")
+
+
 @pytest.fixture
 def app(settings: Settings):
     migrate.upgrade(settings.resolved_database_url)

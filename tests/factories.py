@@ -85,6 +85,20 @@ def register_active_model(session: Session, path, kind: str = "sft", name: str =
     return version
 
 
+def app_with_active_model(settings, model_dir):
+    """A migrated app whose active model is `model_dir`; its watcher loads it once the lifespan runs (a
+    TestClient), polling fast so tests do not wait (see wait_for_model)."""
+    from app import migrate
+    from app.main import create_app
+
+    settings.model_poll_s = 0.1
+    migrate.upgrade(settings.resolved_database_url)
+    app = create_app(settings)
+    with app.state.session_factory() as db:
+        register_active_model(db, model_dir)
+    return app
+
+
 def wait_for_model(app, timeout_s: float = 30) -> None:
     """Block until the app's model watcher has loaded the active model (it loads in the background)."""
     deadline = time.monotonic() + timeout_s

@@ -8,26 +8,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app import migrate
-from app.main import create_app
 from app.models import Prompt, PromptSource, Ranking, RankingEntry, Role
 from app.services import annotation, chat, prompts, tokens
 from app.settings import Settings
-from tests.factories import db_snapshot, make_tiny_model_dir, make_user, register_active_model, wait_for_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny")
+from tests.factories import app_with_active_model, db_snapshot, make_user, wait_for_model
 
 
 @pytest.fixture
 def setup(settings: Settings, model_dir: Path) -> Iterator[tuple]:
-    settings.model_poll_s = 0.1
-    migrate.upgrade(settings.resolved_database_url)
-    app = create_app(settings)
+    app = app_with_active_model(settings, model_dir)
     with app.state.session_factory() as db:
-        register_active_model(db, model_dir)
         items = [([{"role": "user", "content": f"What is {i} plus 1?"}], None) for i in range(3)]
         prompts.add_prompts(db, items=items, source=PromptSource.demo)
         db.commit()

@@ -9,27 +9,17 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app import migrate
-from app.main import create_app
 from app.models import Feedback
 from app.services import tokens
 from app.settings import Settings
 from tests.conftest import serving
-from tests.factories import make_tiny_model_dir, make_user, register_active_model, wait_for_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny")
+from tests.factories import app_with_active_model, make_user, wait_for_model
 
 
 @pytest.fixture
 def api(settings: Settings, model_dir: Path) -> Iterator[tuple[TestClient, Session, str]]:
-    settings.model_poll_s = 0.1
-    migrate.upgrade(settings.resolved_database_url)
-    app = create_app(settings)
+    app = app_with_active_model(settings, model_dir)
     with app.state.session_factory() as db:
-        register_active_model(db, model_dir)
         user = make_user(db, "rita")
         _, secret = tokens.create_token(db, user=user, name="api")
         db.commit()

@@ -17,20 +17,14 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, settings
 from sqlalchemy import select, update
 
-from app import migrate
 from app.main import create_app
 from app.models import Prompt, PromptSource, Role, User
 from app.services import annotation, chat, prompts, tokens
 from app.settings import Settings
 from tests.conftest import serving
-from tests.factories import make_tiny_model_dir, make_user, register_active_model, wait_for_model
+from tests.factories import app_with_active_model, make_user, wait_for_model
 
 HUGE = 2**63  # past every integer column: PostgreSQL says "out of range" unless the app refuses it first
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny")
 
 
 @dataclass
@@ -48,11 +42,8 @@ class World:
 
 def build_world(settings: Settings, model_dir: Path) -> Iterator[World]:
     settings.max_new_tokens = 8  # answers stay cheap: the point is the input, not the model
-    settings.model_poll_s = 0.1
-    migrate.upgrade(settings.resolved_database_url)
-    app = create_app(settings)
+    app = app_with_active_model(settings, model_dir)
     with app.state.session_factory() as db:
-        register_active_model(db, model_dir)
         admin = make_user(db, "root", Role.admin)
         _, secret = tokens.create_token(db, user=admin, name="fuzz")
         prompts.add_prompts(db, items=[([{"role": "user", "content": "What is 1 plus 1?"}], None)],

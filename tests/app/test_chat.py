@@ -10,31 +10,29 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app import migrate
-from app.main import create_app
 from app.models import Feedback, Message, MessageRole, User
 from app.services import tokens
 from app.settings import Settings
 from ml.tokenizer import Tokenizer
 from tests.conftest import serving
-from tests.factories import csrf_from, db_snapshot, login, make_tiny_model_dir, make_user, register_active_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("served") / "tiny")
+from tests.factories import (
+    app_with_active_model,
+    csrf_from,
+    db_snapshot,
+    login,
+    make_tiny_model_dir,
+    make_user,
+    register_active_model,
+    wait_for_model,
+)
 
 
 @pytest.fixture
 def served(settings: Settings, model_dir: Path) -> Iterator[tuple[TestClient, Session]]:
-    settings.model_poll_s = 0.1
-    migrate.upgrade(settings.resolved_database_url)
-    app = create_app(settings)
-    with app.state.session_factory() as db:
-        register_active_model(db, model_dir)
-        with TestClient(app) as client:
-            wait_until(lambda: app.state.inference.current is not None, "the served model to load")
-            yield client, db
+    app = app_with_active_model(settings, model_dir)
+    with app.state.session_factory() as db, TestClient(app) as client:
+        wait_for_model(app)
+        yield client, db
 
 
 def wait_until(predicate, what: str, timeout: float = 30) -> None:

@@ -23,12 +23,11 @@ from app.settings import Settings
 from tests.app.test_role_matrix import MATRIX, Caller, callers  # noqa: F401 (callers: a fixture used below)
 from tests.factories import (
     PASSWORD,
+    app_with_active_model,
     csrf_from,
     db_snapshot,
     login,
-    make_tiny_model_dir,
     make_user,
-    register_active_model,
     wait_for_model,
 )
 
@@ -39,19 +38,10 @@ UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
 # Nobody sees or touches anyone else's conversations
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("security") / "tiny")
-
-
 @pytest.fixture
 def served_app(settings: Settings, model_dir: Path) -> Iterator[FastAPI]:
     """The app with a model served, so that message routes get as far as the ownership check (not a 503)."""
-    settings.model_poll_s = 0.1
-    migrate.upgrade(settings.resolved_database_url)
-    app = create_app(settings)
-    with app.state.session_factory() as db:
-        register_active_model(db, model_dir)
+    app = app_with_active_model(settings, model_dir)
     with TestClient(app):  # runs the lifespan: the watcher loads the model
         wait_for_model(app)
         yield app
