@@ -84,6 +84,10 @@ SCALES = {
 }  # fmt: skip
 
 
+# ExperimentConfig fields that, when set, replace the Scale's field of the same name and must be at least 1.
+COUNT_OVERRIDES = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps", "label_sets")
+
+
 @dataclass
 class ExperimentConfig:
     """Flags of an experiment. Step counts left at None come from the scale (`quick` or not)."""
@@ -125,15 +129,14 @@ class ExperimentConfig:
             raise ValueError("--noise must be >= 0, --bad-fraction in [0, 1] and --annotators >= 1")
         if self.rounds < 1:
             raise ValueError("--rounds must be at least 1")
-        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps", "label_sets")
-        if any(getattr(self, s) is not None and getattr(self, s) < 1 for s in steps):
+        if any(getattr(self, s) is not None and getattr(self, s) < 1 for s in COUNT_OVERRIDES):
             raise ValueError("step counts and --label-sets must be at least 1")
 
     def resolved_scale(self) -> Scale:
-        """The scale with the per-stage step overrides applied."""
+        """The scale with the flags that override it (step counts, label sets, KL coefficient) applied."""
         scale = SCALES[self.scale or ("quick" if self.quick else "full")]
-        steps = ("pretrain_steps", "sft_steps", "reward_steps", "rl_steps", "dpo_steps", "label_sets", "kl_coef")
-        return replace(scale, **{s: getattr(self, s) for s in steps if getattr(self, s) is not None})
+        names = (*COUNT_OVERRIDES, "kl_coef")
+        return replace(scale, **{s: getattr(self, s) for s in names if getattr(self, s) is not None})
 
 
 # ------------------------------------------------------------------------------------------------- progress
