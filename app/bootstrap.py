@@ -37,9 +37,11 @@ def seed_demo_prompts(settings: Settings, seed: int = 0) -> int:
 
 
 def bootstrap_demo_model(
-    settings: Settings, pretrain_steps: int = 300, sft_steps: int = 150, demo_docs: int = 8000, n_embd: int = 128
-) -> bool:
-    """Train and register the demo model when nothing is served; False when there was nothing to do."""
+    settings: Settings, pretrain_steps: int = 300, sft_steps: int = 150, demo_docs: int = 8000, n_layer: int = 4,
+    n_embd: int = 128, bad_fraction: float = 0.2,
+) -> bool:  # fmt: skip
+    """Train and register the demo model when nothing is served; False when there was nothing to do. A larger
+    `bad_fraction` (share of poor answers in its SFT data) leaves more for the flywheel to improve."""
     factory = make_session_factory(make_engine(settings.resolved_database_url))
     with factory() as session:
         if served_version(session) is not None:
@@ -51,12 +53,20 @@ def bootstrap_demo_model(
     base, chat = models / "demo-base", models / "demo-sft"
     print("No model yet: training the demo model once (a few minutes on a laptop CPU).", file=sys.stderr)
     base_metrics = pretrain(
-        PretrainConfig(out=str(base), steps=pretrain_steps, n_layer=4, n_embd=128, demo_docs=8000, eval_every=100),
+        PretrainConfig(
+            out=str(base),
+            steps=pretrain_steps,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            demo_docs=demo_docs,
+            eval_every=100,
+            warmup=min(100, max(1, pretrain_steps // 10)),
+        ),
         on_progress=_progress("pretrain"),
     )
     print(file=sys.stderr)
     sft_config = SFTConfig(base=str(base), out=str(chat), steps=sft_steps, demo_dialogues=min(2000, demo_docs),
-                           warmup=min(20, sft_steps // 3))  # fmt: skip
+                           warmup=min(20, sft_steps // 3), demo_bad_fraction=bad_fraction)  # fmt: skip
     sft_metrics = sft(sft_config, on_progress=_progress("sft"))
     print(file=sys.stderr)
     with transaction(factory) as session:
@@ -66,7 +76,8 @@ def bootstrap_demo_model(
         session.flush()
         session.add(ModelVersion(name="demo-sft", kind=ModelKind.sft, path=str(chat), parent_id=parent.id,
                                  status=ModelStatus.active, metrics=_numbers(sft_metrics),
-                                 training_data={"data": "demo dialogues, seed 0"}))  # fmt: skip
+                                 training_data={"data": "demo dialogues, seed 0", "demo": True, "demo_seed": 0,
+                                                "bad_fraction": bad_fraction}))  # fmt: skip
     print(f"Demo model ready: {chat}", file=sys.stderr)
     return True
 

@@ -76,13 +76,18 @@ class Driver:
             raise SystemExit(f"job {job['id']} ({type}) {job['status']}: {job['error']}")
         return job
 
-    def served_gold(self, client: httpx.Client, world: World, prompts: list[list[dict]]) -> tuple[str, float]:
+    def served_gold(
+        self, client: httpx.Client, world: World, prompts: list[list[dict]], samples: int, seed: int
+    ) -> tuple[str, float]:
+        """Mean gold score of what a chatting user gets: `samples` answers per prompt at the chat's default sampling
+        (temperature 0.8, top-p 0.95), seeded so that two policies are compared on the same random draws."""
         model = client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
         scores = []
-        for messages in prompts:
-            body = {"model": model, "messages": messages, "max_tokens": 48, "temperature": 0}
+        for i, messages in enumerate(prompts):
+            body = {"model": model, "messages": messages, "max_tokens": 48, "temperature": 0.8, "top_p": 0.95,
+                    "n": samples, "seed": seed * 100_000 + i * samples}  # fmt: skip
             answer = client.post("/v1/chat/completions", json=body).raise_for_status().json()
-            scores.append(world.gold_score(messages, answer["choices"][0]["message"]["content"]))
+            scores += [world.gold_score(messages, choice["message"]["content"]) for choice in answer["choices"]]
         return model, sum(scores) / len(scores)
 
     def wait_for_model(self, client: httpx.Client, not_named: str | None, timeout_s: float = 60) -> None:
@@ -100,6 +105,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_given_model(factory, path: str) -> None:
+    """Register a chat model trained on the demo world (e.g. a demo experiment's `sft`) as the active SFT model."""
+    from app.db import transaction
+    from app.models import ModelKind, ModelStatus, ModelVersion
+    from ml.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(path)
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise SystemExit(f"flywheel demo flywheel: error: --demo-model {path}: {exc}") from exc
+    where = Path(path).resolve()
+    data = {"data": f"demo world model {where}", "demo": True, "demo_seed": 0}
+    with transaction(factory) as session:
+        session.add(ModelVersion(name=where.name, kind=ModelKind.sft, path=str(where), status=ModelStatus.active,
+                                 training_data=data))  # fmt: skip
+
+
 @contextmanager
 def own_server(args: argparse.Namespace):
     """A fresh Flywheel (the demo model trained small, an embedded worker) on a free port; yields (url, token)."""
@@ -112,15 +134,20 @@ def own_server(args: argparse.Namespace):
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "FLYWHEEL_DATA_DIR": str(Path(tmp) / "data"), "FLYWHEEL_SECRET_KEY": "d" * 40,
-               "FLYWHEEL_MODEL_POLL_S": "0.5", "FLYWHEEL_MAX_STREAMS_PER_USER": "16"}  # fmt: skip
+               "FLYWHEEL_MODEL_POLL_S": "0.5", "FLYWHEEL_MAX_STREAMS_PER_USER": "16",
+               "FLYWHEEL_ANNOTATIONS_PER_SET": str(args.per_set)}  # fmt: skip
         if args.database_url:
             env["FLYWHEEL_DATABASE_URL"] = args.database_url
         settings = Settings(data_dir=Path(tmp) / "data", secret_key="d" * 40, database_url=args.database_url)
         migrate.upgrade(settings.resolved_database_url)
-        bootstrap_demo_model(settings, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps,
-                             demo_docs=args.demo_docs, n_embd=args.n_embd)  # fmt: skip
-        seed_demo_prompts(settings)
         factory = make_session_factory(make_engine(settings.resolved_database_url))
+        if args.demo_model:
+            serve_given_model(factory, args.demo_model)
+        else:
+            bootstrap_demo_model(settings, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps,
+                                 demo_docs=args.demo_docs, n_layer=args.n_layer, n_embd=args.n_embd,
+                                 bad_fraction=args.bad_fraction)  # fmt: skip
+        seed_demo_prompts(settings)
         with transaction(factory) as session:
             admin = users.create_user(session, username="demo-admin", password="demo-admin-password", role=Role.admin)
             token = tokens.create_token(session, user=admin, name="demo flywheel")[1]
@@ -147,15 +174,17 @@ def own_server(args: argparse.Namespace):
 
 
 def turns(url: str, token: str, args: argparse.Namespace) -> tuple[float, float]:
-    world = World(args.seed)
+    world = World(0)  # the demo model's and the prompt pool's world; --seed varies the people, not the facts
     driver = Driver(url, token)
-    annotators = [(driver.account(f"sim-annotator-{i}", "annotator"), SimulatedAnnotator(world, args.noise, i))
+    people = 1000 * args.seed
+    annotators = [(driver.account(f"sim-annotator-{i}", "annotator"), SimulatedAnnotator(world, args.noise, people + i))
                   for i in range(args.annotators)]  # fmt: skip
-    user_client, user = driver.account("sim-user", "user"), SimulatedAnnotator(world, args.noise, 99)
+    user_client, user = driver.account("sim-user", "user"), SimulatedAnnotator(world, args.noise, people + 999)
     held_out = [p.messages for p in world.prompts(400) if p.split == "heldout"][: args.eval_prompts]
+    measure = lambda: driver.served_gold(user_client, world, held_out, args.eval_samples, args.seed)  # noqa: E731
     train = [p.messages for p in world.prompts(400) if p.split == "train"]
     driver.wait_for_model(user_client, None)
-    served, gold_before = driver.served_gold(user_client, world, held_out)
+    served, gold_before = measure()
     print(f"turn 0: serving {served}, gold {gold_before:.3f}", flush=True)
     gold = gold_before
     for turn in range(1, args.turns + 1):
@@ -170,7 +199,7 @@ def turns(url: str, token: str, args: argparse.Namespace) -> tuple[float, float]
         policy = next(v for v in versions if v["kind"] == "policy" and v["job_id"] == rl["id"])
         if policy["status"] == "active":
             driver.wait_for_model(user_client, served)
-        served, gold = driver.served_gold(user_client, world, held_out)
+        served, gold = measure()
         print(f"turn {turn}: {ranked} rankings + {thumbs} thumbs; reward model accuracy "
               f"{rm['metrics'].get('val_acc', float('nan')):.3f}; new policy {policy['status']} "
               f"({policy['metrics'].get('gate')}); serving {served}, gold {gold:.3f}", flush=True)  # fmt: skip
@@ -184,19 +213,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--annotators", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=20, help="candidate sets each annotator ranks per turn")
+    parser.add_argument("--per-set", type=int, default=1,
+                        help="distinct annotators who rank each set, for the server this command starts (default "
+                             "%(default)s: more prompts for the same labour)")  # fmt: skip
     parser.add_argument("--chats", type=int, default=10, help="questions the simulated user asks per turn")
     parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out questions the gold score is taken on")
+    parser.add_argument("--eval-samples", type=int, default=4, help="answers per held-out question (at most 8)")
     parser.add_argument("--reward-steps", type=int, default=150)
     parser.add_argument("--rl-steps", type=int, default=40)
     parser.add_argument("--kl-coef", type=float, default=0.5,
                         help="the rl job's KL penalty (default %(default)s, as in the demo experiment)")  # fmt: skip
+    parser.add_argument("--demo-model", metavar="DIR",
+                        help="serve this chat model trained on the demo world (e.g. a demo experiment's sft "
+                             "directory) instead of training one; for the server this command starts")  # fmt: skip
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--demo-docs", type=int, default=8000)
+    parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--bad-fraction", type=float, default=0.5,
+                        help="share of poor answers in the started server's SFT data (default %(default)s, as in the "
+                             "demo experiment: room for the loop to improve)")  # fmt: skip
     parser.add_argument("--job-timeout", type=float, default=3600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the simulated people's noise and the evaluation's draws")
     parser.add_argument("--server-log", help="append the started server's and worker's output to this file")
 
 

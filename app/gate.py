@@ -1,14 +1,16 @@
 """The promotion gate: a new policy is served only if it beats the active one on held-out prompts.
 
 Judged by the newest reward model: the candidate's win rate against the active policy must clear 0.5 by a margin,
-its KL to the SFT reference must stay within a budget, and its held-out dialogue perplexity must not regress by more
-than a tolerance. The decision and every number behind it are stored with the model version.
+its KL to the SFT reference must stay within a budget, and its perplexity on reference dialogues (written by people
+or the demo world, never sampled from a policy) must not regress by more than a tolerance. The decision and every
+number behind it are stored with the model version.
 """
 
 from dataclasses import dataclass
 from typing import Any
 
 GATE_DEFAULTS = {"gate_margin": 0.02, "kl_budget": 10.0, "ppl_tolerance": 0.25, "gate_prompts": 48}
+REFERENCE_DIALOGUES = 64  # the most dialogues perplexity is measured on (the first ones: a fixed set)
 
 
 @dataclass
@@ -33,7 +35,7 @@ def decide(metrics: dict[str, float], *, gate_margin: float, kl_budget: float, p
 
 def evaluate_candidate(
     candidate_dir: str, active_dir: str, reference_dir: str, reward_dir: str, prompts: list[list[dict[str, str]]],
-    dialogues: list[dict[str, Any]], params: dict[str, Any],
+    dialogues: list[Any], params: dict[str, Any],
 ) -> GateResult:  # fmt: skip
     """Measure the candidate against the active policy and apply the gate."""
     from ml.checkpoint import load_checkpoint
@@ -52,12 +54,13 @@ def evaluate_candidate(
     sampling = Sampling(temperature=0.7)
     wins = win_rate(candidate, active, tokenizer, prompts, rm, sampling=sampling)
     kl = policy_reward_and_kl(candidate, reference, tokenizer, prompts, rm, sampling=sampling)
-    held_out = load_dialogues(dialogues) if dialogues else []
+    held_out = load_dialogues(dialogues)[:REFERENCE_DIALOGUES] if dialogues else []
     ppl_new = dialogue_perplexity(candidate, tokenizer, held_out)["ppl"] if held_out else 1.0
     ppl_old = dialogue_perplexity(active, tokenizer, held_out)["ppl"] if held_out else 1.0
     metrics = {
         "win_rate": wins["win_rate"], "reward_candidate": wins["score_a"], "reward_active": wins["score_b"],
         "kl": kl["kl"], "ppl_candidate": ppl_new, "ppl_active": ppl_old, "gate_prompts": len(prompts),
+        "gate_dialogues": len(held_out),
     }  # fmt: skip
     return decide(metrics, gate_margin=float(params["gate_margin"]), kl_budget=float(params["kl_budget"]),
                   ppl_tolerance=float(params["ppl_tolerance"]))  # fmt: skip

@@ -133,10 +133,13 @@ def run_sft(ctx: JobContext) -> JobOutput:
     config = SFTConfig(base=base.path, out=str(out), data=["demo"],
                        **_trainer_params(params, SFTConfig, {"base", "out", "data", "resume", "progress"}))  # fmt: skip
     if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
-        demo = World(config.demo_seed).sft_dialogues(config.demo_dialogues, seed=config.seed) if include_demo else []
+        world = World(config.demo_seed)
+        demo = world.sft_dialogues(config.demo_dialogues, seed=config.seed,
+                                   bad_fraction=config.demo_bad_fraction) if include_demo else []  # fmt: skip
         config.data = list(demo) + collected
     metrics = ctx.train(sft, config)
-    lineage = {**chats.watermark, "dialogues": len(chats.records), "files": _dialogue_files(ctx), "demo": include_demo}
+    lineage = {**chats.watermark, "dialogues": len(chats.records), "files": _dialogue_files(ctx), "demo": include_demo,
+               "demo_seed": config.demo_seed}  # fmt: skip
     return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
 
 
@@ -161,12 +164,25 @@ def run_reward(ctx: JobContext) -> JobOutput:
     return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
 
 
+def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
+    """What the gate measures perplexity on: dialogues no policy wrote. The imported dialogue `files`, and when the
+    reference learned from the demo world, good answers to the demo's held-out questions. Never users' chats: those
+    are the active policy's own samples, on which any other policy looks worse, so they would favour the incumbent."""
+    from ml.demo import World
+
+    data = reference.training_data or {}
+    demo = bool(data.get("demo")) or str(data.get("data", "")).startswith("demo")
+    held_out = World(int(data.get("demo_seed", 0))).sft_dialogues(gate.REFERENCE_DIALOGUES, bad_fraction=0.0,
+                                                                 split="heldout") if demo else []  # fmt: skip
+    return held_out + files
+
+
 def _gate(ctx: JobContext, out: Path, policy: ModelVersion, params: dict[str, Any]) -> gate.GateResult:
     with ctx.session() as session:
         reference = _version(session, {}, "", (ModelKind.sft,))
         reward = _version(session, {}, "", (ModelKind.reward,))
         heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records]
-        dialogues = datasets.dialogues(session).records
+    dialogues = reference_dialogues(reference, _dialogue_files(ctx))
     if not heldout:
         raise ValueError("no held-out prompts to evaluate the new policy on")
     settings = {**gate.GATE_DEFAULTS, **{k: v for k, v in params.items() if k in gate.GATE_DEFAULTS}}

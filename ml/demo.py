@@ -249,11 +249,14 @@ class World:
             options = [str(int(question.value) + d) for d in (-3, -2, -1, 1, 2, 3) if int(question.value) + d >= 0]
         return rng.choice([v for v in options if v != question.value])
 
-    def sft_dialogues(self, n: int, seed: int = 0, bad_fraction: float = 0.2) -> list[list[dict[str, str]]]:
-        """`n` chats on train-split questions; a `bad_fraction` of answers are wrong, rambling or rude."""
-        rng = random.Random(f"sft-{self.seed}-{seed}")
+    def sft_dialogues(
+        self, n: int, seed: int = 0, bad_fraction: float = 0.2, split: str = "train"
+    ) -> list[list[dict[str, str]]]:
+        """`n` chats on `split` questions; a `bad_fraction` of answers are wrong, rambling or rude. The `heldout`
+        split with no bad answers is the reference that held-out perplexity is measured on."""
+        rng = random.Random(f"sft-{self.seed}-{seed}" + ("" if split == "train" else f"-{split}"))
         train = {
-            lang: [q for q in self.questions if q.lang == lang and split_of(q.text) == "train"] for lang in ["en", "zh"]
+            lang: [q for q in self.questions if q.lang == lang and split_of(q.text) == split] for lang in ["en", "zh"]
         }
         dialogues = []
         for _ in range(n):

@@ -22,7 +22,16 @@ WATERMARKS = {
     "prompt_id": ("prompts", "train-split prompts"),
 }
 VERSION_REFERENCES = {"reward_version_id": "judged by reward model", "reference_version_id": "KL reference"}
-GATE_NUMBERS = ("win_rate", "reward_candidate", "reward_active", "kl", "ppl_candidate", "ppl_active", "gate_prompts")
+GATE_NUMBERS = (
+    "win_rate",
+    "reward_candidate",
+    "reward_active",
+    "kl",
+    "ppl_candidate",
+    "ppl_active",
+    "gate_prompts",
+    "gate_dialogues",
+)
 
 
 @dataclass

@@ -53,6 +53,7 @@ class SFTConfig:
     heldout_fraction: float = 0.05
     demo_dialogues: int = 3000
     demo_seed: int = 0
+    demo_bad_fraction: float = 0.2  # share of the demo's answers that are wrong, rambling or rude
     eval_every: int = 100
     save_every: int = 0
     resume: bool = False
@@ -66,6 +67,8 @@ class SFTConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0 or not 0 < self.heldout_fraction < 1:
             raise ValueError("--lr must be positive and the held-out fraction between 0 and 1")
+        if not 0 <= self.demo_bad_fraction <= 1:
+            raise ValueError("--demo-bad-fraction must be between 0 and 1")
 
 
 def sft(config: SFTConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -171,7 +174,9 @@ def _loop_config(config: SFTConfig, max_len: int) -> LoopConfig:
 
 def _dialogues(config: SFTConfig) -> list:
     if config.data == ["demo"]:
-        return load_dialogues(World(config.demo_seed).sft_dialogues(config.demo_dialogues, seed=config.seed))
+        world = World(config.demo_seed)
+        return load_dialogues(world.sft_dialogues(config.demo_dialogues, seed=config.seed,
+                                                  bad_fraction=config.demo_bad_fraction))  # fmt: skip
     if "demo" in config.data:
         raise ValueError("--data takes either 'demo' or paths, not both")
     return load_dialogues(config.data)
@@ -192,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--packing", action="store_true", help="pack several dialogues per row (attention stays within each)")
     add("--demo-dialogues", type=int, default=d.demo_dialogues, help="dialogues generated for --data demo")
     add("--demo-seed", type=int, default=d.demo_seed, help="seed of the demo world (its facts)")
+    add("--demo-bad-fraction", type=float, default=d.demo_bad_fraction,
+        help="share of the demo's answers that are wrong, rambling or rude (room for RL to improve)")  # fmt: skip
     common.add_loop_arguments(
         parser,
         d,

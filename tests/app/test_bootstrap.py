@@ -12,7 +12,7 @@ from ml.tokenizer import Tokenizer
 
 def test_bootstrap_trains_registers_and_is_done_once(settings: Settings) -> None:
     migrate.upgrade(settings.resolved_database_url)
-    assert bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=4, demo_docs=300, n_embd=32)
+    assert bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=4, demo_docs=300, n_layer=2, n_embd=32)
     factory = make_session_factory(make_engine(settings.resolved_database_url))
     with factory() as session:
         served = served_version(session)
@@ -21,6 +21,7 @@ def test_bootstrap_trains_registers_and_is_done_once(settings: Settings) -> None
     model, _ = load_checkpoint(served.path)
     tokenizer = Tokenizer.load(served.path)
     assert model.config.vocab_size >= tokenizer.vocab_size
+    assert (model.config.n_layer, model.config.n_embd) == (2, 32)  # the sizes asked for, not the defaults
     assert not bootstrap_demo_model(settings)  # a model is served now: nothing to do
 
     added = seed_demo_prompts(settings)

@@ -4,18 +4,21 @@ Tiny models and a handful of steps: this checks the wiring (datasets from rows, 
 record), not model quality — that is the end-to-end flywheel test's job.
 """
 
+import itertools
+
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import migrate
 from app.bootstrap import bootstrap_demo_model, seed_demo_prompts
 from app.db import make_engine, make_session_factory, transaction
-from app.gate import decide
+from app.gate import REFERENCE_DIALOGUES, decide
 from app.models import CandidateSet, Job, JobStatus, ModelKind, ModelStatus, ModelVersion, Prompt, Role, Split
 from app.services import annotation, chat, feedback, jobs
 from app.settings import Settings
+from app.training import reference_dialogues
 from app.worker import Worker, WorkerConfig
-from ml.demo import World
+from ml.demo import World, split_of
 from tests.factories import make_user
 
 SMALL = {"steps": 3, "batch_size": 4}
@@ -24,7 +27,7 @@ SMALL = {"steps": 3, "batch_size": 4}
 @pytest.fixture
 def factory(settings: Settings) -> sessionmaker[Session]:
     migrate.upgrade(settings.resolved_database_url)
-    bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=3, demo_docs=300, n_embd=32)
+    bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=3, demo_docs=300, n_layer=2, n_embd=32)
     seed_demo_prompts(settings)
     return make_session_factory(make_engine(settings.resolved_database_url))
 
@@ -81,6 +84,7 @@ def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, 
         sft = db.query(ModelVersion).filter_by(kind=ModelKind.sft).one()
         assert policy.parent_id == sft.id and policy.training_data["reward_version_id"] == reward.id
         assert {"win_rate", "kl", "ppl_candidate", "gate"} <= set(policy.metrics)
+        assert policy.metrics["gate_dialogues"] == REFERENCE_DIALOGUES  # the demo's held-out reference dialogues
         assert (policy.status == ModelStatus.active) == policy.metrics["promoted"]
 
     evaluation = run(settings, factory, "evaluate", prompts=4)
@@ -122,3 +126,18 @@ def test_gate_decisions_on_worked_numbers() -> None:
     assert "exceeds" in decide({**base, "kl": 5.5}, **limits).reason
     assert "regressed" in decide({**base, "ppl_candidate": 2.3}, **limits).reason
     assert decide({**base, "ppl_candidate": 2.19}, **limits).promote
+
+
+def test_the_gate_measures_perplexity_on_reference_dialogues_never_on_users_chats() -> None:
+    """Users' chats are the active policy's own samples, on which any other policy looks worse: the gate reads the
+    demo's held-out questions with good answers (when the reference learned from the demo) and imported files."""
+    demo_reference = ModelVersion(training_data={"data": "demo dialogues, seed 0", "demo": True, "demo_seed": 0})
+    dialogues = reference_dialogues(demo_reference, ["/data/datasets/dialogues/imported.jsonl"])
+    assert dialogues[-1] == "/data/datasets/dialogues/imported.jsonl" and len(dialogues) == REFERENCE_DIALOGUES + 1
+    world = World(0)
+    for messages in dialogues[:-1]:
+        for user, answer in itertools.pairwise(messages):
+            if answer["role"] == "assistant":
+                assert split_of(user["content"]) == "heldout"
+                assert world.gold_score([user], answer["content"]) > 0.7  # a good answer
+    assert reference_dialogues(ModelVersion(training_data={"data": ["books.txt"]}), []) == []
