@@ -9,7 +9,7 @@ number behind it are stored with the model version.
 from dataclasses import dataclass
 from typing import Any
 
-GATE_DEFAULTS = {"gate_margin": 0.02, "kl_budget": 10.0, "ppl_tolerance": 0.25, "gate_prompts": 48}
+GATE_DEFAULTS = {"gate_margin": 0.02, "kl_budget": 10.0, "ppl_tolerance": 0.25, "gate_prompts": 48, "gate_samples": 4}
 REFERENCE_DIALOGUES = 64  # the most dialogues perplexity is measured on (the first ones: a fixed set)
 
 
@@ -52,7 +52,7 @@ def evaluate_candidate(
     rm = RewardModel.load(reward_dir)
     prompts = prompts[: int(params["gate_prompts"])]
     sampling = Sampling(temperature=0.7)
-    wins = win_rate(candidate, active, tokenizer, prompts, rm, sampling=sampling)
+    wins = win_rate(candidate, active, tokenizer, prompts, rm, sampling=sampling, n=int(params["gate_samples"]))
     kl = policy_reward_and_kl(candidate, reference, tokenizer, prompts, rm, sampling=sampling)
     held_out = load_dialogues(dialogues)[:REFERENCE_DIALOGUES] if dialogues else []
     ppl_new = dialogue_perplexity(candidate, tokenizer, held_out)["ppl"] if held_out else 1.0
@@ -60,6 +60,7 @@ def evaluate_candidate(
     metrics = {
         "win_rate": wins["win_rate"], "reward_candidate": wins["score_a"], "reward_active": wins["score_b"],
         "kl": kl["kl"], "ppl_candidate": ppl_new, "ppl_active": ppl_old, "gate_prompts": len(prompts),
+        "gate_pairs": wins["wins"] + wins["ties"] + wins["losses"],
         "gate_dialogues": len(held_out),
     }  # fmt: skip
     return decide(metrics, gate_margin=float(params["gate_margin"]), kl_budget=float(params["kl_budget"]),

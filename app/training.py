@@ -190,11 +190,17 @@ def _gate(ctx: JobContext, out: Path, policy: ModelVersion, params: dict[str, An
     return gate.evaluate_candidate(str(out), policy.path, reference.path, reward.path, heldout, dialogues, settings)
 
 
+# The rl job's KL penalty when none is given (the automatic rule gives none). Stronger than the trainer's own 0.05: a
+# reward model trained on what people labelled so far is wrong off that data, and the demo experiment's sweep found
+# 0.5 best (README, "The demo experiment").
+RL_KL_COEF = 0.5
+
+
 def run_rl(ctx: JobContext) -> JobOutput:
     """RL of the served policy against the active reward model, then the gate decides whether to promote it."""
     from ml.train.rl import RLConfig, rl
 
-    params = dict(ctx.params)
+    params = {"kl_coef": RL_KL_COEF, **ctx.params}
     with ctx.session() as session:
         policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
         reference = _version(session, params, "reference_version_id", (ModelKind.sft,))

@@ -120,18 +120,19 @@ def policy_reward_and_kl(
 @torch.no_grad()
 def win_rate(
     policy_a: nn.Module, policy_b: nn.Module, tokenizer: Tokenizer, prompts: list[list[Message]], scorer: Scorer,
-    max_new_tokens: int = 64, sampling: Sampling = Sampling(), seed: int = 0,
+    max_new_tokens: int = 64, sampling: Sampling = Sampling(), seed: int = 0, n: int = 1,
 ) -> dict[str, float]:  # fmt: skip
-    """How often policy A's answer to a prompt scores above policy B's (ties count half), and both mean scores."""
-    _, a = sample_answers(policy_a, tokenizer, prompts, 1, max_new_tokens, sampling, seed)
-    _, b = sample_answers(policy_b, tokenizer, prompts, 1, max_new_tokens, sampling, seed)
-    sa, sb = score_answers(scorer, prompts, a), score_answers(scorer, prompts, b)
+    """How often policy A's answer to a prompt scores above policy B's (ties count half), and both mean scores.
+    `n` pairs per prompt (the i-th answer of A against the i-th of B, same seeds): more pairs, less noise."""
+    ro, a = sample_answers(policy_a, tokenizer, prompts, n, max_new_tokens, sampling, seed)
+    _, b = sample_answers(policy_b, tokenizer, prompts, n, max_new_tokens, sampling, seed)
+    sa, sb = score_answers(scorer, ro.prompts, a), score_answers(scorer, ro.prompts, b)
     wins, ties = int((sa > sb).sum()), int((sa == sb).sum())
     return {
-        "win_rate": (wins + 0.5 * ties) / max(len(prompts), 1),
+        "win_rate": (wins + 0.5 * ties) / max(len(a), 1),
         "wins": wins,
         "ties": ties,
-        "losses": len(prompts) - wins - ties,
+        "losses": len(a) - wins - ties,
         "score_a": float(sa.mean()),
         "score_b": float(sb.mean()),
     }

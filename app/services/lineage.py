@@ -30,6 +30,7 @@ GATE_NUMBERS = (
     "ppl_candidate",
     "ppl_active",
     "gate_prompts",
+    "gate_pairs",
     "gate_dialogues",
 )
 

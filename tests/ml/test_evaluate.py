@@ -24,6 +24,8 @@ def test_a_policy_against_itself(tiny_base: Path) -> None:
     prompts = [p.messages for p in world.prompts(40) if p.split == "heldout"][:6]
     result = win_rate(policy, other, tok, prompts, world.gold_score, max_new_tokens=8, seed=1)
     assert result["win_rate"] == 0.5 and result["ties"] == len(prompts)  # same seed, same weights: same answers
+    longer = win_rate(policy, other, tok, prompts, lambda p, a: float(len(a)), max_new_tokens=8, seed=1, n=3)
+    assert longer["wins"] + longer["ties"] + longer["losses"] == 3 * len(prompts) and longer["win_rate"] == 0.5
 
     def length(prompt, answer):  # any (prompt, answer) -> float plugs in
         return float(len(answer))
