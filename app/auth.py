@@ -57,9 +57,15 @@ def tokens_equal(a: str, b: str) -> bool:
 class CookieSigner:
     """Signs cookie values with the secret key, so a tampered or forged cookie is rejected before any lookup."""
 
+    CACHE_SIZE = 4096
+
     def __init__(self, secret_key: str, salt: str = "flywheel-cookie") -> None:
         # A different salt per purpose: a value signed for one use never verifies for another.
         self._serializer = URLSafeSerializer(secret_key, salt=salt)
+        # Every request of a browser or API client carries the same CSRF cookie, and checking its signature (key
+        # derivation, HMAC, base64, JSON) was a tenth of a request's CPU. The answer depends on the value alone (these
+        # signatures carry no timestamp), so it is remembered; the cache is emptied when full, so junk cannot grow it.
+        self._unsigned: dict[str, str | None] = {}
 
     def sign(self, value: str) -> str:
         return self._serializer.dumps(value)
@@ -68,10 +74,18 @@ class CookieSigner:
         if not signed:
             return None
         try:
+            return self._unsigned[signed]
+        except KeyError:
+            pass
+        try:
             value = self._serializer.loads(signed)
         except BadSignature:
-            return None
-        return value if isinstance(value, str) else None
+            value = None
+        value = value if isinstance(value, str) else None
+        if len(self._unsigned) >= self.CACHE_SIZE:
+            self._unsigned.clear()
+        self._unsigned[signed] = value
+        return value
 
 
 @dataclass(frozen=True)

@@ -71,12 +71,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        upload_paths=("/admin/import", "/api/v1/prompts/import"))  # fmt: skip
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    # The busiest routes first: a request is matched against the routes in order (this FastAPI scans every route of
+    # every router before it, at ~3 µs a route, twice a request), and no two routers here share a path, so the order
+    # changes nothing but that cost (and the order of paths in /openapi.json).
+    app.include_router(api_annotate.router, prefix="/api/v1", dependencies=[CSRF])
+    app.include_router(api_chat.router, prefix="/api/v1", dependencies=[CSRF])
+    app.include_router(api.router, prefix="/api/v1", dependencies=[CSRF])
+    app.include_router(openai_compat.router, prefix="/v1", dependencies=[CSRF])
     for module in (pages, auth, account, admin, chat, annotate):
         app.include_router(module.router, dependencies=[CSRF])
-    app.include_router(api.router, prefix="/api/v1", dependencies=[CSRF])
-    app.include_router(api_chat.router, prefix="/api/v1", dependencies=[CSRF])
-    app.include_router(api_annotate.router, prefix="/api/v1", dependencies=[CSRF])
-    app.include_router(openai_compat.router, prefix="/v1", dependencies=[CSRF])
     return app
 
 

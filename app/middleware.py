@@ -41,6 +41,29 @@ def _cookies(scope: Scope) -> dict[str, str]:
     return {key: morsel.value for key, morsel in jar.items()}
 
 
+_CSRF_COOKIE_BYTES = CSRF_COOKIE.encode()
+_CSRF_CACHE_SIZE = 4096
+_csrf_by_header: dict[tuple[bytes, ...], str | None] = {}
+
+
+def _csrf_cookie(scope: Scope) -> str | None:
+    """The CSRF cookie's value, as `_cookies` reads it. SimpleCookie's parser cost more than the rest of this
+    middleware, and a client sends the same Cookie header request after request: a header without the name is not
+    parsed, and the value found in one is remembered (emptied when full, so junk headers cannot grow it)."""
+    headers = tuple(value for name, value in scope.get("headers", []) if name == b"cookie")
+    if not any(_CSRF_COOKIE_BYTES in value for value in headers):
+        return None
+    try:
+        return _csrf_by_header[headers]
+    except KeyError:
+        pass
+    value = _cookies(scope).get(CSRF_COOKIE)
+    if len(_csrf_by_header) >= _CSRF_CACHE_SIZE:
+        _csrf_by_header.clear()
+    _csrf_by_header[headers] = value
+    return value
+
+
 class BrowserSecurityMiddleware:
     """Adds security headers and gives every browser a signed CSRF nonce (double-submit) before it logs in."""
 
@@ -53,7 +76,7 @@ class BrowserSecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        nonce = self.signer.unsign(_cookies(scope).get(CSRF_COOKIE))
+        nonce = self.signer.unsign(_csrf_cookie(scope))
         set_cookie = nonce is None
         if nonce is None:
             nonce = secrets.token_urlsafe(32)

@@ -397,18 +397,20 @@ def postgres_schema() -> tuple[str, callable]:
 
 
 def serve(url: str, data_dir: Path, port: int, args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
-    """`flywheel serve` as a child process, as people run it (without the training worker)."""
+    """`flywheel serve` as a child process, as people run it (without the training worker, and without the access log:
+    a line per request, written to the log file, is not what is measured)."""
     env = {**os.environ, "FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_DATABASE_URL": url,
            "FLYWHEEL_SECRET_KEY": secrets.token_urlsafe(40), "FLYWHEEL_MODEL_POLL_S": "1"}  # fmt: skip
-    command = [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--no-bootstrap", "--port", str(port),
-               "--workers", str(args.workers)]  # fmt: skip
+    command = [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--no-bootstrap", "--no-access-log",
+               "--port", str(port), "--workers", str(args.workers)]  # fmt: skip
     with log_path.open("w") as log:
         return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def describe(args: argparse.Namespace) -> str:
-    return (f"flywheel serve --workers {args.workers} --no-worker on {args.db}: {args.annotators} annotators, "
-            f"{args.chatters} chatters, {args.warmup:g} s warm-up, {args.duration:g} s measured")  # fmt: skip
+    return (f"flywheel serve --workers {args.workers} --no-worker --no-access-log on {args.db}: "
+            f"{args.annotators} annotators, {args.chatters} chatters, {args.warmup:g} s warm-up, "
+            f"{args.duration:g} s measured")  # fmt: skip
 
 
 def main() -> None:

@@ -4,35 +4,48 @@ from fastapi import APIRouter, Request, Response, status
 
 from app.deps import AdminUser, AnnotatorUser, SessionDep
 from app.routes.annotate import LABELS
+from app.routes.json_body import model_response
 from app.schemas import CandidatePublic, ImportResult, PromptImport, RankEntry, RankingCreate, RankingPublic, TaskPublic
 from app.services import annotation, prompts, tasks
+from app.threads import run_db
 
 router = APIRouter(tags=["annotation"])
 
 
 @router.get("/annotation/next", response_model=TaskPublic, responses={204: {"description": "nothing to annotate"}})
-async def next_task(request: Request, annotator: AnnotatorUser) -> TaskPublic | Response:
+async def next_task(request: Request, annotator: AnnotatorUser) -> Response:
     """The next candidate set for this annotator (sampled from the served model when none is waiting)."""
     task = await tasks.next_task(request.app, annotator)
     if task is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     candidates = [CandidatePublic(id=i, label=LABELS[position], content=text) for i, position, text in task.candidates]
-    return TaskPublic(set_id=task.set_id, prompt_id=task.prompt_id, messages=task.messages, candidates=candidates)
+    return model_response(
+        TaskPublic(set_id=task.set_id, prompt_id=task.prompt_id, messages=task.messages, candidates=candidates)
+    )
 
 
 @router.post("/annotation/sets/{set_id}/ranking", response_model=RankingPublic, status_code=status.HTTP_201_CREATED)
-def submit_ranking(set_id: int, body: RankingCreate, session: SessionDep, annotator: AnnotatorUser) -> RankingPublic:
-    ranking = annotation.submit_ranking(
-        session, annotator=annotator, set_id=set_id, status=body.status,
-        entries=[(e.candidate_id, e.rank) for e in body.ranking], flag_reason=body.flag_reason,
-        time_spent_ms=body.time_spent_ms,
-    )  # fmt: skip
-    session.commit()
+async def submit_ranking(set_id: int, body: RankingCreate, request: Request, annotator: AnnotatorUser) -> Response:
+    """Store one ranking. Async with one hop to a thread that opens, uses and closes its own session (a sync route
+    with a session dependency cost an anyio hop and the dependency's exit stack on top)."""
+
+    def store() -> annotation.StoredRanking:
+        with request.app.state.session_factory() as session:
+            ranking = annotation.submit_ranking(
+                session, annotator=annotator, set_id=set_id, status=body.status,
+                entries=[(e.candidate_id, e.rank) for e in body.ranking], flag_reason=body.flag_reason,
+                time_spent_ms=body.time_spent_ms,
+            )  # fmt: skip
+            session.commit()
+            return ranking
+
+    ranking = await run_db(store)
     entries = [RankEntry(candidate_id=candidate_id, rank=rank) for candidate_id, rank in ranking.entries]
-    return RankingPublic(
+    public = RankingPublic(
         id=ranking.id, candidate_set_id=ranking.candidate_set_id, status=ranking.status,
         time_spent_ms=ranking.time_spent_ms, created_at=ranking.created_at, ranking=entries,
     )  # fmt: skip
+    return model_response(public, status.HTTP_201_CREATED)
 
 
 @router.post("/prompts/import", response_model=ImportResult, status_code=status.HTTP_201_CREATED)

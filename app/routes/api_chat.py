@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentUser, SessionDep
 from app.models import Message
+from app.routes.json_body import model_response
 from app.schemas import (
     ConversationCreate,
     ConversationDetail,
@@ -21,6 +22,7 @@ from app.schemas import (
 )
 from app.services import answering, chat, feedback
 from app.services.inference import SamplingParams
+from app.threads import run_db
 
 router = APIRouter(tags=["chat"])
 
@@ -31,10 +33,14 @@ def list_conversations(session: SessionDep, user: CurrentUser) -> list[Conversat
 
 
 @router.post("/conversations", response_model=ConversationPublic, status_code=status.HTTP_201_CREATED)
-def create_conversation(body: ConversationCreate, session: SessionDep, user: CurrentUser) -> ConversationPublic:
-    conversation = chat.create_conversation(session, user=user, title=body.title)
-    session.commit()
-    return ConversationPublic.model_validate(conversation)
+async def create_conversation(body: ConversationCreate, request: Request, user: CurrentUser) -> Response:
+    def create() -> ConversationPublic:  # on a thread with its own session, as set_feedback
+        with request.app.state.session_factory() as session:
+            conversation = chat.create_conversation(session, user=user, title=body.title)
+            session.commit()
+            return ConversationPublic.model_validate(conversation)
+
+    return model_response(await run_db(create), status.HTTP_201_CREATED)
 
 
 @router.get("/conversations/{conversation_id}", response_model=ConversationDetail)
@@ -103,15 +109,26 @@ async def _events(deltas, user_message_id: int, answer_id: int) -> AsyncIterator
 
 
 @router.put("/messages/{message_id}/feedback", response_model=FeedbackPublic)
-def set_feedback(message_id: int, body: FeedbackSet, session: SessionDep, user: CurrentUser) -> FeedbackPublic:
-    vote = feedback.set_feedback(session, user=user, message_id=message_id, value=body.value, reason=body.reason,
-                                 comment=body.comment)  # fmt: skip
-    session.commit()
-    return FeedbackPublic.model_validate(vote)
+async def set_feedback(message_id: int, body: FeedbackSet, request: Request, user: CurrentUser) -> Response:
+    """Async with one hop to a thread that owns its session (as a sync route it cost an anyio hop and a session
+    dependency's exit stack besides): thumbs are the chat's busiest write."""
+
+    def store() -> FeedbackPublic:
+        with request.app.state.session_factory() as session:
+            vote = feedback.set_feedback(session, user=user, message_id=message_id, value=body.value,
+                                         reason=body.reason, comment=body.comment)  # fmt: skip
+            session.commit()
+            return FeedbackPublic.model_validate(vote)
+
+    return model_response(await run_db(store))
 
 
 @router.delete("/messages/{message_id}/feedback", status_code=status.HTTP_204_NO_CONTENT)
-def clear_feedback(message_id: int, session: SessionDep, user: CurrentUser) -> Response:
-    feedback.clear_feedback(session, user=user, message_id=message_id)
-    session.commit()
+async def clear_feedback(message_id: int, request: Request, user: CurrentUser) -> Response:
+    def clear() -> None:
+        with request.app.state.session_factory() as session:
+            feedback.clear_feedback(session, user=user, message_id=message_id)
+            session.commit()
+
+    await run_db(clear)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

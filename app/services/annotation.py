@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import exists, func, insert, select
+from sqlalchemy import Select, bindparam, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,23 +21,80 @@ from app.text import clean, clean_optional
 
 MAX_FLAG_REASON = 200
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
+FLOOR_SLACK = 64  # sets a walk may pass before next_set_id looks for a higher floor
 
 
-def next_set(session: Session, *, annotator: User, per_set: int) -> CandidateSet | None:
-    """The existing set that most needs this annotator: not ranked by them, fewest rankings, oldest.
+_sets, _candidates, _prompts = CandidateSet.__table__, Candidate.__table__, Prompt.__table__
+_rankings, _entries = Ranking.__table__, RankingEntry.__table__
+
+
+def _next_set_queries() -> tuple[Select, Select]:
+    """From set id `floor` on: the oldest set with exactly `level` rankings that `annotator_id` has not ranked; and
+    the oldest set with at most `level` rankings (the next floor of that level)."""
+    count = select(func.count()).select_from(_rankings).where(_rankings.c.candidate_set_id == _sets.c.id)
+    count = count.scalar_subquery()
+    mine = exists().where(_rankings.c.candidate_set_id == _sets.c.id,
+                          _rankings.c.annotator_id == bindparam("annotator_id"))  # fmt: skip
+    after = _sets.c.id >= bindparam("floor")
+    first = select(_sets.c.id).order_by(_sets.c.id).limit(1)
+    return first.where(after, count == bindparam("level"), ~mine), first.where(after, count <= bindparam("level"))
+
+
+# The statements of the annotation loop are built once, as Core: building one (and its cache key) on every request,
+# and the ORM's handling of its results, cost more CPU than SQLite spent running it.
+_NEXT_SET, _LEVEL_FLOOR = _next_set_queries()
+_TASK = (
+    select(_prompts.c.id, _prompts.c.messages, _candidates.c.id.label("candidate_id"), _candidates.c.position,
+           _candidates.c.content)
+    .join_from(_candidates, _sets, _sets.c.id == _candidates.c.candidate_set_id)
+    .join(_prompts, _prompts.c.id == _sets.c.prompt_id)
+    .where(_candidates.c.candidate_set_id == bindparam("set_id"))
+    .order_by(_candidates.c.position)
+)  # fmt: skip
+_TASK_PROMPT = (
+    select(_prompts.c.id, _prompts.c.messages).join_from(_prompts, _sets, _sets.c.prompt_id == _prompts.c.id)
+    .where(_sets.c.id == bindparam("set_id"))
+)  # fmt: skip
+_SET_CANDIDATES = select(_candidates.c.id).where(_candidates.c.candidate_set_id == bindparam("set_id"))
+_MY_RANKING = select(_rankings.c.id).where(_rankings.c.candidate_set_id == bindparam("set_id"),
+                                           _rankings.c.annotator_id == bindparam("annotator_id"))  # fmt: skip
+_INSERT_RANKING = _rankings.insert().returning(_rankings.c.id)
+
+
+def next_set_id(
+    session: Session, *, annotator_id: int, per_set: int, floors: dict[int, int] | None = None
+) -> int | None:
+    """The id of the existing set that most needs this annotator: not ranked by them, fewest rankings, oldest.
 
     Asked one level at a time (sets with no ranking yet, then with one, …): each query walks the sets in id order
     through the rankings' indexes and stops at the first match, where one query ordering every set by its count of
     rankings would count them all on every request for work.
+
+    That walk still passes every older set that has more rankings, a cost that grew with every ranking. `floors`
+    (kept by the caller between calls, {level: set id}) remembers per level a set id below which every set has more
+    than `level` rankings; as rankings are only ever added, that stays true, and the walk starts there. The answer is
+    the same as without floors whenever that holds; the caller drops them now and then, and before concluding that
+    there is no set at all.
     """
-    count = select(func.count()).select_from(Ranking).where(Ranking.candidate_set_id == CandidateSet.id)
-    mine = exists().where(Ranking.candidate_set_id == CandidateSet.id, Ranking.annotator_id == annotator.id)
+    floors = {} if floors is None else floors
     for level in range(per_set):
-        query = select(CandidateSet).where(count.scalar_subquery() == level, ~mine).order_by(CandidateSet.id).limit(1)
-        cset = session.scalar(query)
-        if cset is not None:
-            return cset
+        floor = floors.get(level, 0)
+        params = {"level": level, "annotator_id": annotator_id, "floor": floor}
+        set_id = session.execute(_NEXT_SET, params).scalar()
+        if set_id is None:
+            continue
+        if level == 0:  # a set with no ranking is nobody's: every set before it has one
+            floors[0] = set_id
+        elif set_id - floor > FLOOR_SLACK:  # it walked past many sets: find how far the level's floor has moved
+            floors[level] = session.execute(_LEVEL_FLOOR, params).scalar() or floor
+        return set_id
     return None
+
+
+def next_set(session: Session, *, annotator: User, per_set: int) -> CandidateSet | None:
+    """`next_set_id`, loaded."""
+    set_id = next_set_id(session, annotator_id=annotator.id, per_set=per_set)
+    return session.get(CandidateSet, set_id) if set_id is not None else None
 
 
 def prompt_needing_candidates(session: Session, *, annotator: User) -> Prompt | None:
@@ -89,18 +146,14 @@ class Task:
 
 
 def load_task(session: Session, *, set_id: int) -> Task:
-    """Two plain queries (the prompt through its set, the candidates): this runs on every request for work."""
-    row = session.execute(
-        select(Prompt.id, Prompt.messages).join(CandidateSet, CandidateSet.prompt_id == Prompt.id)
-        .where(CandidateSet.id == set_id)
-    ).one_or_none()  # fmt: skip
-    if row is None:
+    """One query (the candidates with their set's prompt): this runs on every request for work."""
+    rows = session.execute(_TASK, {"set_id": set_id}).all()
+    if rows:
+        return Task(set_id, rows[0].id, rows[0].messages, [(r.candidate_id, r.position, r.content) for r in rows])
+    prompt = session.execute(_TASK_PROMPT, {"set_id": set_id}).one_or_none()  # a set with no candidates, or none
+    if prompt is None:
         raise NotFound(f"candidate set {set_id} not found")
-    candidates = session.execute(
-        select(Candidate.id, Candidate.position, Candidate.content)
-        .where(Candidate.candidate_set_id == set_id).order_by(Candidate.position)
-    ).all()  # fmt: skip
-    return Task(set_id, row.id, row.messages, [tuple(c) for c in candidates])
+    return Task(set_id, prompt.id, prompt.messages, [])
 
 
 def get_set(session: Session, *, set_id: int) -> CandidateSet:
@@ -157,7 +210,7 @@ def submit_ranking(
     for the same set and annotator at the same moment still meet the unique constraint: the loser gets a Conflict
     and its transaction is to be rolled back.
     """
-    ids = list(session.scalars(select(Candidate.id).where(Candidate.candidate_set_id == set_id)))
+    ids = list(session.scalars(_SET_CANDIDATES, {"set_id": set_id}))
     if not ids:  # a set always has candidates: none means there is no such set
         raise NotFound(f"candidate set {set_id} not found")
     status = RankingStatus(status)
@@ -168,19 +221,18 @@ def submit_ranking(
         raise Invalid(f"a flag reason may have at most {MAX_FLAG_REASON} characters")
     if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise Invalid("time_spent_ms must be between 0 and one day")
-    mine = select(Ranking.id).where(Ranking.candidate_set_id == set_id, Ranking.annotator_id == annotator.id)
-    if session.scalar(mine) is not None:
+    if session.scalar(_MY_RANKING, {"set_id": set_id, "annotator_id": annotator.id}) is not None:
         raise Conflict(f"you have already ranked set {set_id}")
     row = {"candidate_set_id": set_id, "annotator_id": annotator.id, "status": status, "created_at": utcnow(),
            "flag_reason": clean_optional(flag_reason) if status == RankingStatus.flagged else None,
            "time_spent_ms": time_spent_ms}  # fmt: skip
     try:
-        ranking_id = session.execute(insert(Ranking).returning(Ranking.id), [row]).scalar_one()
+        ranking_id = session.execute(_INSERT_RANKING, row).scalar_one()
     except IntegrityError as exc:
         raise Conflict(f"you have already ranked set {set_id}") from exc
     if ranks:
-        session.execute(insert(RankingEntry), [{"ranking_id": ranking_id, "candidate_id": c, "rank": r}
-                                               for c, r in ranks.items()])  # fmt: skip
+        session.execute(_entries.insert(), [{"ranking_id": ranking_id, "candidate_id": c, "rank": r}
+                                            for c, r in ranks.items()])  # fmt: skip
     stored = sorted(ranks.items(), key=lambda item: (item[1], item[0]))
     return StoredRanking(ranking_id, set_id, status, time_spent_ms, row["created_at"], stored)
 

@@ -5,14 +5,17 @@ import secrets
 import time
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session
 
 from app.db import transaction
 from app.models import User
 from app.services import annotation, prompts
 from app.services.inference import InferenceService, ModelUnavailable, SamplingParams
+from app.threads import run_db
 
 CANDIDATE_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 96}
 PROMPT_SYNC_INTERVAL_S = 10.0
+FLOOR_REFRESH_S = 10.0
 
 
 def _prompt_sync_due(app: FastAPI) -> bool:
@@ -25,15 +28,29 @@ def _prompt_sync_due(app: FastAPI) -> bool:
     return True
 
 
+def _next_set_id(app: FastAPI, session: Session, annotator_id: int, per_set: int) -> int | None:
+    """annotation.next_set_id with this process's floors, which are dropped every few seconds (a lower bound that a
+    deleted ranking or a set committed late would make wrong is wrong for that long at most) and before a None."""
+    now = time.monotonic()
+    state = app.state
+    if now - getattr(state, "next_set_floors_at", float("-inf")) >= FLOOR_REFRESH_S:
+        state.next_set_floors, state.next_set_floors_at = {}, now
+    set_id = annotation.next_set_id(session, annotator_id=annotator_id, per_set=per_set, floors=state.next_set_floors)
+    if set_id is None and state.next_set_floors:
+        state.next_set_floors = {}
+        set_id = annotation.next_set_id(session, annotator_id=annotator_id, per_set=per_set)
+    return set_id
+
+
 def _pick(app: FastAPI, annotator: User) -> annotation.Task | tuple[int, list] | None:
     """A waiting set, loaded; else the prompt to sample a new set for (id, messages); else None."""
     settings = app.state.settings
     with transaction(app.state.session_factory) as session:
-        cset = annotation.next_set(session, annotator=annotator, per_set=settings.annotations_per_set)
-        if cset is None or _prompt_sync_due(app):
+        set_id = _next_set_id(app, session, annotator.id, settings.annotations_per_set)
+        if set_id is None or _prompt_sync_due(app):
             prompts.sync_chat_prompts(session)
-        if cset is not None:
-            return annotation.load_task(session, set_id=cset.id)
+        if set_id is not None:
+            return annotation.load_task(session, set_id=set_id)
         prompt = annotation.prompt_needing_candidates(session, annotator=annotator)
         return (prompt.id, prompt.messages) if prompt is not None else None
 
@@ -55,7 +72,7 @@ async def _sample(service: InferenceService, messages: list, k: int) -> list[tup
 async def next_task(app: FastAPI, annotator: User) -> annotation.Task | None:
     """The set this annotator should rank next, sampling a new one if needed; None when all is done. Picking and
     loading a waiting set is one trip to a thread and one transaction."""
-    picked = await asyncio.to_thread(_pick, app, annotator)
+    picked = await run_db(_pick, app, annotator)
     if picked is None or isinstance(picked, annotation.Task):
         return picked
     prompt_id, messages = picked
@@ -71,4 +88,4 @@ async def next_task(app: FastAPI, annotator: User) -> annotation.Task | None:
                                          params=CANDIDATE_SAMPLING)  # fmt: skip
             return annotation.load_task(session, set_id=cset.id)
 
-    return await asyncio.to_thread(store)
+    return await run_db(store)
