@@ -11,6 +11,7 @@ Last line: `flywheel_turns: T gold_before=X gold_after=Y`.
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -244,6 +245,8 @@ def main(args: argparse.Namespace) -> int:
     if args.url and not args.token:
         print("flywheel demo flywheel: error: --url needs --token (an admin API token)", file=sys.stderr)
         return 2
+    # SIGTERM as an exit, so that the server this command started is stopped too rather than left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     start = time.monotonic()
     if args.url:
         before, after = turns(args.url, args.token, args)
