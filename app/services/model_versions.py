@@ -68,7 +68,8 @@ def promote(session: Session, *, version_id: int) -> ModelVersion:
 
 
 def roll_back(session: Session, *, kind: ModelKind) -> ModelVersion:
-    """Re-activate the version that was active before the current one."""
+    """Re-activate the version that was active before the current one. The first policy ever promoted has none: rolling
+    it back retires it, and chat is served by the active SFT model again (which is returned)."""
     current = active(session, kind=kind)
     previous = session.scalar(
         select(ModelVersion)
@@ -79,7 +80,12 @@ def roll_back(session: Session, *, kind: ModelKind) -> ModelVersion:
         .limit(1)
     )
     if previous is None:
-        raise Conflict(f"there is no earlier {kind.value} model to roll back to")
+        fallback = active(session, kind=ModelKind.sft) if kind == ModelKind.policy and current is not None else None
+        if fallback is None:
+            raise Conflict(f"there is no earlier {kind.value} model to roll back to")
+        current.status = ModelStatus.retired
+        session.flush()
+        return fallback
     if current is not None:
         current.status = ModelStatus.retired
         session.flush()

@@ -173,3 +173,24 @@ def test_nul_characters_from_people_or_models_are_dropped_on_both_databases(sess
     assert [m.content for m in session.query(Message).order_by(Message.id)] == ["hi there", "model output"]
     assert session.query(Prompt).one().messages[0]["content"] == "q?"
     assert sorted(c.content for c in session.get(CandidateSet, cset.id).candidates) == ["x", "y"]
+
+
+def test_roll_back_goes_to_the_previous_policy_and_from_the_first_one_to_the_sft_model(session: Session) -> None:
+    from app.errors import Conflict
+    from app.services.model_versions import promote, roll_back, served_version
+
+    sft = ModelVersion(name="sft", kind=ModelKind.sft, path="/m/sft", status=ModelStatus.active)
+    first, second = (ModelVersion(name=n, kind=ModelKind.policy, path=f"/m/{n}") for n in ("first", "second"))
+    session.add_all([sft, first, second])
+    session.flush()
+    with pytest.raises(Conflict, match="no earlier policy"):
+        roll_back(session, kind=ModelKind.policy)  # no policy is served: nothing to roll back
+    promote(session, version_id=first.id)
+    promote(session, version_id=second.id)
+    assert served_version(session).name == "second"
+    assert roll_back(session, kind=ModelKind.policy).name == "first"
+    assert (served_version(session).name, second.status) == ("first", ModelStatus.retired)
+    session.execute(text("UPDATE model_versions SET activated_at = NULL WHERE name = 'second'"))
+    session.expire_all()  # as if `second` had never been served: `first` is the only policy ever promoted
+    assert roll_back(session, kind=ModelKind.policy).name == "sft"
+    assert served_version(session).name == "sft" and first.status == ModelStatus.retired
