@@ -11,6 +11,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import transaction
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -30,3 +34,14 @@ async def run_db(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     if kwargs:
         return await loop.run_in_executor(_pool(), lambda: fn(*args, **kwargs))
     return await loop.run_in_executor(_pool(), fn, *args)
+
+
+async def run_in_transaction(factory: sessionmaker[Session], fn: Callable[[Session], T]) -> T:
+    """`fn(session)` on a pool thread, in one transaction of its own (committed when `fn` returns): for async routes
+    whose whole database work is one unit, without a session dependency and its exit stack."""
+
+    def run() -> T:
+        with transaction(factory) as session:
+            return fn(session)
+
+    return await run_db(run)

@@ -1,13 +1,14 @@
 """REST for annotators under /api/v1: the next task and rankings; prompt import for admins."""
 
 from fastapi import APIRouter, Request, Response, status
+from sqlalchemy.orm import Session
 
 from app.deps import AdminUser, AnnotatorUser, SessionDep
 from app.routes.annotate import LABELS
 from app.routes.json_body import model_response
 from app.schemas import CandidatePublic, ImportResult, PromptImport, RankEntry, RankingCreate, RankingPublic, TaskPublic
 from app.services import annotation, prompts, tasks
-from app.threads import run_db
+from app.threads import run_in_transaction
 
 router = APIRouter(tags=["annotation"])
 
@@ -29,17 +30,14 @@ async def submit_ranking(set_id: int, body: RankingCreate, request: Request, ann
     """Store one ranking. Async with one hop to a thread that opens, uses and closes its own session (a sync route
     with a session dependency cost an anyio hop and the dependency's exit stack on top)."""
 
-    def store() -> annotation.StoredRanking:
-        with request.app.state.session_factory() as session:
-            ranking = annotation.submit_ranking(
-                session, annotator=annotator, set_id=set_id, status=body.status,
-                entries=[(e.candidate_id, e.rank) for e in body.ranking], flag_reason=body.flag_reason,
-                time_spent_ms=body.time_spent_ms,
-            )  # fmt: skip
-            session.commit()
-            return ranking
+    def store(session: Session) -> annotation.StoredRanking:
+        return annotation.submit_ranking(
+            session, annotator=annotator, set_id=set_id, status=body.status,
+            entries=[(e.candidate_id, e.rank) for e in body.ranking], flag_reason=body.flag_reason,
+            time_spent_ms=body.time_spent_ms,
+        )  # fmt: skip
 
-    ranking = await run_db(store)
+    ranking = await run_in_transaction(request.app.state.session_factory, store)
     entries = [RankEntry(candidate_id=candidate_id, rank=rank) for candidate_id, rank in ranking.entries]
     public = RankingPublic(
         id=ranking.id, candidate_set_id=ranking.candidate_set_id, status=ranking.status,

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.deps import CurrentUser, SessionDep
 from app.models import Message
@@ -22,7 +23,7 @@ from app.schemas import (
 )
 from app.services import answering, chat, feedback
 from app.services.inference import SamplingParams
-from app.threads import run_db
+from app.threads import run_in_transaction
 
 router = APIRouter(tags=["chat"])
 
@@ -34,13 +35,11 @@ def list_conversations(session: SessionDep, user: CurrentUser) -> list[Conversat
 
 @router.post("/conversations", response_model=ConversationPublic, status_code=status.HTTP_201_CREATED)
 async def create_conversation(body: ConversationCreate, request: Request, user: CurrentUser) -> Response:
-    def create() -> ConversationPublic:  # on a thread with its own session, as set_feedback
-        with request.app.state.session_factory() as session:
-            conversation = chat.create_conversation(session, user=user, title=body.title)
-            session.commit()
-            return ConversationPublic.model_validate(conversation)
+    def create(session: Session) -> ConversationPublic:
+        return ConversationPublic.model_validate(chat.create_conversation(session, user=user, title=body.title))
 
-    return model_response(await run_db(create), status.HTTP_201_CREATED)
+    conversation = await run_in_transaction(request.app.state.session_factory, create)
+    return model_response(conversation, status.HTTP_201_CREATED)
 
 
 @router.get("/conversations/{conversation_id}", response_model=ConversationDetail)
@@ -113,22 +112,18 @@ async def set_feedback(message_id: int, body: FeedbackSet, request: Request, use
     """Async with one hop to a thread that owns its session (as a sync route it cost an anyio hop and a session
     dependency's exit stack besides): thumbs are the chat's busiest write."""
 
-    def store() -> FeedbackPublic:
-        with request.app.state.session_factory() as session:
-            vote = feedback.set_feedback(session, user=user, message_id=message_id, value=body.value,
-                                         reason=body.reason, comment=body.comment)  # fmt: skip
-            session.commit()
-            return FeedbackPublic.model_validate(vote)
+    def store(session: Session) -> FeedbackPublic:
+        vote = feedback.set_feedback(session, user=user, message_id=message_id, value=body.value,
+                                     reason=body.reason, comment=body.comment)  # fmt: skip
+        return FeedbackPublic.model_validate(vote)
 
-    return model_response(await run_db(store))
+    return model_response(await run_in_transaction(request.app.state.session_factory, store))
 
 
 @router.delete("/messages/{message_id}/feedback", status_code=status.HTTP_204_NO_CONTENT)
 async def clear_feedback(message_id: int, request: Request, user: CurrentUser) -> Response:
-    def clear() -> None:
-        with request.app.state.session_factory() as session:
-            feedback.clear_feedback(session, user=user, message_id=message_id)
-            session.commit()
+    def clear(session: Session) -> None:
+        feedback.clear_feedback(session, user=user, message_id=message_id)
 
-    await run_db(clear)
+    await run_in_transaction(request.app.state.session_factory, clear)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

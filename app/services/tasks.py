@@ -11,7 +11,7 @@ from app.db import transaction
 from app.models import User
 from app.services import annotation, prompts
 from app.services.inference import InferenceService, ModelUnavailable, SamplingParams
-from app.threads import run_db
+from app.threads import run_db, run_in_transaction
 
 CANDIDATE_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 96}
 PROMPT_SYNC_INTERVAL_S = 10.0
@@ -82,10 +82,9 @@ async def next_task(app: FastAPI, annotator: User) -> annotation.Task | None:
     version_id = service.current.version_id
     answers = await _sample(service, messages, app.state.settings.candidates_per_set)
 
-    def store() -> annotation.Task:
-        with transaction(app.state.session_factory) as session:
-            cset = annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=version_id,
-                                         params=CANDIDATE_SAMPLING)  # fmt: skip
-            return annotation.load_task(session, set_id=cset.id)
+    def store(session: Session) -> annotation.Task:
+        cset = annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=version_id,
+                                     params=CANDIDATE_SAMPLING)  # fmt: skip
+        return annotation.load_task(session, set_id=cset.id)
 
-    return await run_db(store)
+    return await run_in_transaction(app.state.session_factory, store)
