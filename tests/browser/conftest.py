@@ -78,16 +78,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def served_app(settings, tiny_model_dir: Path):
     """The app with a real tiny model served (and registered), not yet started."""
-    from app import migrate
-    from app.main import create_app
-    from tests.factories import register_active_model
+    from tests.factories import app_with_active_model
 
-    settings.model_poll_s = 0.2
-    migrate.upgrade(settings.resolved_database_url)
-    app = create_app(settings)
-    with app.state.session_factory() as db:
-        register_active_model(db, tiny_model_dir)
-    return app
+    return app_with_active_model(settings, tiny_model_dir)
 
 
 @pytest.fixture
