@@ -165,16 +165,17 @@ def run_reward(ctx: JobContext) -> JobOutput:
 
 
 def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
-    """What the gate measures perplexity on: dialogues no policy wrote. The imported dialogue `files`, and when the
-    reference learned from the demo world, good answers to the demo's held-out questions. Never users' chats: those
-    are the active policy's own samples, on which any other policy looks worse, so they would favour the incumbent."""
+    """What the gate measures perplexity on (its first REFERENCE_DIALOGUES): dialogues no policy wrote. The imported
+    dialogue `files` first, then, when the reference learned from the demo world, good answers to the demo's held-out
+    questions. Never users' chats: those are the active policy's own samples, on which any other policy looks worse,
+    so they would favour the incumbent."""
     from ml.demo import World
 
     data = reference.training_data or {}
     demo = bool(data.get("demo")) or str(data.get("data", "")).startswith("demo")
     held_out = World(int(data.get("demo_seed", 0))).sft_dialogues(gate.REFERENCE_DIALOGUES, bad_fraction=0.0,
                                                                  split="heldout") if demo else []  # fmt: skip
-    return held_out + files
+    return files + held_out
 
 
 def _gate(ctx: JobContext, out: Path, policy: ModelVersion, params: dict[str, Any]) -> gate.GateResult:

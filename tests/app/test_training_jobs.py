@@ -133,9 +133,9 @@ def test_the_gate_measures_perplexity_on_reference_dialogues_never_on_users_chat
     demo's held-out questions with good answers (when the reference learned from the demo) and imported files."""
     demo_reference = ModelVersion(training_data={"data": "demo dialogues, seed 0", "demo": True, "demo_seed": 0})
     dialogues = reference_dialogues(demo_reference, ["/data/datasets/dialogues/imported.jsonl"])
-    assert dialogues[-1] == "/data/datasets/dialogues/imported.jsonl" and len(dialogues) == REFERENCE_DIALOGUES + 1
+    assert dialogues[0] == "/data/datasets/dialogues/imported.jsonl" and len(dialogues) == REFERENCE_DIALOGUES + 1
     world = World(0)
-    for messages in dialogues[:-1]:
+    for messages in dialogues[1:]:
         for user, answer in itertools.pairwise(messages):
             if answer["role"] == "assistant":
                 assert split_of(user["content"]) == "heldout"
