@@ -5,6 +5,8 @@ before the web server starts, with a progress line; later starts find the model 
 
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from app.db import make_engine, make_session_factory, transaction
 from app.models import ModelKind, ModelStatus, ModelVersion, PromptSource, Split
@@ -36,49 +38,59 @@ def seed_demo_prompts(settings: Settings, seed: int = 0) -> int:
         return prompts.add_prompts(session, items=items, source=PromptSource.demo)
 
 
-def bootstrap_demo_model(
-    settings: Settings, pretrain_steps: int = 300, sft_steps: int = 150, demo_docs: int = 8000, n_layer: int = 4,
-    n_embd: int = 128, bad_fraction: float = 0.2,
-) -> bool:  # fmt: skip
+# The chat model `flywheel demo flywheel` trains when given none: small (2 layers, width 64, about a minute on 2 cores)
+# but trained long enough to know some of the world's facts, with half of its SFT answers poor (wrong, rambling,
+# rude), so that the loop has room to improve it. tests/app/test_flywheel_e2e.py trains exactly this one.
+FLYWHEEL_DEMO_MODEL = {"pretrain_steps": 600, "sft_steps": 300, "demo_docs": 1500, "n_layer": 2, "n_embd": 64,
+                       "bad_fraction": 0.5, "pretrain_batch": 16, "sft_dialogues": 400, "sft_lr": 1e-3}  # fmt: skip
+
+
+def train_demo_model(
+    models: Path, pretrain_steps: int = 300, sft_steps: int = 150, demo_docs: int = 8000, n_layer: int = 4,
+    n_embd: int = 128, bad_fraction: float = 0.2, pretrain_batch: int = 32, sft_dialogues: int | None = None,
+    sft_lr: float = 5e-4,
+) -> tuple[dict, dict]:  # fmt: skip
+    """Pretrain `models/demo-base` on the demo corpus, then SFT `models/demo-sft` on demo dialogues; their metrics."""
+    from ml.train.pretrain import PretrainConfig, pretrain
+    from ml.train.sft import SFTConfig, sft
+
+    base, chat = models / "demo-base", models / "demo-sft"
+    base_metrics = pretrain(
+        PretrainConfig(out=str(base), steps=pretrain_steps, batch_size=pretrain_batch, n_layer=n_layer, n_embd=n_embd,
+                       demo_docs=demo_docs, eval_every=100, warmup=min(100, max(1, pretrain_steps // 10))),
+        on_progress=_progress("pretrain"),
+    )  # fmt: skip
+    print(file=sys.stderr)
+    sft_config = SFTConfig(base=str(base), out=str(chat), steps=sft_steps, lr=sft_lr,
+                           demo_dialogues=sft_dialogues or min(2000, demo_docs), warmup=min(20, sft_steps // 3),
+                           demo_bad_fraction=bad_fraction)  # fmt: skip
+    sft_metrics = sft(sft_config, on_progress=_progress("sft"))
+    print(file=sys.stderr)
+    return base_metrics, sft_metrics
+
+
+def bootstrap_demo_model(settings: Settings, bad_fraction: float = 0.2, **recipe: Any) -> bool:
     """Train and register the demo model when nothing is served; False when there was nothing to do. A larger
-    `bad_fraction` (share of poor answers in its SFT data) leaves more for the flywheel to improve."""
+    `bad_fraction` (share of poor answers in its SFT data) leaves more for the flywheel to improve; `recipe` takes
+    the other arguments of train_demo_model (the model's size and steps)."""
     factory = make_session_factory(make_engine(settings.resolved_database_url))
     with factory() as session:
         if served_version(session) is not None:
             return False
-    from ml.train.pretrain import PretrainConfig, pretrain
-    from ml.train.sft import SFTConfig, sft
-
     models = settings.data_dir / "models"
-    base, chat = models / "demo-base", models / "demo-sft"
     print("No model yet: training the demo model once (a few minutes on a laptop CPU).", file=sys.stderr)
-    base_metrics = pretrain(
-        PretrainConfig(
-            out=str(base),
-            steps=pretrain_steps,
-            n_layer=n_layer,
-            n_embd=n_embd,
-            demo_docs=demo_docs,
-            eval_every=100,
-            warmup=min(100, max(1, pretrain_steps // 10)),
-        ),
-        on_progress=_progress("pretrain"),
-    )
-    print(file=sys.stderr)
-    sft_config = SFTConfig(base=str(base), out=str(chat), steps=sft_steps, demo_dialogues=min(2000, demo_docs),
-                           warmup=min(20, sft_steps // 3), demo_bad_fraction=bad_fraction)  # fmt: skip
-    sft_metrics = sft(sft_config, on_progress=_progress("sft"))
-    print(file=sys.stderr)
+    base_metrics, sft_metrics = train_demo_model(models, bad_fraction=bad_fraction, **recipe)
     with transaction(factory) as session:
-        parent = ModelVersion(name="demo-base", kind=ModelKind.base, path=str(base), status=ModelStatus.active,
-                              metrics=_numbers(base_metrics), training_data={"data": "demo world, seed 0"})  # fmt: skip
+        parent = ModelVersion(name="demo-base", kind=ModelKind.base, path=str(models / "demo-base"),
+                              status=ModelStatus.active, metrics=_numbers(base_metrics),
+                              training_data={"data": "demo world, seed 0"})  # fmt: skip
         session.add(parent)
         session.flush()
-        session.add(ModelVersion(name="demo-sft", kind=ModelKind.sft, path=str(chat), parent_id=parent.id,
-                                 status=ModelStatus.active, metrics=_numbers(sft_metrics),
+        session.add(ModelVersion(name="demo-sft", kind=ModelKind.sft, path=str(models / "demo-sft"),
+                                 parent_id=parent.id, status=ModelStatus.active, metrics=_numbers(sft_metrics),
                                  training_data={"data": "demo dialogues, seed 0", "demo": True, "demo_seed": 0,
                                                 "bad_fraction": bad_fraction}))  # fmt: skip
-    print(f"Demo model ready: {chat}", file=sys.stderr)
+    print(f"Demo model ready: {models / 'demo-sft'}", file=sys.stderr)
     return True
 
 

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import httpx
 
+from app.bootstrap import FLYWHEEL_DEMO_MODEL, bootstrap_demo_model, seed_demo_prompts
 from ml.demo import SimulatedAnnotator, World
+
+# The flags that size the demo model this command trains when --demo-model is not given (bad_fraction last).
+RECIPE_FLAGS = ("pretrain_steps", "sft_steps", "demo_docs", "n_layer", "n_embd", "bad_fraction")
 
 
 class Driver:
@@ -127,7 +131,6 @@ def serve_given_model(factory, path: str) -> None:
 def own_server(args: argparse.Namespace):
     """A fresh Flywheel (the demo model trained small, an embedded worker) on a free port; yields (url, token)."""
     from app import migrate
-    from app.bootstrap import bootstrap_demo_model, seed_demo_prompts
     from app.db import make_engine, make_session_factory, transaction
     from app.models import Role
     from app.services import tokens, users
@@ -145,9 +148,8 @@ def own_server(args: argparse.Namespace):
         if args.demo_model:
             serve_given_model(factory, args.demo_model)
         else:
-            bootstrap_demo_model(settings, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps,
-                                 demo_docs=args.demo_docs, n_layer=args.n_layer, n_embd=args.n_embd,
-                                 bad_fraction=args.bad_fraction)  # fmt: skip
+            recipe = {**FLYWHEEL_DEMO_MODEL, **{k: getattr(args, k) for k in RECIPE_FLAGS}}
+            bootstrap_demo_model(settings, **recipe)
         seed_demo_prompts(settings)
         with transaction(factory) as session:
             admin = users.create_user(session, username="demo-admin", password="demo-admin-password", role=Role.admin)
@@ -228,12 +230,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-model", metavar="DIR",
                         help="serve this chat model trained on the demo world (e.g. a demo experiment's sft "
                              "directory) instead of training one; for the server this command starts")  # fmt: skip
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--sft-steps", type=int, default=150)
-    parser.add_argument("--demo-docs", type=int, default=8000)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--bad-fraction", type=float, default=0.5,
+    for flag in RECIPE_FLAGS[:-1]:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=FLYWHEEL_DEMO_MODEL[flag],
+                            help="size of the demo model trained when none is given (default %(default)s)")  # fmt: skip
+    parser.add_argument("--bad-fraction", type=float, default=FLYWHEEL_DEMO_MODEL["bad_fraction"],
                         help="share of poor answers in the started server's SFT data (default %(default)s, as in the "
                              "demo experiment: room for the loop to improve)")  # fmt: skip
     parser.add_argument("--job-timeout", type=float, default=3600)

@@ -4,12 +4,17 @@ Judged by the newest reward model: the candidate's win rate against the active p
 its KL to the SFT reference must stay within a budget, and its perplexity on reference dialogues (written by people
 or the demo world, never sampled from a policy) must not regress by more than a tolerance. The decision and every
 number behind it are stored with the model version.
+
+The perplexity check catches a policy that breaks (forgets how to write), not one that narrows its style: RL that
+raises the demo's gold score drops the reference answers' polite openers and closers, and the perplexity of those
+answers grows 1.1-2.4x while their facts stay as likely; a policy trained with no KL leash measured 4,500x (README).
+So by default the candidate's perplexity may be at most twice the active policy's (`ppl_tolerance` 1.0).
 """
 
 from dataclasses import dataclass
 from typing import Any
 
-GATE_DEFAULTS = {"gate_margin": 0.02, "kl_budget": 10.0, "ppl_tolerance": 0.25, "gate_prompts": 48, "gate_samples": 4}
+GATE_DEFAULTS = {"gate_margin": 0.02, "kl_budget": 10.0, "ppl_tolerance": 1.0, "gate_prompts": 48, "gate_samples": 4}
 REFERENCE_DIALOGUES = 64  # the most dialogues perplexity is measured on (the first ones: a fixed set)
 
 
@@ -29,8 +34,10 @@ def decide(metrics: dict[str, float], *, gate_margin: float, kl_budget: float, p
     if kl > kl_budget:
         return GateResult(False, f"KL to the reference {kl:.3f} exceeds the budget {kl_budget}", metrics)
     if ppl_new > ppl_old * (1 + ppl_tolerance):
-        return GateResult(False, f"held-out perplexity {ppl_new:.3f} regressed from {ppl_old:.3f}", metrics)
-    return GateResult(True, f"wins {win:.3f} with KL {kl:.3f} and perplexity {ppl_new:.3f}", metrics)
+        return GateResult(False, f"held-out perplexity {ppl_new:.3f} regressed from {ppl_old:.3f} (more than "
+                                 f"{1 + ppl_tolerance:.2f}x)", metrics)  # fmt: skip
+    ratio = ppl_new / ppl_old if ppl_old else 1.0
+    return GateResult(True, f"wins {win:.3f} with KL {kl:.3f} and perplexity {ppl_new:.3f} ({ratio:.2f}x)", metrics)
 
 
 def evaluate_candidate(
