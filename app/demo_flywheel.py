@@ -221,8 +221,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "%(default)s: more prompts for the same labour)")  # fmt: skip
     parser.add_argument("--chats", type=int, default=10, help="questions the simulated user asks per turn")
     parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out questions the gold score is taken on")
-    parser.add_argument("--eval-samples", type=int, default=4, help="answers per held-out question (at most 8)")
+    parser.add_argument(
+        "--eval-prompts", type=int, default=48, help="held-out questions the gold score is taken on (and the gate on)"
+    )
+    parser.add_argument("--eval-samples", type=int, default=8, help="answers per held-out question (at most 8)")
     parser.add_argument("--reward-steps", type=int, default=150)
     parser.add_argument("--rl-steps", type=int, default=40)
     parser.add_argument("--kl-coef", type=float, default=0.5,

@@ -16,8 +16,8 @@ import pytest
 
 from app.bootstrap import FLYWHEEL_DEMO_MODEL, train_demo_model
 
-LOOP = ["--turns", "1", "--annotators", "2", "--tasks", "32", "--chats", "4", "--eval-prompts", "24",
-        "--eval-samples", "4", "--reward-steps", "120", "--rl-steps", "40", "--kl-coef", "0.5",
+LOOP = ["--turns", "1", "--annotators", "2", "--tasks", "32", "--chats", "4", "--eval-prompts", "48",
+        "--eval-samples", "8", "--reward-steps", "120", "--rl-steps", "40", "--kl-coef", "0.5",
         "--job-timeout", "900"]  # fmt: skip
 
 
