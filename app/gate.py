@@ -6,8 +6,9 @@ or the demo world, never sampled from a policy) must not regress by more than a 
 number behind it are stored with the model version.
 
 The perplexity check catches a policy that breaks (forgets how to write), not one that narrows its style: RL that
-raises the demo's gold score drops the reference answers' polite openers and closers, and the perplexity of those
-answers grows 1.1-2.4x while their facts stay as likely; a policy trained with no KL leash measured 4,500x (README).
+raises the demo's gold score stops writing the reference answers' polite openers and closers, and the perplexity of
+those answers grows 1.1-2.4x while the values they state move little; a policy trained with no KL leash measured
+4,500x (README).
 So by default the candidate's perplexity may be at most twice the active policy's (`ppl_tolerance` 1.0).
 """
 
