@@ -46,6 +46,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
     import uvicorn
 
+    from app import web_processes
+
+    host, port = args.host or settings.host, args.port or settings.port
+    if args.reuse_port:  # one of the web processes that `serve --workers N` starts on Linux
+        web_processes.serve_on_own_socket(host, port, access_log=not args.no_access_log)
+        return
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
     if not args.no_bootstrap:
@@ -53,7 +59,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
         bootstrap_demo_model(settings)
         seed_demo_prompts(settings)
-    host, port = args.host or settings.host, args.port or settings.port
     worker = None
     if not args.no_worker:  # the embedded default: one worker process beside the web server
         worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--nproc", str(args.worker_nproc)])
@@ -62,8 +67,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     # before `finally` stops the worker (left running, orphaned). Exit through `finally` instead.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers, proxy_headers=True,
-                    access_log=not args.no_access_log)  # fmt: skip
+        if args.workers > 1 and web_processes.reuse_port_works(port):
+            command = [sys.executable, "-m", "app.cli", "serve", "--reuse-port", "--host", host, "--port", str(port),
+                       *(["--no-access-log"] if args.no_access_log else [])]  # fmt: skip
+            try:
+                web_processes.supervise(command, args.workers)
+            except RuntimeError as exc:
+                raise CLIError(str(exc)) from exc
+        else:
+            uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers,
+                        proxy_headers=True, access_log=not args.no_access_log)  # fmt: skip
     finally:
         if worker is not None:
             worker.terminate()
@@ -247,13 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = _add(groups, "serve", cmd_serve, "migrate the database and serve the web app")
     serve.add_argument("--host", help="bind address (default FLYWHEEL_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default FLYWHEEL_PORT or 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="web processes (on Linux each with a socket of its own: app/web_processes.py)")  # fmt: skip
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
     serve.add_argument("--no-worker", action="store_true", help="run no embedded worker (run `flywheel worker`s)")
     serve.add_argument("--no-bootstrap", action="store_true", help="do not train the demo model on first start")
     serve.add_argument("--no-access-log", action="store_true", help="log no line per request (uvicorn's access log: "
                        "a tenth of a small request's CPU)")  # fmt: skip
     serve.add_argument("--worker-nproc", type=int, default=1, metavar="N", help="the embedded worker's --nproc")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # app/web_processes.py
 
     worker = _add(groups, "worker", cmd_worker, "claim and run training jobs from the queue")
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
