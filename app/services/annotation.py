@@ -91,12 +91,6 @@ def next_set_id(
     return None
 
 
-def next_set(session: Session, *, annotator: User, per_set: int) -> CandidateSet | None:
-    """`next_set_id`, loaded."""
-    set_id = next_set_id(session, annotator_id=annotator.id, per_set=per_set)
-    return session.get(CandidateSet, set_id) if set_id is not None else None
-
-
 def prompt_needing_candidates(session: Session, *, annotator: User) -> Prompt | None:
     """A prompt with the fewest candidate sets that this annotator has not ranked yet."""
     sets = select(CandidateSet.prompt_id, func.count().label("n")).group_by(CandidateSet.prompt_id).subquery()
