@@ -18,22 +18,16 @@ from app.db import transaction
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_executor: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:  # created on first use, so that importing the app starts no threads
-        _executor = ThreadPoolExecutor(max_workers=40, thread_name_prefix="flywheel-db")
-    return _executor
+# Its threads start as work arrives, so importing the app starts none.
+_pool = ThreadPoolExecutor(max_workers=40, thread_name_prefix="flywheel-db")
 
 
 async def run_db(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """`fn(*args, **kwargs)` on a pool thread; its result or its exception."""
     loop = asyncio.get_running_loop()
     if kwargs:
-        return await loop.run_in_executor(_pool(), lambda: fn(*args, **kwargs))
-    return await loop.run_in_executor(_pool(), fn, *args)
+        return await loop.run_in_executor(_pool, lambda: fn(*args, **kwargs))
+    return await loop.run_in_executor(_pool, fn, *args)
 
 
 async def run_in_transaction(factory: sessionmaker[Session], fn: Callable[[Session], T]) -> T:
