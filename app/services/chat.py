@@ -1,6 +1,6 @@
 """Conversations and messages, always scoped to their owner (another user's chat looks like it does not exist)."""
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
@@ -133,12 +133,29 @@ def regenerate(session: Session, *, user: User, message_id: int) -> Message:
     return answer
 
 
-def get_message(session: Session, *, user: User, message_id: int) -> Message:
-    message = session.get(Message, message_id)
-    if message is None:
+_messages, _conversations = Message.__table__, Conversation.__table__
+# Built once (every thumb runs it): the message's few columns with its conversation's owner.
+_OWNED_MESSAGE = (
+    select(_messages.c.role, _messages.c.finish_reason, _messages.c.conversation_id, _conversations.c.user_id)
+    .join_from(_messages, _conversations, _conversations.c.id == _messages.c.conversation_id)
+    .where(_messages.c.id == bindparam("message_id"))
+)  # fmt: skip
+
+
+def owned_message(session: Session, *, user: User, message_id: int) -> Row:
+    """The message's role, finish_reason and conversation_id if it is in one of `user`'s conversations, else a 404
+    (another user's message looks like it does not exist): one query, no objects loaded."""
+    row = session.execute(_OWNED_MESSAGE, {"message_id": message_id}).one_or_none()
+    if row is None:
         raise NotFound(f"message {message_id} not found")
-    get_conversation(session, user=user, conversation_id=message.conversation_id)  # ownership, or 404
-    return message
+    if row.user_id != user.id:
+        raise NotFound(f"conversation {row.conversation_id} not found")
+    return row
+
+
+def get_message(session: Session, *, user: User, message_id: int) -> Message:
+    owned_message(session, user=user, message_id=message_id)
+    return session.get(Message, message_id)
 
 
 def finish_answer(
