@@ -118,27 +118,24 @@ def _dialogue_files(ctx: JobContext) -> list[str]:
 
 def run_sft(ctx: JobContext) -> JobOutput:
     """Fine-tune the active base model on chats that allow training, imported dialogues and (optionally) the demo's."""
-    from ml.demo import World
-    from ml.train.sft import SFTConfig, sft
+    from ml.train.sft import SFTConfig, demo_dialogues, sft
 
     params = dict(ctx.params)
     include_demo = bool(params.pop("include_demo", True))
     with ctx.session() as session:
         base = _version(session, params, "base_version_id", (ModelKind.base,))
         chats = datasets.dialogues(session)
-    collected = _dialogue_files(ctx) + chats.records
+    files = _dialogue_files(ctx)
+    collected = files + chats.records
     if not collected and not include_demo:
         raise ValueError("no dialogues to train on: import some or allow the demo data")
     out = ctx.model_dir("sft")
     config = SFTConfig(base=base.path, out=str(out), data=["demo"],
                        **_trainer_params(params, SFTConfig, {"base", "out", "data", "resume", "progress"}))  # fmt: skip
     if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
-        world = World(config.demo_seed)
-        demo = world.sft_dialogues(config.demo_dialogues, seed=config.seed,
-                                   bad_fraction=config.demo_bad_fraction) if include_demo else []  # fmt: skip
-        config.data = list(demo) + collected
+        config.data = (demo_dialogues(config) if include_demo else []) + collected
     metrics = ctx.train(sft, config)
-    lineage = {**chats.watermark, "dialogues": len(chats.records), "files": _dialogue_files(ctx), "demo": include_demo,
+    lineage = {**chats.watermark, "dialogues": len(chats.records), "files": files, "demo": include_demo,
                "demo_seed": config.demo_seed}  # fmt: skip
     return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
 

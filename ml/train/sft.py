@@ -172,11 +172,15 @@ def _loop_config(config: SFTConfig, max_len: int) -> LoopConfig:
     )
 
 
+def demo_dialogues(config: SFTConfig) -> list[list[dict[str, str]]]:
+    """The demo world's chats that `--data demo` trains on, as `messages` lists (a caller may mix them with others)."""
+    world = World(config.demo_seed)
+    return world.sft_dialogues(config.demo_dialogues, seed=config.seed, bad_fraction=config.demo_bad_fraction)
+
+
 def _dialogues(config: SFTConfig) -> list:
     if config.data == ["demo"]:
-        world = World(config.demo_seed)
-        return load_dialogues(world.sft_dialogues(config.demo_dialogues, seed=config.seed,
-                                                  bad_fraction=config.demo_bad_fraction))  # fmt: skip
+        return load_dialogues(demo_dialogues(config))
     if "demo" in config.data:
         raise ValueError("--data takes either 'demo' or paths, not both")
     return load_dialogues(config.data)
