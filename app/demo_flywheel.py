@@ -25,8 +25,8 @@ import httpx
 from app.bootstrap import FLYWHEEL_DEMO_MODEL, bootstrap_demo_model, seed_demo_prompts
 from ml.demo import SimulatedAnnotator, World
 
-# The flags that size the demo model this command trains when --demo-model is not given (bad_fraction last).
-RECIPE_FLAGS = ("pretrain_steps", "sft_steps", "demo_docs", "n_layer", "n_embd", "bad_fraction")
+# The flags that size the demo model this command trains when --demo-model is not given (with --bad-fraction).
+SIZE_FLAGS = ("pretrain_steps", "sft_steps", "demo_docs", "n_layer", "n_embd")
 
 
 class Driver:
@@ -148,7 +148,7 @@ def own_server(args: argparse.Namespace):
         if args.demo_model:
             serve_given_model(factory, args.demo_model)
         else:
-            recipe = {**FLYWHEEL_DEMO_MODEL, **{k: getattr(args, k) for k in RECIPE_FLAGS}}
+            recipe = {**FLYWHEEL_DEMO_MODEL, **{k: getattr(args, k) for k in (*SIZE_FLAGS, "bad_fraction")}}
             bootstrap_demo_model(settings, **recipe)
         seed_demo_prompts(settings)
         with transaction(factory) as session:
@@ -232,7 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-model", metavar="DIR",
                         help="serve this chat model trained on the demo world (e.g. a demo experiment's sft "
                              "directory) instead of training one; for the server this command starts")  # fmt: skip
-    for flag in RECIPE_FLAGS[:-1]:
+    for flag in SIZE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=FLYWHEEL_DEMO_MODEL[flag],
                             help="size of the demo model trained when none is given (default %(default)s)")  # fmt: skip
     parser.add_argument("--bad-fraction", type=float, default=FLYWHEEL_DEMO_MODEL["bad_fraction"],
