@@ -49,6 +49,17 @@ def test_the_loop_raises_the_served_gold_score_through_http(
     assert float(found[2]) > float(found[1]), lines  # what users are served got better
 
 
+def test_without_a_demo_model_the_command_trains_one_and_serves_it() -> None:
+    tiny = ["--turns", "0", "--pretrain-steps", "6", "--sft-steps", "3", "--demo-docs", "300", "--n-layer", "2",
+            "--n-embd", "32", "--eval-prompts", "2", "--eval-samples", "1"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "app.cli", "demo", "flywheel", *tiny],
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ))  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("turn 0: serving demo-sft, gold ") and "Demo model ready" in result.stderr
+    assert re.fullmatch(r"flywheel_turns: 0 gold_before=([\d.]+) gold_after=\1", lines[-1]), lines
+
+
 def test_a_demo_model_that_is_not_a_model_is_refused_in_one_line(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-m", "app.cli", "demo", "flywheel", "--demo-model", str(tmp_path)],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
