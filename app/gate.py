@@ -55,7 +55,8 @@ def evaluate_candidate(
 
     candidate, _ = load_checkpoint(candidate_dir)
     active, _ = load_checkpoint(active_dir)
-    reference, _ = load_checkpoint(reference_dir)
+    # The first RL candidate is measured against the SFT model, which is also the reference: load it once.
+    reference = active if reference_dir == active_dir else load_checkpoint(reference_dir)[0]
     tokenizer = Tokenizer.load(candidate_dir)
     rm = RewardModel.load(reward_dir)
     prompts = prompts[: int(params["gate_prompts"])]
