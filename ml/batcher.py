@@ -1,10 +1,12 @@
 """Continuous batching: independent requests decode together, one token per step, and a new request joins the
 running batch at the next step instead of waiting for the batch to finish (what a chat server needs).
 
-Each request is prefilled alone, then its cache row is right-aligned into the shared cache: every row ends at the
-same cache position and rows that are shorter carry masked padding on the left. Positions come from the mask
-(`Transformer.forward` counts real keys), so padding never shifts a row's rotary positions and shifting storage
-left or right never changes a row's result. Requests may differ in temperature, top-k, top-p, stop tokens, seed.
+A request's prompt is prefilled alone into its own cache, in chunks of at most `prefill_chunk` tokens per step, so
+a long prompt never stalls the streams already decoding for more than one chunk; when its prefill completes, its
+cache is copied into a free slot of the shared ml.slots.SlotCache, whose memory follows the tokens in flight.
+Admission is bounded by a KV memory budget: a request joins only when the tokens it may come to hold (prompt plus
+its answer budget) fit beside those the live requests may come to hold, so decoding can never run out of memory;
+others wait (`has_room`). Requests may differ in temperature, top-k, top-p, stop tokens, seed.
 
 Try it (a random tiny model, so the tokens are noise):
     python -c "from ml.model import *; from ml.batcher import *; b = BatchDecoder(Transformer(ModelConfig.tiny())); \
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ml.model import KVCache, Transformer
+from ml.slots import SlotCache
 
 
 @dataclass
@@ -48,10 +51,23 @@ class Event:
 class _Row:
     request: Request
     generator: torch.Generator | None
-    length: int  # real tokens in the cache for this row
     generated: int = 0
     last_token: int = 0
     cancelled: bool = field(default=False)
+
+    @property
+    def reserved(self) -> int:
+        """The most positions this row can come to hold in the cache."""
+        return len(self.request.prompt_ids) + self.request.max_new_tokens
+
+
+@dataclass
+class _Prefill:
+    """A request whose prompt is being prefilled into its own cache, a chunk per step."""
+
+    row: _Row
+    cache: KVCache
+    done: int = 0  # prompt tokens prefilled so far
 
 
 def transform_rows(logits: Tensor, temps: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
@@ -74,50 +90,64 @@ def transform_rows(logits: Tensor, temps: Tensor, top_ks: Tensor, top_ps: Tensor
 
 
 class BatchDecoder:
-    """Owns one shared KV cache; `add` admits a request, `step` advances every admitted request by one token."""
+    """Owns the shared KV cache; `add` queues a request, `step` prefills a chunk and advances every live request.
 
-    def __init__(self, model: Transformer, max_batch: int = 16) -> None:
-        self.model, self.max_batch = model, max_batch
+    max_kv_tokens bounds the positions reserved by admitted requests (None: max_batch x the model's context).
+    """
+
+    def __init__(
+        self, model: Transformer, max_batch: int = 16, max_kv_tokens: int | None = None, prefill_chunk: int = 512
+    ) -> None:
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.max_len = model.config.max_seq_len
+        self.max_kv_tokens = max_kv_tokens or max_batch * self.max_len
         self.device = next(model.parameters()).device
-        self.rows: list[_Row] = []
-        self.cache: KVCache | None = None
+        self.rows: list[_Row] = []  # decoding, row i in slot i of the cache
+        self.prefilling: list[_Prefill] = []  # admitted, prompt not yet fully in a cache (first in, first done)
+        self.cache = SlotCache.for_model(model, max_slots=max_batch)
         self.logits: Tensor | None = None  # (B, V) next-token logits of each row
         self.shared_generator = torch.Generator(device=self.device)
         self.shared_generator.seed()
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.prefilling)
 
-    def has_room(self) -> bool:
-        return len(self.rows) < self.max_batch
+    @property
+    def reserved_tokens(self) -> int:
+        return sum(r.reserved for r in self.rows) + sum(p.row.reserved for p in self.prefilling)
 
-    @torch.inference_mode()
+    def has_room(self, request: Request | None = None) -> bool:
+        """Whether one more request (this one) may join now: a free slot and room in the KV budget."""
+        if len(self) >= self.max_batch:
+            return False
+        need = len(request.prompt_ids) + request.max_new_tokens if request is not None else 1
+        return self.reserved_tokens + need <= self.max_kv_tokens
+
     def add(self, request: Request) -> None:
-        """Prefill the prompt alone and merge its cache row into the running batch."""
+        """Admit a request; its prompt is prefilled by the coming steps, then it decodes with the batch."""
         L = len(request.prompt_ids)
         if L == 0 or L + request.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({L} tokens) + max_new_tokens must be within 1..{self.max_len}")
-        row_cache = KVCache.for_model(self.model, 1, self.max_len)
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        logits, _ = self.model(ids, kv_cache=row_cache, last_only=True)  # (1, 1, V)
+        if L + request.max_new_tokens > self.max_kv_tokens:
+            raise ValueError(f"prompt ({L} tokens) + max_new_tokens exceed the KV budget of {self.max_kv_tokens}")
         generator = None
         if request.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed)
-        self._merge(row_cache, L)
-        self.logits = logits[:, -1].float() if self.logits is None else torch.cat([self.logits, logits[:, -1].float()])
-        self.rows.append(_Row(request, generator, length=L))
+        self.prefilling.append(_Prefill(_Row(request, generator), KVCache.for_model(self.model, 1, L)))
 
     def cancel(self, key: Any) -> None:
-        for row in self.rows:
+        for row in [*self.rows, *(p.row for p in self.prefilling)]:
             if row.request.key == key:
                 row.cancelled = True
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Sample one token for every row, retire finished rows, and run the model once for the rest."""
+        """Prefill up to one chunk of waiting prompts, sample one token for every live row, retire finished rows,
+        and run the model once for the rest."""
+        self.prefilling = [p for p in self.prefilling if not p.row.cancelled]
         self._drop([i for i, row in enumerate(self.rows) if row.cancelled])
+        self._prefill_chunk()
         if not self.rows:
             return []
         tokens, logps = self._sample()
@@ -138,6 +168,25 @@ class BatchDecoder:
             self._forward()
         return events
 
+    def _prefill_chunk(self) -> None:
+        """Prefill at most `prefill_chunk` prompt tokens, oldest request first; completed prompts join the batch."""
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            p = self.prefilling[0]
+            prompt = p.row.request.prompt_ids
+            end = min(len(prompt), p.done + budget)
+            ids = torch.tensor([prompt[p.done : end]], dtype=torch.long, device=self.device)
+            logits, _ = self.model(ids, kv_cache=p.cache, last_only=True)  # (1, 1, V)
+            budget -= end - p.done
+            p.done = end
+            if end < len(prompt):
+                return
+            self.prefilling.pop(0)
+            self.cache.admit(p.cache)
+            self.rows.append(p.row)
+            last = logits[:, -1].float()
+            self.logits = last if self.logits is None else torch.cat([self.logits, last])
+
     def _sample(self) -> tuple[Tensor, Tensor]:
         B, V = self.logits.shape
         reqs = [row.request for row in self.rows]
@@ -156,69 +205,14 @@ class BatchDecoder:
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
     def _forward(self) -> None:
-        if self.cache.pos >= self.max_len:
-            self._compact()
         last = torch.tensor([[row.last_token] for row in self.rows], dtype=torch.long, device=self.device)
-        mask = torch.ones_like(last, dtype=torch.bool)
-        logits, _ = self.model(last, kv_cache=self.cache, attention_mask=mask)  # (B, 1, V)
+        logits, _ = self.model(last, kv_cache=self.cache)  # (B, 1, V)
         self.logits = logits[:, -1].float()
-        for row in self.rows:
-            row.length += 1
-
-    def _merge(self, row_cache: KVCache, L: int) -> None:
-        """Right-align a prefilled row (L positions) with the batch's rows (which all end at cache.pos)."""
-        if self.cache is None or not self.rows:
-            row_cache.key_mask = torch.zeros(1, self.max_len, dtype=torch.bool, device=self.device)
-            row_cache.key_mask[:, :L] = True
-            self.cache = row_cache
-            return
-        if self.cache.pos < L:
-            self._shift(L - self.cache.pos)
-        P = self.cache.pos
-        k = row_cache.k.new_zeros((row_cache.k.size(0), 1, *row_cache.k.shape[2:]))
-        v = torch.zeros_like(k)
-        k[:, :, :, P - L : P], v[:, :, :, P - L : P] = row_cache.k[:, :, :, :L], row_cache.v[:, :, :, :L]
-        mask = torch.zeros(1, self.max_len, dtype=torch.bool, device=self.device)
-        mask[:, P - L : P] = True
-        self.cache.k, self.cache.v = torch.cat([self.cache.k, k], dim=1), torch.cat([self.cache.v, v], dim=1)
-        self.cache.key_mask = torch.cat([self.cache.key_mask, mask])
-        self.cache.batch_size += 1
-
-    def _shift(self, d: int) -> None:
-        """Move every row's cached positions d slots (right if d > 0, left if d < 0); masks move with them."""
-        c, P = self.cache, self.cache.pos
-        src = slice(max(0, -d), P)
-        dst = slice(max(0, d), P + d)
-        for name in ("k", "v"):
-            t = getattr(c, name)
-            moved = torch.zeros_like(t)
-            moved[:, :, :, dst] = t[:, :, :, src]
-            setattr(c, name, moved)
-        mask = torch.zeros_like(c.key_mask)
-        mask[:, dst] = c.key_mask[:, src]
-        c.key_mask, c.pos = mask, P + d
-
-    def _compact(self) -> None:
-        """The cache is full: drop the left padding that every row has (admission guarantees there is some)."""
-        padding = min(self.cache.pos - row.length for row in self.rows)
-        if padding <= 0:
-            raise RuntimeError("KV cache full with no padding to reclaim")
-        self._shift(-padding)
 
     def _drop(self, indices: list[int]) -> None:
+        """Retire rows; the cache moves its last slots into the freed ones, and rows and logits follow suit."""
         if not indices:
             return
-        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache, self.logits = None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        c = self.cache
-        c.k, c.v = c.k.index_select(1, index), c.v.index_select(1, index)
-        c.key_mask = c.key_mask.index_select(0, index)
-        c.batch_size = len(keep)
-        self.logits = self.logits.index_select(0, index)
-        unused = min(c.pos - row.length for row in self.rows)  # padding all remaining rows share
-        if unused >= max(32, c.pos // 2):  # reclaim it only when it is worth a copy of the cache
-            self._shift(-unused)
+        order = self.cache.remove(indices)
+        self.rows = [self.rows[i] for i in order]
+        self.logits = self.logits[order] if order else None

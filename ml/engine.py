@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ml.model import KVCache, Transformer, apply_rotary
+from ml.model import KVCache, Transformer
 
 
 @dataclass
@@ -132,7 +132,7 @@ def decode_step(
     x = model.embed_tokens(token).unsqueeze(1)  # (N, 1, n_embd)
     for i, block in enumerate(model.layers):
         heads = block.attn.qkv_proj(block.attn_norm(x)).view(N, 1, H + 2 * Hkv, hd)
-        qk = apply_rotary(heads[:, :, : H + Hkv], cos, sin)
+        qk = block.attn.position_qk(heads, cos, sin)
         ks[i].index_copy_(2, col.view(1), qk[:, :, H:].transpose(1, 2))
         vs[i].index_copy_(2, col.view(1), heads[:, :, H + Hkv :].transpose(1, 2))
         q = qk[:, 0, :H].reshape(N, Hkv, H // Hkv, hd)  # query heads grouped by the kv head they share
@@ -151,13 +151,13 @@ class _StaticCache:
         self.model, self.step = model, step
         # (N, n_kv_head, S, head_dim) each. Unwritten columns must be zeros, not the cache's uninitialised memory:
         # every column is multiplied in (by a weight of 0 when masked), and 0 * NaN is NaN.
+        N, S, device = cache.batch_size, cache.max_len, cache.k.device
         self.ks, self.vs = [], []
         for i in range(cache.n_layer):
             for full, out in ((cache.k, self.ks), (cache.v, self.vs)):
-                layer = torch.zeros_like(full[i])
+                layer = full.new_zeros((N, cache.n_kv_head, S, cache.head_dim))
                 layer[:, :, : cache.pos] = full[i, :, :, : cache.pos]
                 out.append(layer)
-        N, S, device = cache.batch_size, cache.max_len, cache.k.device
         self.valid = torch.ones(N, S, dtype=torch.bool, device=device)
         if cache.key_mask is not None:
             self.valid[:, : cache.pos] = cache.key_mask[:, : cache.pos]

@@ -21,6 +21,7 @@ from app.errors import Invalid, ServiceError, TooManyRequests
 from app.text import clean
 from ml.batcher import BatchDecoder, Request
 from ml.checkpoint import load_checkpoint
+from ml.slots import kv_bytes_per_token
 from ml.tokenizer import Tokenizer
 
 log = logging.getLogger("flywheel.inference")
@@ -40,6 +41,8 @@ class Limits:
     max_new_tokens: int = 512
     max_streams_per_user: int = 4
     max_batch: int = 16
+    kv_cache_mb: int = 2048  # KV memory the live answers may come to hold; past it new answers wait their turn
+    prefill_chunk: int = 512  # prompt tokens prefilled per decoding step, so long prompts never stall the others
 
 
 @dataclass
@@ -65,7 +68,7 @@ class LoadedModel:
     name: str
     tokenizer: Tokenizer
     decoder: BatchDecoder
-    max_len: int
+    max_len: int  # the longest prompt + answer: the model's context, or less if the KV budget is smaller
 
 
 class _Stream:
@@ -103,8 +106,12 @@ class InferenceService:
         """Load a model directory and make it the one new requests use (the old one drains, then is dropped)."""
         model, _ = load_checkpoint(directory, device=self.device)
         tokenizer = Tokenizer.load(directory)
-        loaded = LoadedModel(version_id, name or Path(directory).name, tokenizer,
-                             BatchDecoder(model, self.limits.max_batch), model.config.max_seq_len)  # fmt: skip
+        c = model.config
+        per_token = kv_bytes_per_token(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).dtype)
+        kv_tokens = max(1, self.limits.kv_cache_mb * 2**20 // per_token)
+        decoder = BatchDecoder(model, self.limits.max_batch, kv_tokens, self.limits.prefill_chunk)
+        max_len = min(c.max_seq_len, kv_tokens)
+        loaded = LoadedModel(version_id, name or Path(directory).name, tokenizer, decoder, max_len)
         with self._lock:
             self.current = loaded
             self._models.append(loaded)
@@ -230,7 +237,7 @@ class InferenceService:
         """Prefill what fits into its model's batch; return the rest to wait for the next step."""
         waiting = []
         for model, request in pending:
-            if not model.decoder.has_room():
+            if not model.decoder.has_room(request):
                 waiting.append((model, request))
                 continue
             try:

@@ -1,5 +1,6 @@
 """Continuous batching gives each request exactly what it would get alone, whenever it joins or leaves."""
 
+import pytest
 import torch
 
 from ml.batcher import BatchDecoder, Request, transform_rows
@@ -95,3 +96,55 @@ def test_sampling_follows_the_distribution() -> None:
     expected = transform_logits(logits[0, -1:], 1.0, 3, None).softmax(-1)[0]
     assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())  # only the top 3
     assert (counts / 200 - expected).abs().max() < 0.12
+
+
+def test_eight_short_chats_on_a_long_context_hold_kv_memory_for_their_tokens_only() -> None:
+    model = tiny_model(max_seq_len=8192)
+    decoder = BatchDecoder(model)
+    for i in range(8):
+        decoder.add(Request([1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12][: 6 + i % 4], 40, temperature=1.0, key=i))
+    peak_ratio = 0.0
+    for _ in range(40):
+        decoder.step()
+        if decoder.rows:
+            live = decoder.cache.live_positions
+            assert live == sum(len(r.request.prompt_ids) + r.generated for r in decoder.rows)
+            peak_ratio = max(peak_ratio, decoder.cache.allocated_positions / live)
+    assert 1.0 <= peak_ratio <= 2.0, peak_ratio  # not 8 x 8,192 positions
+    assert len(decoder) == 0 and decoder.cache.k is None  # everything finished: nothing held
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_keep_decoding() -> None:
+    model = tiny_model(max_seq_len=256)
+    long_prompt = [(7 * i) % 60 + 1 for i in range(100)]
+    decoder = BatchDecoder(model, prefill_chunk=16)
+    decoder.add(Request([1, 2, 3], 30, temperature=0.0, key="short"))
+    got: dict[str, list[int]] = {"short": [], "long": []}
+    for step in range(40):
+        if step == 2:
+            decoder.add(Request(long_prompt, 5, temperature=0.0, key="long"))
+        events = decoder.step()
+        if 2 <= step < 8:  # 100 prompt tokens, 16 a step: the first 96 over steps 2..7
+            assert [p.done for p in decoder.prefilling] == [16 * (step - 1)]
+        if step < 30:
+            assert [e.key for e in events].count("short") == 1  # one token every step, prefill or not
+        for e in events:
+            got[e.key].append(e.token_id)
+    assert [len(got["long"]), got["long"] and not decoder.prefilling] == [5, True]
+    assert got["short"] == alone(model, [1, 2, 3], 30)
+    assert got["long"] == alone(model, long_prompt, 5)
+
+
+def test_the_kv_budget_makes_requests_wait_instead_of_overflowing() -> None:
+    model = tiny_model()
+    decoder = BatchDecoder(model, max_kv_tokens=30)
+    first = Request([1, 2, 3, 4, 5], 10, temperature=0.0, key="a")  # reserves 15 positions
+    second = Request([6, 7, 8, 9, 10, 11], 10, temperature=0.0, key="b")  # 16: 31 > 30 together
+    assert decoder.has_room(first)
+    decoder.add(first)
+    assert not decoder.has_room(second)
+    while len(decoder):
+        decoder.step()
+    assert decoder.has_room(second)
+    with pytest.raises(ValueError, match="KV budget"):
+        decoder.add(Request(list(range(1, 21)), 20, key="too big"))
