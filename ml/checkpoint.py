@@ -101,7 +101,7 @@ def load_checkpoint(
     if dtype is not None:
         model.to(dtype=dtype)
     # rotary tables are not stored (and stay fp32 whatever dtype): rebuild them on the device
-    model.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
+    model.rotary = RotaryEmbedding.from_config(config).to(device)
     model.eval()
     meta = {**raw.get("extra", {}), "config": config.to_dict(), "scalar_head": scalar_head, "generation": generation}
     return model, meta

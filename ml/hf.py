@@ -1,11 +1,22 @@
-"""Import and export Hugging Face Llama / Qwen2 checkpoint directories (config.json + safetensors or .bin weights).
+"""Import and export Hugging Face checkpoint directories (config.json + safetensors or .bin weights) of the families
+people fine-tune today: Llama (incl. Llama 3.x rope scaling; SmolLM2 is a Llama), Mistral, Qwen2/2.5, Qwen3 and
+SmolLM3.
 
 Import reads the weights directly (no transformers needed): q/k/v are concatenated into our fused qkv_proj and
-gate/up into gate_up_proj (and transposed: ours are stored (in, out)); rope_theta, rms_norm_eps, tied embeddings
-and Qwen2's q/k/v biases carry over.
-Export writes the reverse: a directory that `transformers.AutoModelForCausalLM.from_pretrained` (and so vLLM)
-loads, in the Llama layout, or in the Qwen2 layout when the model has q/k/v biases (Llama's `attention_bias`
-would also put a bias on o_proj, which we do not have).
+gate/up into gate_up_proj (and transposed: ours are stored (in, out)); rope_theta, rms_norm_eps and tied embeddings
+carry over, and each family's variation becomes a ModelConfig field:
+- Llama 3.x `llama3` (and `linear`) rope scaling -> `rope_scaling` (the scaled frequencies: ml.model.rope_inv_freq);
+- Qwen2's q/k/v biases -> `qkv_bias`;
+- Qwen3's per-head q/k RMSNorm -> `qk_norm`, and its head_dim apart from hidden/heads -> `attn_head_dim`;
+- SmolLM3's NoPE layers (HF `no_rope_layers`: a 0/1 flag per layer, 0 = no rotary) -> `nope_layers` (indices);
+- a sliding-window attention (Mistral v0.1's 4096; Qwen/SmolLM3 with use_sliding_window) is not implemented:
+  max_seq_len is capped at the window instead, within which attention sees every earlier token, so results are
+  identical to transformers' for sequences of up to max_seq_len tokens.
+Anything else (yarn or dynamic rope, biases on o_proj or the MLP, another activation, another model_type) is
+refused by name.
+Export writes the reverse in the family the model came from (`family`; for our own models the plainest family
+that has their features), a directory that `transformers.AutoModelForCausalLM.from_pretrained` (and so vLLM)
+loads with the same logits.
 
 Run (CPU): convert a downloaded checkpoint into a Flywheel model directory
     python -m ml.hf import path/to/hf_checkpoint path/to/flywheel_model
@@ -27,58 +38,147 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ml.model import ModelConfig, Transformer
+from ml.model import ModelConfig, RotaryEmbedding, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-SUPPORTED = {"llama", "qwen2"}
+# each family's architecture class, and the features its layout always has (SmolLM3 may also have no NoPE layer)
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+}  # fmt: skip
+LAYOUTS = {
+    "llama": frozenset(), "mistral": frozenset(), "qwen2": frozenset({"qkv_bias"}),
+    "qwen3": frozenset({"qk_norm"}), "smollm3": frozenset({"nope_layers"}),
+}  # fmt: skip
+SUPPORTED = tuple(sorted(ARCHITECTURES))
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig from a Llama/Qwen2 config.json dict (transformers 4.x or 5.x spelling of rope_theta)."""
+    """Our ModelConfig from a config.json dict of a supported family (transformers 4.x or 5.x spelling)."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ValueError(f"unsupported model_type {model_type!r}: expected one of {sorted(SUPPORTED)}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"rope scaling {rope.get('rope_type') or rope.get('type')!r} is not supported")
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
-        raise ValueError("only SwiGLU MLPs without bias are supported")
-    n_head = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
-        raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
-    if model_type == "llama" and hf.get("attention_bias"):
-        raise ValueError("Llama attention_bias (a bias on o_proj too) is not supported")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    _refuse_unsupported(hf, model_type)
+    n_head, n_layer, head_dim = hf["num_attention_heads"], hf["num_hidden_layers"], hf.get("head_dim")
+    max_pos = hf.get("max_position_embeddings") or 2048
+    rope, window = _rope_parameters(hf), _sliding_window(hf, model_type)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
-        n_layer=hf["num_hidden_layers"],
+        n_layer=n_layer,
         n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head,
         n_embd=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_seq_len=min(max_pos, window) if window else max_pos,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 2e6 if model_type == "smollm3" else 1e4))),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        family=model_type,
+        attn_head_dim=head_dim if head_dim not in (None, hf["hidden_size"] // n_head) else None,
+        qk_norm=model_type == "qwen3",
+        rope_scaling=_rope_scaling(rope, hf.get("original_max_position_embeddings") or max_pos),
+        nope_layers=_nope_layers(hf, n_layer) if model_type == "smollm3" else None,
     )
 
 
+def _refuse_unsupported(hf: dict[str, Any], model_type: str) -> None:
+    """Raise, naming it, on a feature of the config that our Transformer does not have."""
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+        raise ValueError("only SwiGLU MLPs without bias are supported")
+    if model_type != "qwen2" and hf.get("attention_bias"):
+        raise ValueError(f"{model_type} attention_bias (a bias on o_proj too) is not supported")
+    rope = _rope_parameters(hf)
+    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError("partial_rotary_factor (rotary on part of each head) is not supported")
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """The flat rope dict: transformers 5.x's rope_parameters, overridden (as 5.x does) by 4.x's rope_scaling."""
+    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+    return {**rope, "rope_type": rope.get("rope_type", rope.get("type", "default"))}
+
+
+def _rope_scaling(rope: dict[str, Any], original_max_pos: int) -> dict[str, Any] | None:
+    """Our rope_scaling (only the keys its maths reads), None for plain rotary; other kinds are refused."""
+    kind = rope["rope_type"]
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(rope["factor"])}
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor")
+        orig = int(rope.get("original_max_position_embeddings") or original_max_pos)
+        return {"rope_type": "llama3", **{k: float(rope[k]) for k in keys}, "original_max_position_embeddings": orig}
+    raise ValueError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
+    """The attention window some layer uses, or None. Mistral windows every layer when sliding_window is set;
+    Qwen2/3 and SmolLM3 only with use_sliding_window, and only the layers layer_types marks (all, if it is absent)."""
+    window = hf.get("sliding_window")
+    if window is None or model_type == "llama":
+        return None
+    if model_type == "mistral":
+        return int(window)
+    layer_types = hf.get("layer_types")
+    if not hf.get("use_sliding_window") or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def _nope_layers(hf: dict[str, Any], n_layer: int) -> list[int]:
+    """SmolLM3's layers without rotary: HF's no_rope_layers flags (1 = uses rotary), or every interval-th layer."""
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = hf.get("no_rope_layer_interval", 4)
+        flags = [int((i + 1) % interval != 0) for i in range(n_layer)]
+    return [i for i in range(n_layer) if not flags[i]]
+
+
+def export_family(config: ModelConfig) -> str:
+    """The model_type to export as: the family imported from, else the plainest one whose layout fits the model."""
+    used = {name for name in ("qkv_bias", "qk_norm", "nope_layers") if getattr(config, name)}
+    family = config.family or next((f for f, has in LAYOUTS.items() if has == used), None)
+    if family is None:
+        raise ValueError(f"no supported family has all of {sorted(used)}")
+    if family not in LAYOUTS:
+        raise ValueError(f"model_type {family!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    if used != LAYOUTS[family] and not (family == "smollm3" and not used):
+        raise ValueError(f"the {family} layout has {sorted(LAYOUTS[family])}, this model {sorted(used)}")
+    return family
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A config.json for transformers: Llama, or Qwen2 when q/k/v have biases."""
+    """A config.json for transformers in the model's family (export_family); the rope scaling is written as 5.x's
+    rope_parameters and 4.x's rope_scaling, so either version loads it."""
+    family = export_family(config)
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
     common = {
+        "architectures": [ARCHITECTURES[family]], "model_type": family,
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta, "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
         "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
     }  # fmt: skip
-    if config.qkv_bias:
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common, "use_sliding_window": False,
-                "sliding_window": None, "max_window_layers": config.n_layer}  # fmt: skip
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "attention_bias": False,
-            "mlp_bias": False}  # fmt: skip
+    if config.rope_scaling:
+        common["rope_scaling"] = dict(config.rope_scaling)
+    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+    nope = set(config.nope_layers or ())
+    extra: dict[str, dict[str, Any]] = {
+        "llama": {"attention_bias": False, "mlp_bias": False},
+        "mistral": {"sliding_window": None},
+        "qwen2": no_window,
+        "qwen3": {**no_window, "attention_bias": False},
+        "smollm3": {**no_window, "attention_bias": False, "mlp_bias": False,
+                    "no_rope_layers": [int(i not in nope) for i in range(config.n_layer)],
+                    # its default token ids (128000+) lie outside smaller vocabularies; ours come with the tokenizer
+                    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
+    }  # fmt: skip
+    return {**common, **extra[family]}
 
 
 def read_hf_weights(src: Path) -> dict[str, Tensor]:
@@ -113,6 +213,9 @@ def state_from_hf(hf_state: dict[str, Tensor], config: ModelConfig) -> dict[str,
         out[dst + "attn.qkv_proj.weight"] = torch.cat([hf[f"{attn}{p}_proj.weight"] for p in "qkv"]).t()
         if config.qkv_bias:
             out[dst + "attn.qkv_proj.bias"] = torch.cat([hf[f"{attn}{p}_proj.bias"] for p in "qkv"])
+        if config.qk_norm:
+            for p in "qk":
+                out[f"{dst}attn.{p}_norm.weight"] = hf[f"{attn}{p}_norm.weight"]
         out[dst + "attn.o_proj.weight"] = hf[attn + "o_proj.weight"].t()
         gate_up = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
         out[dst + "mlp.gate_up_proj.weight"] = gate_up.t()
@@ -139,6 +242,9 @@ def state_to_hf(model: Transformer) -> dict[str, Tensor]:
         if c.qkv_bias:
             for p, b in zip("qkv", ours[src + "attn.qkv_proj.bias"].split(sizes), strict=True):
                 out[f"{dst}self_attn.{p}_proj.bias"] = b
+        if c.qk_norm:
+            for p in "qk":
+                out[f"{dst}self_attn.{p}_norm.weight"] = ours[f"{src}attn.{p}_norm.weight"]
         out[dst + "self_attn.o_proj.weight"] = ours[src + "attn.o_proj.weight"].t()
         gate, up = ours[src + "mlp.gate_up_proj.weight"].t().chunk(2)
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
@@ -151,14 +257,14 @@ def state_to_hf(model: Transformer) -> dict[str, Tensor]:
 
 
 def import_hf(src_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, ModelConfig]:
-    """Load a Llama/Qwen2 checkpoint directory into our Transformer (eval mode, on CPU)."""
+    """Load a checkpoint directory of a supported family into our Transformer (eval mode, on CPU)."""
     src = Path(src_dir)
     config = config_from_hf(json.loads((src / "config.json").read_text()))
     state = {k: v.to(dtype) for k, v in state_from_hf(read_hf_weights(src), config).items()}
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device="cpu")
-    model.rotary = type(model.rotary)(config.head_dim, config.max_seq_len, config.rope_theta)
+    model.rotary = RotaryEmbedding.from_config(config)  # buffers are not weights: to_empty left them garbage
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     missing, unexpected = model.load_state_dict(state, strict=False)

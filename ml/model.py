@@ -20,16 +20,23 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from ml.slots import SlotCache
+
 
 @dataclass
 class ModelConfig:
-    """The shape of a model; saved as config.json beside its weights."""
+    """The shape of a model; saved as config.json beside its weights.
+
+    The fields after tie_embeddings carry the Hugging Face families' variations (ml/hf.py); their defaults are plain
+    Llama, so config.json files written before they existed load unchanged.
+    """
 
     vocab_size: int
     n_layer: int
@@ -42,16 +49,24 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False
     tie_embeddings: bool = True
+    family: str | None = None  # the HF model_type imported from, exported back as; None: inferred (ml/hf.py)
+    attn_head_dim: int | None = None  # a head size apart from n_embd // n_head (Qwen3, Mistral Nemo)
+    qk_norm: bool = False  # RMSNorm of each q and k head before rotary (Qwen3)
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3" or "linear", ...}: see rope_inv_freq
+    nope_layers: list[int] | None = None  # indices of layers without rotary (SmolLM3's NoPE layers)
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+        if self.n_head % self.n_kv_head or (self.attn_head_dim is None and self.n_embd % self.n_head):
             raise ValueError(f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head} do not divide")
-        if (self.n_embd // self.n_head) % 2:
+        if self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_SCALINGS:
+            raise ValueError(f"rope scaling {rope_type!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.attn_head_dim or self.n_embd // self.n_head
 
     @classmethod
     def tiny(cls, vocab_size: int = 256, **overrides: Any) -> ModelConfig:
@@ -77,10 +92,13 @@ class ModelConfig:
 
 
 class KVCache:
-    """Per-layer keys and values, preallocated to `max_len` positions, for incremental decoding.
+    """Per-layer keys and values of rows that advance together (one prompt batch), for incremental decoding.
 
-    Storage is allocated on the first write with the dtype of the keys written, so bf16 autocast needs no flag.
-    `key_mask` remembers which cached positions are real tokens when a batch was left-padded (None: all are).
+    Storage holds what has been written, grown x1.5 when it fills (never past `max_len`), so memory follows the
+    tokens in flight rather than the longest answer allowed. It is allocated on the first write with the dtype of
+    the keys written, so bf16 autocast needs no flag. `key_mask` remembers which cached positions are real tokens
+    when a batch was left-padded (None: all are). A continuous batch, whose rows differ in length, uses
+    ml.slots.SlotCache instead.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int) -> None:
@@ -98,16 +116,40 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, T, n_kv_head, head_dim) at the current position; return all keys/values so far."""
-        if self.k is None:
-            shape = (self.n_layer, self.batch_size, self.n_kv_head, self.max_len, self.head_dim)
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
         end = self.pos + k.size(1)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > max_len {self.max_len}")
+        if self.k is None or end > self.k.size(3):
+            self._grow(end, k)
         self.k[layer, :, :, self.pos : end] = k.transpose(1, 2)
         self.v[layer, :, :, self.pos : end] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+
+    def _grow(self, end: int, like: Tensor) -> None:
+        """Reallocate to hold `end` positions and half as many again (capped at max_len), keeping what is filled."""
+        capacity = min(self.max_len, max(end, 16 * math.ceil(end * 1.5 / 16)))
+        shape = (self.n_layer, self.batch_size, self.n_kv_head, capacity, self.head_dim)
+        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        if self.k is not None:
+            k[:, :, :, : self.pos], v[:, :, :, : self.pos] = self.k[:, :, :, : self.pos], self.v[:, :, :, : self.pos]
+        self.k, self.v = k, v
+
+    @property
+    def allocated_positions(self) -> int:
+        return 0 if self.k is None else self.k.size(1) * self.k.size(3)
+
+    def attention_inputs(
+        self, T: int, attention_mask: Tensor | None, position_ids: Tensor | None
+    ) -> tuple[Tensor | None, bool, Tensor | None]:
+        """(mask, is_causal, position_ids) for T new tokens after `pos` cached ones (see Transformer.forward)."""
+        self.record_mask(attention_mask.bool() if attention_mask is not None else None, T)
+        key_valid = self.key_mask[:, : self.pos + T] if self.key_mask is not None else None  # (B, pos+T)
+        if position_ids is None and key_valid is not None:
+            position_ids = (key_valid.cumsum(-1)[:, self.pos :] - 1).clamp(min=0)  # left padding does not shift
+        if key_valid is not None or (self.pos > 0 and T > 1):
+            device = key_valid.device if key_valid is not None else self.k.device
+            return build_attention_mask(T, self.pos, key_valid, None, device), False, position_ids
+        return None, self.pos == 0 and T > 1, position_ids  # one new token after a cache sees every cached key
 
     def record_mask(self, attention_mask: Tensor | None, T: int) -> None:
         """Remember which of the next T positions are real tokens (called once per forward, before layers)."""
@@ -142,18 +184,51 @@ class KVCache:
         self.key_mask = None
 
 
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
+    """Rotary inverse frequencies theta^(-2i/head_dim), (head_dim/2,), stretched for a longer context by `scaling`.
+
+    Why scale: a model pretrained on L tokens has never seen its slowest rotations turn further than L positions
+    take them. "linear" divides every frequency by `factor` (positions read as pos/factor). "llama3" (Llama 3.1+)
+    keeps the fast frequencies (wavelength under original_max_position_embeddings / high_freq_factor: seen through
+    many whole turns in pretraining), divides the slow ones (wavelength over orig / low_freq_factor) by `factor`, and
+    blends linearly in between. Same maths as transformers' `_compute_llama3_parameters`.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        # 1 for fast (kept), 0 for slow (divided by factor), linear in orig/wavelen between
+        keep = ((scaling["original_max_position_embeddings"] / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        return (1 - keep) * inv_freq / factor + keep * inv_freq
+    raise ValueError(f"rope scaling {rope_type!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})")
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary position embeddings, in Llama's rotate-half layout (HF parity).
 
     The sin table carries rotate-half's sign (-sin on the first half), so rotating is one swap and two multiplies.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
         self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], dim=-1), persistent=False)  # (T, hd)
         self.register_buffer("sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> RotaryEmbedding:
+        """The tables a model of this config uses (rebuilt after loading: they are not stored with the weights)."""
+        return cls(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
 
     def forward(self, start: int, T: int, position_ids: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin in `dtype`, broadcastable to (B, T, n_head, head_dim)."""
@@ -188,7 +263,11 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with one fused q/k/v projection."""
+    """Grouped-query causal self-attention with one fused q/k/v projection.
+
+    Optionally each q and k head is RMS-normalised before rotary (Qwen3's q_norm/k_norm), and a NoPE layer
+    (config.nope_layers, SmolLM3) skips rotary altogether.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -197,6 +276,20 @@ class Attention(nn.Module):
         qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv_proj = Linear(config.n_embd, qkv_out, bias=config.qkv_bias)
         self.o_proj = Linear(config.n_head * config.head_dim, config.n_embd)
+        self.q_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.use_rope = layer_idx not in (config.nope_layers or ())
+
+    def position_qk(self, heads: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Fused heads (B, T, H + 2*Hkv, head_dim) -> q and k (B, T, H + Hkv, head_dim), normed and rotated.
+
+        One place for what this layer does to q and k, so decoding paths that re-implement attention stay in step.
+        """
+        H = self.n_head
+        qk = heads[:, :, : H + self.n_kv_head]
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        return apply_rotary(qk, cos, sin) if self.use_rope else qk  # q and k rotated together
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool, kv_cache: KVCache | None
@@ -204,7 +297,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         heads = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)
-        qk = apply_rotary(heads[:, :, : H + Hkv], *rope)  # (B, T, H + Hkv, head_dim): q and k rotated together
+        qk = self.position_qk(heads, *rope)  # (B, T, H + Hkv, head_dim)
         q, k, v = qk[:, :, :H], qk[:, :, H:], heads[:, :, H + Hkv :]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, head_dim)
@@ -296,7 +389,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rotary = RotaryEmbedding.from_config(config)
         if scalar_head:
             self.score_head = Linear(config.n_embd, 1)
         else:
@@ -325,7 +418,7 @@ class Transformer(nn.Module):
         self,
         idx: Tensor,
         targets: Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | SlotCache | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         doc_ids: Tensor | None = None,
@@ -339,8 +432,8 @@ class Transformer(nn.Module):
         the head for the last position only (sampling after a long prefill), giving (B, 1, vocab).
         """
         T = idx.size(1)
-        past = kv_cache.pos if kv_cache is not None else 0
-        mask, is_causal, position_ids = self._attention_inputs(T, past, kv_cache, attention_mask, position_ids, doc_ids)
+        past = kv_cache.pos if isinstance(kv_cache, KVCache) else 0  # a SlotCache gives every row's positions
+        mask, is_causal, position_ids = self._attention_inputs(T, kv_cache, attention_mask, position_ids, doc_ids)
         rope = self.rotary(past, T, position_ids, self._compute_dtype())
         x = self.embed_tokens(idx)  # (B, T, n_embd)
         for block in self.layers:
@@ -359,27 +452,24 @@ class Transformer(nn.Module):
     def _attention_inputs(
         self,
         T: int,
-        past: int,
-        kv_cache: KVCache | None,
+        kv_cache: KVCache | SlotCache | None,
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
         doc_ids: Tensor | None,
     ) -> tuple[Tensor | None, bool, Tensor | None]:
         """The attention mask (or is_causal for the fast unmasked kernel) and the position ids of this forward."""
-        key_valid = attention_mask.bool() if attention_mask is not None else None  # (B, past+T)
         if kv_cache is not None:
             if doc_ids is not None:
                 raise ValueError("doc_ids is for training on packed rows, not for cached decoding")
-            kv_cache.record_mask(key_valid, T)
-            key_valid = kv_cache.key_mask[:, : past + T] if kv_cache.key_mask is not None else None
+            return kv_cache.attention_inputs(T, attention_mask, position_ids)
+        key_valid = attention_mask.bool() if attention_mask is not None else None  # (B, T)
         if position_ids is None and doc_ids is not None:
             position_ids = document_positions(doc_ids)
         elif position_ids is None and key_valid is not None:
-            position_ids = (key_valid.cumsum(-1)[:, past:] - 1).clamp(min=0)  # left padding does not shift
-        if key_valid is not None or doc_ids is not None or (past > 0 and T > 1):
-            mask = build_attention_mask(T, past, key_valid, doc_ids, self.embed_tokens.weight.device)
-            return mask, False, position_ids
-        return None, past == 0 and T > 1, position_ids  # one new token after a cache sees every cached key
+            position_ids = (key_valid.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift
+        if key_valid is not None or doc_ids is not None:
+            return build_attention_mask(T, 0, key_valid, doc_ids, self.embed_tokens.weight.device), False, position_ids
+        return None, T > 1, position_ids
 
     def _compute_dtype(self) -> torch.dtype:
         """The dtype activations have: the autocast dtype when autocast is on, else the weights'."""
