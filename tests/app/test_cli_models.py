@@ -1,4 +1,5 @@
-"""`flywheel model import-hf / export-hf / list / promote` on a tiny Llama that the test builds with transformers."""
+"""`flywheel model import-hf / export-hf / list / promote` on a tiny Llama that the test builds with transformers, and
+`import-hf` of a tiny Llama GGUF file that it writes with the gguf package."""
 
 import io
 import sys
@@ -12,6 +13,7 @@ from app.cli import main
 from ml.checkpoint import load_checkpoint
 from ml.tokenizer import Tokenizer
 from tests.factories import TINY_TEXTS
+from tests.gguf_factory import write_tiny_llama_gguf
 
 
 def tiny_llama(path: Path) -> Path:
@@ -58,7 +60,7 @@ def test_import_serve_and_export(tmp_path: Path, monkeypatch, capsys) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("model", "import-hf", "/nonexistent"), "not a Hugging Face checkpoint directory"),
+    (("model", "import-hf", "/nonexistent"), "is neither a Hugging Face checkpoint directory"),
     (("model", "export-hf", "/nonexistent", "/tmp/x"), "cannot export"),
     (("model", "promote", "99"), "model version 99 not found"),
 ])  # fmt: skip
@@ -67,3 +69,56 @@ def test_model_command_errors(tmp_path: Path, monkeypatch, capsys, args, message
     run(monkeypatch, capsys, "db", "upgrade")
     code, _, err = run(monkeypatch, capsys, *args)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_import_a_gguf_file_and_chat_with_its_template(tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("gguf", reason="the optional gguf package is not installed (pip install 'flywheel[gguf]')")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))
+    assert run(monkeypatch, capsys, "db", "upgrade")[0] == 0
+    src = write_tiny_llama_gguf(tmp_path / "tiny-chat.Q8.gguf")
+    code, out, err = run(monkeypatch, capsys, "model", "import-hf", str(src), "--activate")
+    assert code == 0, err
+    assert "(sft, active)" in out
+    code, out, _ = run(monkeypatch, capsys, "model", "list")
+    assert "tiny-chat.Q8\tsft\tactive" in out
+    path = Path(out.split("\t")[-1].strip())
+    assert path.name == "gguf-tiny-chat.Q8"
+    tokenizer = Tokenizer.load(path)
+    prompt = tokenizer.decode(tokenizer.render_prompt([{"role": "user", "content": "Hi"}]))
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert load_checkpoint(path)[1]["generation"]["stop_token_ids"] == [tokenizer.token_to_id("<|im_end|>")]
+
+
+def bad_gguf(tmp_path: Path, kind: str) -> Path:
+    if kind == "missing":
+        return tmp_path / "missing.gguf"
+    if kind == "not gguf":
+        (tmp_path / "text.gguf").write_text("hello\n")
+        return tmp_path / "text.gguf"
+    pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    return write_tiny_llama_gguf(tmp_path / "other.gguf", architecture="gpt2")
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("missing", "no such GGUF file: "),
+    ("not gguf", "cannot import {src}: GGUF magic invalid"),
+    ("gpt2", "cannot import {src}: unsupported GGUF architecture 'gpt2'"),
+])  # fmt: skip
+def test_a_bad_gguf_file_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys, kind, message) -> None:
+    pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))
+    run(monkeypatch, capsys, "db", "upgrade")
+    src = bad_gguf(tmp_path, kind)
+    code, _, err = run(monkeypatch, capsys, "model", "import-hf", str(src))
+    assert code == 1 and message.format(src=src) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_without_the_gguf_package_import_says_what_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))
+    run(monkeypatch, capsys, "db", "upgrade")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    code, _, err = run(monkeypatch, capsys, "model", "import-hf", str(tmp_path / "model.gguf"))
+    assert code == 1 and err.startswith("flywheel: error: importing a GGUF file needs gguf") and err.count("\n") == 1
+    assert err.endswith(": pip install 'flywheel[gguf]'\n")
