@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(256, gt=0, description="Longest answer (in tokens).")
     max_streams_per_user: int = Field(4, gt=0, description="Answers one person may have generating at once.")
     max_batch: int = Field(16, gt=0, description="Requests decoded together in one batch.")
-    kv_cache_mb: int = Field(2048, gt=0, description="KV-cache memory the answers in flight may hold; past it new "
+    kv_cache_mb: float = Field(2048, gt=0, description="KV-cache memory the answers in flight may hold; past it new "
                              "answers wait for room (never an out-of-memory crash).")  # fmt: skip
     prefill_chunk: int = Field(512, gt=0, description="Prompt tokens prefilled per decoding step (long prompts never "
                                "stall the answers already streaming).")  # fmt: skip

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ml.decode_head import DecodeHead
 from ml.model import KVCache, Transformer
 
 
@@ -276,7 +277,8 @@ class Engine:
         if self._compiled_step is not None:
             decode = _StaticCache(cache, self._compiled_step, self.model)
         else:
-            decode = lambda token: self.model(token.unsqueeze(1), kv_cache=cache)[0][:, -1]  # noqa: E731
+            head = DecodeHead(self.model)  # a snapshot of this call's weights (RL trains them between calls)
+            decode = lambda token: head(self.model.hidden_states(token.unsqueeze(1), kv_cache=cache)[:, -1])  # noqa: E731
         device = logits.device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         stop_t = torch.tensor(sorted(stops), device=device) if stops else None

@@ -431,6 +431,26 @@ class Transformer(nn.Module):
         tokens attend within their document only and positions restart at each document. last_only: compute
         the head for the last position only (sampling after a long prefill), giving (B, 1, vocab).
         """
+        x = self.hidden_states(idx, kv_cache, attention_mask, position_ids, doc_ids, last_only)
+        if self.scalar_head:
+            return self.score_head(x).squeeze(-1), None  # (B, T)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(
+        self,
+        idx: Tensor,
+        kv_cache: KVCache | SlotCache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """The final normed hidden states (B, T or 1, n_embd): `forward` without its head (decoding brings its
+        own, ml.decode_head)."""
         T = idx.size(1)
         past = kv_cache.pos if isinstance(kv_cache, KVCache) else 0  # a SlotCache gives every row's positions
         mask, is_causal, position_ids = self._attention_inputs(T, kv_cache, attention_mask, position_ids, doc_ids)
@@ -440,14 +460,7 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.norm(x[:, -1:] if last_only else x)
-        if self.scalar_head:
-            return self.score_head(x).squeeze(-1), None  # (B, T)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return self.norm(x[:, -1:] if last_only else x)
 
     def _attention_inputs(
         self,

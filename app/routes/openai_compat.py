@@ -40,6 +40,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     stop: str | list[str] | None = None
     seed: int | None = None
+    top_k: int | None = Field(None, ge=1, description="vLLM's extension: sample among the k likeliest tokens")
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens, past the end-of-turn token")
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
 
@@ -48,7 +50,7 @@ def _params(body: ChatCompletionRequest, index: int, default_max: int) -> Sampli
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     seed = None if body.seed is None else body.seed + index
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max
-    return SamplingParams(max_tokens, body.temperature, body.top_p, None, seed, stops)
+    return SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, seed, stops, body.ignore_eos)
 
 
 def _finish(reason: str | None) -> str:

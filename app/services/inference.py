@@ -41,7 +41,7 @@ class Limits:
     max_new_tokens: int = 512
     max_streams_per_user: int = 4
     max_batch: int = 16
-    kv_cache_mb: int = 2048  # KV memory the live answers may come to hold; past it new answers wait their turn
+    kv_cache_mb: float = 2048  # KV memory the live answers may come to hold; past it new answers wait their turn
     prefill_chunk: int = 512  # prompt tokens prefilled per decoding step, so long prompts never stall the others
 
 
@@ -53,6 +53,7 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # benchmarks: exactly max_tokens, whatever the model would end on
 
 
 @dataclass
@@ -108,7 +109,7 @@ class InferenceService:
         tokenizer = Tokenizer.load(directory)
         c = model.config
         per_token = kv_bytes_per_token(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).dtype)
-        kv_tokens = max(1, self.limits.kv_cache_mb * 2**20 // per_token)
+        kv_tokens = max(1, int(self.limits.kv_cache_mb * 2**20) // per_token)
         decoder = BatchDecoder(model, self.limits.max_batch, kv_tokens, self.limits.prefill_chunk)
         max_len = min(c.max_seq_len, kv_tokens)
         loaded = LoadedModel(version_id, name or Path(directory).name, tokenizer, decoder, max_len)
@@ -153,8 +154,8 @@ class InferenceService:
             raise Invalid("temperature must be within 0..2 and top_p within (0, 1]")
         key = next(self._ids)
         stream = _Stream(asyncio.get_running_loop(), model, params)
-        request = Request(prompt, max_new, params.temperature, params.top_k, params.top_p,
-                          frozenset(model.tokenizer.stop_token_ids), params.seed, key)  # fmt: skip
+        stop_ids = frozenset() if params.ignore_eos else frozenset(model.tokenizer.stop_token_ids)
+        request = Request(prompt, max_new, params.temperature, params.top_k, params.top_p, stop_ids, params.seed, key)
         with self._lock:
             if user_id is not None and self._per_user[user_id] >= self.limits.max_streams_per_user:
                 raise TooManyRequests(f"at most {self.limits.max_streams_per_user} answers at a time", retry_after=1)

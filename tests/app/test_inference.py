@@ -70,6 +70,30 @@ def test_concurrent_streams_each_get_their_own_answer(model_dirs) -> None:
         assert finish in {"stop", "length"}
 
 
+def test_past_the_kv_budget_answers_wait_their_turn_and_all_complete(model_dirs) -> None:
+    per_token = 2 * 2 * 2 * 16 * 4  # keys and values x 2 layers x 2 kv heads x head_dim 16 x fp32
+    service = InferenceService(Limits(kv_cache_mb=40 * per_token / 2**20))  # 40 positions: one answer at a time
+    loaded = service.load(model_dirs[0])
+    decoder, step, peak = loaded.decoder, loaded.decoder.step, {"reserved": 0, "rows": 0}
+
+    def watched_step():
+        peak["reserved"] = max(peak["reserved"], decoder.reserved_tokens)
+        peak["rows"] = max(peak["rows"], len(decoder))
+        return step()
+
+    decoder.step = watched_step
+    prompts = [f"question {i}: where does Mira live?" for i in range(4)]
+
+    async def main():
+        return await asyncio.gather(*(collect(service, chat(p)) for p in prompts))
+
+    results = asyncio.run(main())
+    service.close()
+    assert decoder.max_kv_tokens == 40 and 0 < peak["reserved"] <= 40 and peak["rows"] == 1
+    for prompt, (text, _) in zip(prompts, results, strict=True):
+        assert text == expected_text(model_dirs[0], chat(prompt), GREEDY.max_tokens)
+
+
 def test_leaving_early_cancels_the_generation(model_dirs) -> None:
     service = InferenceService()
     loaded = service.load(model_dirs[0])

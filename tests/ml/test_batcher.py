@@ -148,3 +148,19 @@ def test_the_kv_budget_makes_requests_wait_instead_of_overflowing() -> None:
     assert decoder.has_room(second)
     with pytest.raises(ValueError, match="KV budget"):
         decoder.add(Request(list(range(1, 21)), 20, key="too big"))
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.01])  # peaked: the nucleus is in the prefilter; flat: a full sort
+def test_per_row_transform_on_a_large_vocabulary_matches_the_engine(spread: float) -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(4, 5000) * spread
+    settings = [(1.0, None, 0.9), (0.7, 5, None), (1.3, 2000, 0.95), (1.0, None, None)]
+    temps = torch.tensor([s[0] for s in settings])
+    top_ks = torch.tensor([s[1] or 5000 for s in settings])
+    top_ps = torch.tensor([s[2] or 1.0 for s in settings])
+    rows = transform_rows(logits, temps, top_ks, top_ps)
+    for i, (t, k, p) in enumerate(settings):
+        expected = transform_logits(logits[i : i + 1], t, k, p)[0]
+        assert torch.equal(rows[i].isinf(), expected.isinf()), i  # the same tokens kept
+        kept = ~expected.isinf()
+        assert torch.allclose(rows[i][kept], expected[kept], atol=1e-5), i
