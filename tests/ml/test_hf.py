@@ -19,6 +19,7 @@ from transformers import (
     SmolLM3ForCausalLM,
 )
 
+from ml.batcher import BatchDecoder, Request
 from ml.engine import Engine
 from ml.hf import config_from_hf, config_to_hf, convert_hf_to_checkpoint, export_hf, import_hf
 from ml.model import ModelConfig, Transformer, rope_inv_freq
@@ -90,6 +91,12 @@ def test_import_and_export_match_transformers(tmp_path, cls, config_cls, extra) 
         hf_out = hf.generate(ids[1:, :30], attention_mask=mask[1:, :30], max_new_tokens=8, do_sample=False,
                              eos_token_id=None, pad_token_id=0)  # fmt: skip
     assert sample.token_ids == hf_out[0, 30:].tolist()
+    # and so does the server's continuous batch (slots, chunked prefill), beside another request
+    decoder = BatchDecoder(ours, prefill_chunk=7)
+    decoder.add(Request(ids[0, 10:20].tolist(), 8, temperature=0.0, key="other"))
+    decoder.add(Request(ids[1, :30].tolist(), 8, temperature=0.0, key="served"))
+    served = [e.token_id for _ in range(20) for e in decoder.step() if e.key == "served"]
+    assert served == hf_out[0, 30:].tolist()
 
     export_hf(ours, tmp_path / "back")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
