@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ml.decode_head import DecodeHead
+from ml.decode_layout import DecodeHead, pack_for_decoding
 from ml.model import KVCache, Transformer
 from ml.slots import SlotCache
 
@@ -119,9 +119,18 @@ class BatchDecoder:
     """
 
     def __init__(
-        self, model: Transformer, max_batch: int = 16, max_kv_tokens: int | None = None, prefill_chunk: int = 512
+        self,
+        model: Transformer,
+        max_batch: int = 16,
+        max_kv_tokens: int | None = None,
+        prefill_chunk: int = 512,
+        pack: bool = False,
     ) -> None:
+        """pack: lay the model's weights out for decoding, in place (ml.decode_layout): for a model that is only
+        served from now on."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        if pack:
+            pack_for_decoding(model)
         self.max_len = model.config.max_seq_len
         self.max_kv_tokens = max_kv_tokens or max_batch * self.max_len
         self.device = next(model.parameters()).device

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ml.decode_head import DecodeHead
+from ml.decode_layout import DecodeHead
 from ml.model import KVCache, Transformer
 
 

@@ -450,7 +450,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
     ) -> Tensor:
         """The final normed hidden states (B, T or 1, n_embd): `forward` without its head (decoding brings its
-        own, ml.decode_head)."""
+        own, ml.decode_layout)."""
         T = idx.size(1)
         past = kv_cache.pos if isinstance(kv_cache, KVCache) else 0  # a SlotCache gives every row's positions
         mask, is_causal, position_ids = self._attention_inputs(T, kv_cache, attention_mask, position_ids, doc_ids)

@@ -110,7 +110,7 @@ class InferenceService:
         c = model.config
         per_token = kv_bytes_per_token(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).dtype)
         kv_tokens = max(1, int(self.limits.kv_cache_mb * 2**20) // per_token)
-        decoder = BatchDecoder(model, self.limits.max_batch, kv_tokens, self.limits.prefill_chunk)
+        decoder = BatchDecoder(model, self.limits.max_batch, kv_tokens, self.limits.prefill_chunk, pack=True)
         max_len = min(c.max_seq_len, kv_tokens)
         loaded = LoadedModel(version_id, name or Path(directory).name, tokenizer, decoder, max_len)
         with self._lock:

@@ -1,11 +1,14 @@
 """Continuous batching gives each request exactly what it would get alone, whenever it joins or leaves."""
 
+import copy
+
 import pytest
 import torch
 
 from ml.batcher import BatchDecoder, Request, transform_rows
+from ml.decode_layout import pack_for_decoding
 from ml.engine import Engine, transform_logits
-from ml.model import ModelConfig, Transformer
+from ml.model import Linear, ModelConfig, Transformer
 
 
 def tiny_model(max_seq_len: int = 64) -> Transformer:
@@ -164,3 +167,13 @@ def test_per_row_transform_on_a_large_vocabulary_matches_the_engine(spread: floa
         assert torch.equal(rows[i].isinf(), expected.isinf()), i  # the same tokens kept
         kept = ~expected.isinf()
         assert torch.allclose(rows[i][kept], expected[kept], atol=1e-5), i
+
+
+def test_weights_packed_for_decoding_give_the_same_tokens() -> None:
+    model = tiny_model()
+    prompts = {"a": [1, 2, 3], "b": [5, 6, 7, 8, 9, 10, 11], "c": [4]}
+    expected = {key: alone(model, prompt, 10) for key, prompt in prompts.items()}
+    packed = pack_for_decoding(copy.deepcopy(model), block=48, min_out=1)  # uneven blocks, padding: 128 = 3 x 48 - 16
+    assert not any(isinstance(m, Linear) for m in packed.modules())
+    got = run(BatchDecoder(packed), {0: [Request(p, 10, temperature=0.0, key=k) for k, p in prompts.items()]}, 12)
+    assert got == expected
