@@ -202,9 +202,18 @@ class BatchDecoder:
         return events
 
     def _prefill_chunk(self) -> None:
-        """Prefill at most `prefill_chunk` prompt tokens, oldest request first; completed prompts join the batch."""
+        """Prefill at most `prefill_chunk` prompt tokens, oldest request first; completed prompts join the batch.
+
+        Waiting prompts that fit the budget together are prefilled as one left-padded batch (one forward instead of
+        one each: what keeps the first token quick when many chats arrive at once); a longer one goes alone, a
+        chunk a step.
+        """
         budget = self.prefill_chunk
         while self.prefilling and budget > 0:
+            group = self._prefill_group(budget)
+            if len(group) > 1:
+                budget -= self._prefill_together(group)
+                continue
             p = self.prefilling[0]
             prompt = p.row.request.prompt_ids
             end = min(len(prompt), p.done + budget)
@@ -215,10 +224,40 @@ class BatchDecoder:
             if end < len(prompt):
                 return
             self.prefilling.pop(0)
-            self.cache.admit(p.cache)
-            self.rows.append(p.row)
-            last = self.head(hidden[:, -1]).float()  # (1, V)
-            self.logits = last if self.logits is None else torch.cat([self.logits, last])
+            self._join(p.row, p.cache, 0, hidden[:, -1])
+
+    def _prefill_group(self, budget: int) -> list[_Prefill]:
+        """The oldest waiting prompts, none started, whose padded batch fits the budget."""
+        group: list[_Prefill] = []
+        for p in self.prefilling:
+            longest = max(len(q.row.request.prompt_ids) for q in [*group, p])
+            if p.done or longest * (len(group) + 1) > budget:
+                break
+            group.append(p)
+        return group
+
+    def _prefill_together(self, group: list[_Prefill]) -> int:
+        """Prefill whole prompts as one left-padded batch and admit each; returns the positions computed."""
+        prompts = [p.row.request.prompt_ids for p in group]
+        longest = max(len(q) for q in prompts)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
+        for i, q in enumerate(prompts):
+            ids[i, longest - len(q) :] = torch.tensor(q, dtype=torch.long)
+            mask[i, longest - len(q) :] = True
+        cache = KVCache.for_model(self.model, len(prompts), longest)
+        hidden = self.model.hidden_states(ids.to(self.device), cache, mask.to(self.device), last_only=True)
+        del self.prefilling[: len(group)]
+        for i, p in enumerate(group):
+            self._join(p.row, cache, i, hidden[i : i + 1, -1])
+        return len(prompts) * longest
+
+    def _join(self, row: _Row, prefilled: KVCache, index: int, hidden: Tensor) -> None:
+        """A prefilled request joins the decoding batch, with its first next-token logits."""
+        self.cache.admit(prefilled, index)
+        self.rows.append(row)
+        last = self.head(hidden).float()  # (1, V)
+        self.logits = last if self.logits is None else torch.cat([self.logits, last])
 
     def _sample(self) -> tuple[Tensor, Tensor]:
         B, V = self.logits.shape

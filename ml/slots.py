@@ -83,14 +83,15 @@ class SlotCache:
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
-    def admit(self, row: KVCache) -> int:
-        """Copy a prefilled single-row cache into the next free slot; returns the slot."""
-        assert row.k is not None and row.v is not None and row.batch_size == 1 and row.key_mask is None
-        L = row.pos
-        self._fit(len(self.lengths) + 1, max([L, *self.lengths]), like=row.k)
+    def admit(self, prefilled: KVCache, row: int = 0) -> int:
+        """Copy one row of a prefilled cache (left padding stripped) into the next free slot; returns the slot."""
+        assert prefilled.k is not None and prefilled.v is not None
+        start = 0 if prefilled.key_mask is None else int((~prefilled.key_mask[row, : prefilled.pos]).sum())
+        L = prefilled.pos - start  # left padding is masked columns before the first real token
+        self._fit(len(self.lengths) + 1, max([L, *self.lengths]), like=prefilled.k)
         slot = len(self.lengths)
-        self.k[:, slot, :, :L] = row.k[:, 0, :, :L]
-        self.v[:, slot, :, :L] = row.v[:, 0, :, :L]
+        self.k[:, slot, :, :L] = prefilled.k[:, row, :, start : prefilled.pos]
+        self.v[:, slot, :, :L] = prefilled.v[:, row, :, start : prefilled.pos]
         self.lengths.append(L)
         self._lengths_t = None
         return slot

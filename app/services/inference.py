@@ -83,8 +83,12 @@ class _Stream:
         self.prefix = 0  # incremental decoding: tokens[prefix:read] were decoded into the tail of `sent`
         self.read = 0
 
-    def push(self, token: int, finish: str | None) -> None:  # called on the generation thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, finish))
+
+
+def _deliver(deliveries: list[tuple[_Stream, int, str | None]]) -> None:
+    """On the event loop: hand one step's tokens to their streams."""
+    for stream, token, finish in deliveries:
+        stream.queue.put_nowait((token, finish))
 
 
 class InferenceService:
@@ -256,10 +260,13 @@ class InferenceService:
                 model.decoder.cancel(row.request.key)
                 self._fail(row.request.key, "generation failed")
             return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, int, str | None]]] = {}
         for event in events:
             stream = self._streams.get(event.key)
             if stream is not None:
-                stream.push(event.token_id, event.finish_reason)
+                by_loop.setdefault(stream.loop, []).append((stream, event.token_id, event.finish_reason))
+        for loop, deliveries in by_loop.items():  # one wake-up of the event loop a step, not one per stream
+            loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _fail(self, key: Any, message: str) -> None:
         stream = self._streams.get(key)
