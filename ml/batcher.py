@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ml.decode_layout import DecodeHead, pack_for_decoding
+from ml.engine import left_padded
 from ml.model import KVCache, Transformer
 from ml.slots import SlotCache
 
@@ -238,19 +239,13 @@ class BatchDecoder:
 
     def _prefill_together(self, group: list[_Prefill]) -> int:
         """Prefill whole prompts as one left-padded batch and admit each; returns the positions computed."""
-        prompts = [p.row.request.prompt_ids for p in group]
-        longest = max(len(q) for q in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
-        for i, q in enumerate(prompts):
-            ids[i, longest - len(q) :] = torch.tensor(q, dtype=torch.long)
-            mask[i, longest - len(q) :] = True
-        cache = KVCache.for_model(self.model, len(prompts), longest)
+        ids, mask = left_padded([p.row.request.prompt_ids for p in group])
+        cache = KVCache.for_model(self.model, *ids.shape)
         hidden = self.model.hidden_states(ids.to(self.device), cache, mask.to(self.device), last_only=True)
         del self.prefilling[: len(group)]
         for i, p in enumerate(group):
             self._join(p.row, cache, i, hidden[i : i + 1, -1])
-        return len(prompts) * longest
+        return ids.numel()
 
     def _join(self, row: _Row, prefilled: KVCache, index: int, hidden: Tensor) -> None:
         """A prefilled request joins the decoding batch, with its first next-token logits."""

@@ -296,12 +296,7 @@ class Engine:
     def _prefill(self, prompts: list[list[int]], n: int, max_len: int) -> tuple[Tensor, KVCache]:
         """Run the prompts once (left-padded if their lengths differ); return last logits repeated n times."""
         device = next(self.model.parameters()).device
-        longest = max(len(p) for p in prompts)
-        idx = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            idx[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, longest - len(p) :] = True
+        idx, mask = left_padded(prompts)
         padded = not bool(mask.all())
         cache = KVCache.for_model(self.model, len(prompts), max_len)
         logits, _ = self.model(
@@ -309,6 +304,18 @@ class Engine:
         )
         cache.expand(n)
         return logits[:, -1].repeat_interleave(n, dim=0), cache  # (len(prompts) * n, V)
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths as one batch: ids (B, longest) padded on the left, mask (B, longest) of real
+    tokens (positions count real tokens only, so padding never shifts a prompt)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p) :] = True
+    return ids, mask
 
 
 def visible_text(text: str, stop_strings: list[str], final: bool) -> tuple[str, bool]:

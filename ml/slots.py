@@ -79,10 +79,6 @@ class SlotCache:
     def live_positions(self) -> int:
         return sum(self.lengths)
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
-
     def admit(self, prefilled: KVCache, row: int = 0) -> int:
         """Copy one row of a prefilled cache (left padding stripped) into the next free slot; returns the slot."""
         assert prefilled.k is not None and prefilled.v is not None

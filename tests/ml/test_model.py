@@ -168,3 +168,19 @@ def test_bf16_autocast_needs_no_code_change() -> None:
         step = model(x[:, :1], kv_cache=cache)[0]
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and cache.k.dtype == torch.bfloat16
     assert torch.isfinite(step).all() and model.embed_tokens.weight.grad is not None
+
+
+def test_kv_cache_grows_with_what_is_written_not_with_max_len() -> None:
+    model = make_model()
+    cache = KVCache.for_model(model, batch_size=2, max_len=4096)
+    x = torch.randint(0, 97, (2, 10))
+    full = model(x)[0]
+    parts = [model(x[:, :4], kv_cache=cache)[0]]
+    assert cache.allocated_positions == 2 * 16  # 4 written, x1.5 rounded up to 16
+    parts += [model(x[:, t : t + 1], kv_cache=cache)[0] for t in range(4, 10)]  # 10 positions still fit
+    assert cache.allocated_positions == 2 * 16
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+    more = torch.randint(0, 97, (2, 8))
+    grown = model(more, kv_cache=cache)[0]  # 18 > 16: reallocated, keeping the 10 written positions
+    assert cache.allocated_positions == 2 * 32
+    torch.testing.assert_close(grown, model(torch.cat([x, more], 1))[0][:, 10:], atol=1e-4, rtol=1e-4)
