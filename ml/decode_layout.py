@@ -13,9 +13,9 @@ Measured on 2 cores, fp32, with SmolLM2-135M's shapes streamed from memory (ms a
                             F.linear            13.3  23.8   23.4   26.6
                             blocks of 1,024      5.3    9.9   12.4   14.6
 
-`pack_for_decoding(model)` turns a model that will only decode (the served one) into this layout in place, the
-same maths; `DecodeHead(model)` is a blocked snapshot of the LM head alone, for a model that keeps training between
-calls (the Engine builds one per call).
+`pack_for_decoding(model)` turns a model that will only decode (the served one) into this layout in place, every
+Linear, the same maths; `DecodeHead(model)` is a blocked snapshot of the LM head alone, for a model that keeps
+training between calls (the Engine builds one per call).
 
 Try it:
     python -c "import torch; from ml.model import *; from ml.decode_layout import DecodeHead; \
@@ -66,13 +66,17 @@ class BlockedLinear(nn.Module):
 
 
 @torch.no_grad()
-def pack_for_decoding(model: Transformer, block: int = 512, min_out: int = 2048) -> Transformer:
-    """Replace the Linears with at least `min_out` outputs (the MLP's gate/up; narrower ones gain nothing measurable
-    and pay the extra reshapes) by BlockedLinears, in place: the model can no longer be trained or saved as a
-    checkpoint, so do it to a served copy only."""
+def pack_for_decoding(model: Transformer, block: int = 512) -> Transformer:
+    """Replace every Linear by a BlockedLinear, in place: the model can no longer be trained or saved as a
+    checkpoint, so do it to a served copy only.
+
+    Measured in a real `flywheel serve` of SmolLM2 (aggregate tok/s at 1 / 4 / 8 streaming chats, two runs each):
+    nothing packed 18.8 / 32.6 / 60.5 and 18.2 / 33.7 / 57.5; the MLP's gate/up only 16.7 / 38.8 / 65.0 and
+    16.6 / 37.6 / 68.9; every Linear 17.3 / 52.3 / 77.5 and 15.1 / 44.3 / 69.2.
+    """
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, Linear) and child.weight.size(1) >= min_out:
+            if isinstance(child, Linear):
                 setattr(module, name, BlockedLinear(child, block))
     return model
 
