@@ -84,7 +84,6 @@ class _Stream:
         self.read = 0
 
 
-
 def _deliver(deliveries: list[tuple[_Stream, int, str | None]]) -> None:
     """On the event loop: hand one step's tokens to their streams."""
     for stream, token, finish in deliveries:
