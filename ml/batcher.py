@@ -127,8 +127,8 @@ class BatchDecoder:
         prefill_chunk: int = 512,
         pack: bool = False,
     ) -> None:
-        """pack: lay the model's weights out for decoding, in place (ml.decode_layout): for a model that is only
-        served from now on."""
+        """pack: lay the model's large weights out for decoding, in place (ml.decode_layout): for a model that is
+        only served from now on."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         if pack:
             pack_for_decoding(model)

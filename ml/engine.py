@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ml.decode_layout import DecodeHead
+from ml.decode_layout import DecodeHead, packed_view
 from ml.model import KVCache, Transformer
 
 
@@ -276,9 +276,9 @@ class Engine:
         logits, cache = self._prefill(prompts, n, cache_len)  # (N, V)
         if self._compiled_step is not None:
             decode = _StaticCache(cache, self._compiled_step, self.model)
-        else:
-            head = DecodeHead(self.model)  # a snapshot of this call's weights (RL trains them between calls)
-            decode = lambda token: head(self.model.hidden_states(token.unsqueeze(1), kv_cache=cache)[:, -1])  # noqa: E731
+        else:  # snapshots of this call's weights laid out for decoding (RL trains them between calls)
+            head, body = DecodeHead(self.model), packed_view(self.model)
+            decode = lambda token: head(body.hidden_states(token.unsqueeze(1), kv_cache=cache)[:, -1])  # noqa: E731
         device = logits.device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         stop_t = torch.tensor(sorted(stops), device=device) if stops else None

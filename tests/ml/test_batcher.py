@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from ml import decode_layout
 from ml.batcher import BatchDecoder, Request, transform_rows
 from ml.decode_layout import pack_for_decoding
 from ml.engine import Engine, transform_logits
@@ -169,11 +170,12 @@ def test_per_row_transform_on_a_large_vocabulary_matches_the_engine(spread: floa
         assert torch.allclose(rows[i][kept], expected[kept], atol=1e-5), i
 
 
-def test_weights_packed_for_decoding_give_the_same_tokens() -> None:
+def test_weights_packed_for_decoding_give_the_same_tokens(monkeypatch) -> None:
+    monkeypatch.setattr(decode_layout, "MIN_PACK_SIZE", 1)
     model = tiny_model()
     prompts = {"a": [1, 2, 3], "b": [5, 6, 7, 8, 9, 10, 11], "c": [4]}
     expected = {key: alone(model, prompt, 10) for key, prompt in prompts.items()}
-    packed = pack_for_decoding(copy.deepcopy(model), block=48, min_size=1)  # uneven blocks, padding: 3 x 48 - 16
+    packed = pack_for_decoding(copy.deepcopy(model), block=48)  # uneven blocks and padding: 128 = 3 x 48 - 16
     assert not any(isinstance(m, Linear) for m in packed.modules())
     got = run(BatchDecoder(packed), {0: [Request(p, 10, temperature=0.0, key=k) for k, p in prompts.items()]}, 12)
     assert got == expected

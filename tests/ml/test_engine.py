@@ -13,7 +13,7 @@ from ml.engine import (
     transform_logits,
     visible_text,
 )
-from ml.model import ModelConfig, Transformer
+from ml.model import Linear, ModelConfig, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,18 @@ def test_static_cache_ignores_whatever_the_unwritten_cache_memory_holds(model: T
         step = _StaticCache(cache, decode_step, model)(token)
         expected = model(token.unsqueeze(1), kv_cache=cache)[0][:, -1]
     assert torch.allclose(step, expected, atol=1e-5)
+
+
+def test_the_packed_decoding_twin_shares_parameters_and_gives_the_same_samples(model: Transformer, monkeypatch) -> None:
+    from ml import decode_layout
+
+    expected = Engine(model).generate([1, 2, 3], n=3, max_new_tokens=12, temperature=1.0, seed=5)
+    monkeypatch.setattr(decode_layout, "MIN_PACK_SIZE", 1)  # pack even the tiny model's matrices
+    twin = decode_layout.packed_view(model)
+    assert not any(isinstance(m, Linear) for m in twin.modules())
+    assert any(isinstance(m, Linear) for m in model.modules())  # the model itself is untouched
+    assert twin.embed_tokens is model.embed_tokens and twin.layers[0].attn_norm is model.layers[0].attn_norm
+    got = Engine(model).generate([1, 2, 3], n=3, max_new_tokens=12, temperature=1.0, seed=5)
+    assert [s.token_ids for s in got] == [s.token_ids for s in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
