@@ -72,6 +72,9 @@ class _Prefill:
     done: int = 0  # prompt tokens prefilled so far
 
 
+PREFILTER = 1024  # top-p looks among this many likeliest tokens before it sorts the whole vocabulary
+
+
 def transform_rows(logits: Tensor, temps: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
     """Per-row temperature, then top-k, then top-p, as `ml.engine.transform_logits` does for one setting.
 
@@ -100,9 +103,6 @@ def transform_rows(logits: Tensor, temps: Tensor, top_ks: Tensor, top_ps: Tensor
     cut = (probs.cumsum(dim=-1) - probs >= top_ps[:, None]) & cut_p[:, None]
     nucleus = torch.full_like(logits, float("-inf")).scatter_(-1, order, values.masked_fill(cut, float("-inf")))
     return torch.where(cut_p[:, None], nucleus, logits)
-
-
-PREFILTER = 1024
 
 
 def _top_p_by_full_sort(logits: Tensor, top_ps: Tensor) -> Tensor:
@@ -150,12 +150,10 @@ class BatchDecoder:
     def reserved_tokens(self) -> int:
         return sum(r.reserved for r in self.rows) + sum(p.row.reserved for p in self.prefilling)
 
-    def has_room(self, request: Request | None = None) -> bool:
-        """Whether one more request (this one) may join now: a free slot and room in the KV budget."""
-        if len(self) >= self.max_batch:
-            return False
-        need = len(request.prompt_ids) + request.max_new_tokens if request is not None else 1
-        return self.reserved_tokens + need <= self.max_kv_tokens
+    def has_room(self, request: Request) -> bool:
+        """Whether this request may join now: a free slot and room in the KV budget for all it may come to hold."""
+        need = len(request.prompt_ids) + request.max_new_tokens
+        return len(self) < self.max_batch and self.reserved_tokens + need <= self.max_kv_tokens
 
     def add(self, request: Request) -> None:
         """Admit a request; its prompt is prefilled by the coming steps, then it decodes with the batch."""

@@ -69,6 +69,10 @@ class BlockedLinear(nn.Module):
 MIN_PACK_SIZE = 2**18  # smaller matrices stay: their products cost less than the extra reshapes
 
 
+def _packable(module: nn.Module) -> bool:
+    return isinstance(module, Linear) and module.weight.numel() >= MIN_PACK_SIZE
+
+
 @torch.no_grad()
 def pack_for_decoding(model: Transformer, block: int = 512) -> Transformer:
     """Replace every Linear of at least MIN_PACK_SIZE weights by a BlockedLinear, in place: the model can no longer
@@ -81,7 +85,7 @@ def pack_for_decoding(model: Transformer, block: int = 512) -> Transformer:
     """
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, Linear) and child.weight.numel() >= MIN_PACK_SIZE:
+            if _packable(child):
                 setattr(module, name, BlockedLinear(child, block))
     return model
 
@@ -92,10 +96,10 @@ def packed_view(model: Transformer, block: int = 512) -> Transformer:
     copied), except that its large Linears are blocked snapshots. Costs one copy of those weights while it lives."""
 
     def twin(module: nn.Module) -> nn.Module:
-        if isinstance(module, Linear):
-            return BlockedLinear(module, block) if module.weight.numel() >= MIN_PACK_SIZE else module
-        if not any(isinstance(m, Linear) and m.weight.numel() >= MIN_PACK_SIZE for m in module.modules()):
-            return module  # nothing to pack below: share it as it is
+        if _packable(module):
+            return BlockedLinear(module, block)
+        if not any(_packable(m) for m in module.modules()):
+            return module  # nothing to pack here or below: share it as it is
         clone = copy.copy(module)  # shares parameters and buffers; gets its own table of children
         clone._modules = {name: twin(child) for name, child in module._modules.items()}
         return clone

@@ -276,9 +276,8 @@ class Engine:
         logits, cache = self._prefill(prompts, n, cache_len)  # (N, V)
         if self._compiled_step is not None:
             decode = _StaticCache(cache, self._compiled_step, self.model)
-        else:  # snapshots of this call's weights laid out for decoding (RL trains them between calls)
-            head, body = DecodeHead(self.model), packed_view(self.model)
-            decode = lambda token: head(body.hidden_states(token.unsqueeze(1), kv_cache=cache)[:, -1])  # noqa: E731
+        else:
+            decode = self._eager_decoder(cache)
         device = logits.device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         stop_t = torch.tensor(sorted(stops), device=device) if stops else None
@@ -292,6 +291,19 @@ class Engine:
                     return
             if step + 1 < max_new_tokens:
                 logits = decode(token)  # (N, V)
+
+    def _eager_decoder(self, cache: KVCache) -> Callable[[Tensor], Tensor]:
+        """token (N,) -> next logits (N, V), through snapshots of this call's weights laid out for decoding (RL
+        trains them between calls), taken at the first decoding step: a one-token call never pays for them."""
+        snapshot: list[tuple[DecodeHead, Transformer]] = []
+
+        def decode(token: Tensor) -> Tensor:
+            if not snapshot:
+                snapshot.append((DecodeHead(self.model), packed_view(self.model)))
+            head, body = snapshot[0]
+            return head(body.hidden_states(token.unsqueeze(1), kv_cache=cache)[:, -1])
+
+        return decode
 
     def _prefill(self, prompts: list[list[int]], n: int, max_len: int) -> tuple[Tensor, KVCache]:
         """Run the prompts once (left-padded if their lengths differ); return last logits repeated n times."""
