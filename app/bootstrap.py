@@ -41,29 +41,59 @@ def seed_demo_prompts(settings: Settings, seed: int = 0) -> int:
 # The chat model `flywheel demo flywheel` trains when given none: small (2 layers, width 64, about a minute on 2 cores)
 # but trained long enough to know some of the world's facts, with half of its SFT answers poor (wrong, rambling,
 # rude), so that the loop has room to improve it. tests/app/test_flywheel_e2e.py trains exactly this one.
-FLYWHEEL_DEMO_MODEL = {"pretrain_steps": 600, "sft_steps": 300, "demo_docs": 1500, "n_layer": 2, "n_embd": 64,
-                       "bad_fraction": 0.5, "pretrain_batch": 16, "sft_dialogues": 400, "sft_lr": 1e-3}  # fmt: skip
+FLYWHEEL_DEMO_MODEL = {
+    "pretrain_steps": 600,
+    "sft_steps": 300,
+    "demo_docs": 1500,
+    "n_layer": 2,
+    "n_embd": 64,
+    "bad_fraction": 0.5,
+    "pretrain_batch": 16,
+    "sft_dialogues": 400,
+    "sft_lr": 1e-3,
+}
 
 
 def train_demo_model(
-    models: Path, pretrain_steps: int = 300, sft_steps: int = 150, demo_docs: int = 8000, n_layer: int = 4,
-    n_embd: int = 128, bad_fraction: float = 0.2, pretrain_batch: int = 32, sft_dialogues: int | None = None,
+    models: Path,
+    pretrain_steps: int = 300,
+    sft_steps: int = 150,
+    demo_docs: int = 8000,
+    n_layer: int = 4,
+    n_embd: int = 128,
+    bad_fraction: float = 0.2,
+    pretrain_batch: int = 32,
+    sft_dialogues: int | None = None,
     sft_lr: float = 5e-4,
-) -> tuple[dict, dict]:  # fmt: skip
+) -> tuple[dict, dict]:
     """Pretrain `models/demo-base` on the demo corpus, then SFT `models/demo-sft` on demo dialogues; their metrics."""
     from ml.train.pretrain import PretrainConfig, pretrain
     from ml.train.sft import SFTConfig, sft
 
     base, chat = models / "demo-base", models / "demo-sft"
     base_metrics = pretrain(
-        PretrainConfig(out=str(base), steps=pretrain_steps, batch_size=pretrain_batch, n_layer=n_layer, n_embd=n_embd,
-                       demo_docs=demo_docs, eval_every=100, warmup=min(100, max(1, pretrain_steps // 10))),
+        PretrainConfig(
+            out=str(base),
+            steps=pretrain_steps,
+            batch_size=pretrain_batch,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            demo_docs=demo_docs,
+            eval_every=100,
+            warmup=min(100, max(1, pretrain_steps // 10)),
+        ),
         on_progress=_progress("pretrain"),
-    )  # fmt: skip
+    )
     print(file=sys.stderr)
-    sft_config = SFTConfig(base=str(base), out=str(chat), steps=sft_steps, lr=sft_lr,
-                           demo_dialogues=sft_dialogues or min(2000, demo_docs), warmup=min(20, sft_steps // 3),
-                           demo_bad_fraction=bad_fraction)  # fmt: skip
+    sft_config = SFTConfig(
+        base=str(base),
+        out=str(chat),
+        steps=sft_steps,
+        lr=sft_lr,
+        demo_dialogues=sft_dialogues or min(2000, demo_docs),
+        warmup=min(20, sft_steps // 3),
+        demo_bad_fraction=bad_fraction,
+    )
     sft_metrics = sft(sft_config, on_progress=_progress("sft"))
     print(file=sys.stderr)
     return base_metrics, sft_metrics
@@ -81,15 +111,32 @@ def bootstrap_demo_model(settings: Settings, bad_fraction: float = 0.2, **recipe
     print("No model yet: training the demo model once (a few minutes on a laptop CPU).", file=sys.stderr)
     base_metrics, sft_metrics = train_demo_model(models, bad_fraction=bad_fraction, **recipe)
     with transaction(factory) as session:
-        parent = ModelVersion(name="demo-base", kind=ModelKind.base, path=str(models / "demo-base"),
-                              status=ModelStatus.active, metrics=_numbers(base_metrics),
-                              training_data={"data": "demo world, seed 0"})  # fmt: skip
+        parent = ModelVersion(
+            name="demo-base",
+            kind=ModelKind.base,
+            path=str(models / "demo-base"),
+            status=ModelStatus.active,
+            metrics=_numbers(base_metrics),
+            training_data={"data": "demo world, seed 0"},
+        )
         session.add(parent)
         session.flush()
-        session.add(ModelVersion(name="demo-sft", kind=ModelKind.sft, path=str(models / "demo-sft"),
-                                 parent_id=parent.id, status=ModelStatus.active, metrics=_numbers(sft_metrics),
-                                 training_data={"data": "demo dialogues, seed 0", "demo": True, "demo_seed": 0,
-                                                "bad_fraction": bad_fraction}))  # fmt: skip
+        session.add(
+            ModelVersion(
+                name="demo-sft",
+                kind=ModelKind.sft,
+                path=str(models / "demo-sft"),
+                parent_id=parent.id,
+                status=ModelStatus.active,
+                metrics=_numbers(sft_metrics),
+                training_data={
+                    "data": "demo dialogues, seed 0",
+                    "demo": True,
+                    "demo_seed": 0,
+                    "bad_fraction": bad_fraction,
+                },
+            )
+        )
     print(f"Demo model ready: {models / 'demo-sft'}", file=sys.stderr)
     return True
 

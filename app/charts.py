@@ -39,8 +39,11 @@ def job_charts(metrics: list[dict[str, Any]]) -> list[Chart]:
     """One chart per charted metric that the job reported at least twice, against its step."""
     charts = []
     for name in CHARTED:
-        series = [(float(m.get("step", i)), float(m[name])) for i, m in enumerate(metrics)
-                  if isinstance(m.get(name), int | float)]  # fmt: skip
+        series = [
+            (float(m.get("step", i)), float(m[name]))
+            for i, m in enumerate(metrics)
+            if isinstance(m.get(name), int | float)
+        ]
         chart = line_chart(name, series)
         if chart is not None:
             charts.append(chart)

@@ -76,15 +76,32 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if args.workers > 1 and web_processes.reuse_port_works(port):
-            command = [sys.executable, "-m", "app.cli", "serve", "--reuse-port", "--host", host, "--port", str(port),
-                       *(["--no-access-log"] if args.no_access_log else [])]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--reuse-port",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                *(["--no-access-log"] if args.no_access_log else []),
+            ]
             try:
                 web_processes.supervise(command, args.workers)
             except RuntimeError as exc:
                 raise CLIError(str(exc)) from exc
         else:
-            uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers,
-                        proxy_headers=True, access_log=not args.no_access_log)  # fmt: skip
+            uvicorn.run(
+                "app.main:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=args.workers,
+                proxy_headers=True,
+                access_log=not args.no_access_log,
+            )
     finally:
         if worker is not None:
             worker.terminate()
@@ -234,8 +251,12 @@ def cmd_model_import(args: argparse.Namespace, settings: Settings) -> None:
     except (ValueError, KeyError, OSError, NotImplementedError) as exc:  # NotImplemented: a GGUF quantization type
         raise CLIError(f"cannot import {src}: {exc}") from exc
     with transaction(_session_factory(settings)) as session:
-        version = ModelVersion(name=name, kind=ModelKind(args.kind), path=str(out.resolve()),
-                               training_data={"imported_from": str(src.resolve())})  # fmt: skip
+        version = ModelVersion(
+            name=name,
+            kind=ModelKind(args.kind),
+            path=str(out.resolve()),
+            training_data={"imported_from": str(src.resolve())},
+        )
         session.add(version)
         session.flush()
         if args.activate:
@@ -279,13 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = _add(groups, "serve", cmd_serve, "migrate the database and serve the web app")
     serve.add_argument("--host", help="bind address (default FLYWHEEL_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default FLYWHEEL_PORT or 8000)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="web processes (on Linux each with a socket of its own: app/web_processes.py)")  # fmt: skip
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="web processes (on Linux each with a socket of its own: app/web_processes.py)",
+    )
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
     serve.add_argument("--no-worker", action="store_true", help="run no embedded worker (run `flywheel worker`s)")
     serve.add_argument("--no-bootstrap", action="store_true", help="do not train the demo model on first start")
-    serve.add_argument("--no-access-log", action="store_true", help="log no line per request (uvicorn's access log: "
-                       "a tenth of a small request's CPU)")  # fmt: skip
+    serve.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="log no line per request (uvicorn's access log: a tenth of a small request's CPU)",
+    )
     serve.add_argument("--worker-nproc", type=int, default=1, metavar="N", help="the embedded worker's --nproc")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # app/web_processes.py
 
@@ -293,9 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     worker.add_argument("--lease", type=float, default=60.0, help="seconds a job stays ours without a heartbeat")
-    worker.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="train each job on N processes (DDP: gloo on CPU, one GPU each on CUDA); rl, evaluate and "
-                             "candidates run in one")  # fmt: skip
+    worker.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train each job on N processes (DDP: gloo on CPU, one GPU each on CUDA); rl, evaluate and "
+        "candidates run in one",
+    )
 
     db = groups.add_parser("db", help="database schema", description="database schema").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"

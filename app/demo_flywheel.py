@@ -38,9 +38,14 @@ class Driver:
 
     def account(self, name: str, role: str) -> httpx.Client:
         known = {u["username"]: u for u in self.admin.get("/api/v1/users").raise_for_status().json()}
-        user = known.get(name) or self.admin.post(
-            "/api/v1/users", json={"username": name, "password": f"{name}-demo-password", "role": role}
-        ).raise_for_status().json()  # fmt: skip
+        user = (
+            known.get(name)
+            or self.admin.post(
+                "/api/v1/users", json={"username": name, "password": f"{name}-demo-password", "role": role}
+            )
+            .raise_for_status()
+            .json()
+        )
         token = self.admin.post(f"/api/v1/users/{user['id']}/tokens", json={"name": "demo flywheel"})
         secret = token.raise_for_status().json()["token"]
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {secret}"}, timeout=600)
@@ -54,8 +59,9 @@ class Driver:
             task = response.json()
             ranks = annotator.rank(task["messages"], [c["content"] for c in task["candidates"]])
             ranking = [{"candidate_id": c["id"], "rank": r} for c, r in zip(task["candidates"], ranks, strict=True)]
-            client.post(f"/api/v1/annotation/sets/{task['set_id']}/ranking",
-                        json={"ranking": ranking}).raise_for_status()  # fmt: skip
+            client.post(
+                f"/api/v1/annotation/sets/{task['set_id']}/ranking", json={"ranking": ranking}
+            ).raise_for_status()
             done += 1
         return done
 
@@ -89,8 +95,15 @@ class Driver:
         model = client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
         scores = []
         for i, messages in enumerate(prompts):
-            body = {"model": model, "messages": messages, "max_tokens": 48, "temperature": 0.8, "top_p": 0.95,
-                    "n": samples, "seed": seed * 100_000 + i * samples}  # fmt: skip
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": 48,
+                "temperature": 0.8,
+                "top_p": 0.95,
+                "n": samples,
+                "seed": seed * 100_000 + i * samples,
+            }
             answer = client.post("/v1/chat/completions", json=body).raise_for_status().json()
             scores += [world.gold_score(messages, choice["message"]["content"]) for choice in answer["choices"]]
         return model, sum(scores) / len(scores)
@@ -123,8 +136,11 @@ def serve_given_model(factory, path: str) -> None:
     where = Path(path).resolve()
     data = {"data": f"demo world model {where}", "demo": True, "demo_seed": 0}
     with transaction(factory) as session:
-        session.add(ModelVersion(name=where.name, kind=ModelKind.sft, path=str(where), status=ModelStatus.active,
-                                 training_data=data))  # fmt: skip
+        session.add(
+            ModelVersion(
+                name=where.name, kind=ModelKind.sft, path=str(where), status=ModelStatus.active, training_data=data
+            )
+        )
 
 
 @contextmanager
@@ -137,9 +153,14 @@ def own_server(args: argparse.Namespace):
     from app.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "FLYWHEEL_DATA_DIR": str(Path(tmp) / "data"), "FLYWHEEL_SECRET_KEY": "d" * 40,
-               "FLYWHEEL_MODEL_POLL_S": "0.5", "FLYWHEEL_MAX_STREAMS_PER_USER": "16",
-               "FLYWHEEL_ANNOTATIONS_PER_SET": str(args.per_set)}  # fmt: skip
+        env = {
+            **os.environ,
+            "FLYWHEEL_DATA_DIR": str(Path(tmp) / "data"),
+            "FLYWHEEL_SECRET_KEY": "d" * 40,
+            "FLYWHEEL_MODEL_POLL_S": "0.5",
+            "FLYWHEEL_MAX_STREAMS_PER_USER": "16",
+            "FLYWHEEL_ANNOTATIONS_PER_SET": str(args.per_set),
+        }
         if args.database_url:
             env["FLYWHEEL_DATABASE_URL"] = args.database_url
         settings = Settings(data_dir=Path(tmp) / "data", secret_key="d" * 40, database_url=args.database_url)
@@ -156,8 +177,12 @@ def own_server(args: argparse.Namespace):
             token = tokens.create_token(session, user=admin, name="demo flywheel")[1]
         port = free_port()
         log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-bootstrap", "--port", str(port)],
-                                  env=env, stdout=log, stderr=log)  # fmt: skip
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--no-bootstrap", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -180,8 +205,10 @@ def turns(url: str, token: str, args: argparse.Namespace) -> tuple[float, float]
     world = World(0)  # the demo model's and the prompt pool's world; --seed varies the people, not the facts
     driver = Driver(url, token)
     people = 1000 * args.seed
-    annotators = [(driver.account(f"sim-annotator-{i}", "annotator"), SimulatedAnnotator(world, args.noise, people + i))
-                  for i in range(args.annotators)]  # fmt: skip
+    annotators = [
+        (driver.account(f"sim-annotator-{i}", "annotator"), SimulatedAnnotator(world, args.noise, people + i))
+        for i in range(args.annotators)
+    ]
     user_client, user = driver.account("sim-user", "user"), SimulatedAnnotator(world, args.noise, people + 999)
     held_out = [p.messages for p in world.prompts(400) if p.split == "heldout"][: args.eval_prompts]
     measure = lambda: driver.served_gold(user_client, world, held_out, args.eval_samples, args.seed)  # noqa: E731
@@ -203,9 +230,12 @@ def turns(url: str, token: str, args: argparse.Namespace) -> tuple[float, float]
         if policy["status"] == "active":
             driver.wait_for_model(user_client, served)
         served, gold = measure()
-        print(f"turn {turn}: {ranked} rankings + {thumbs} thumbs; reward model accuracy "
-              f"{rm['metrics'].get('val_acc', float('nan')):.3f}; new policy {policy['status']} "
-              f"({policy['metrics'].get('gate')}); serving {served}, gold {gold:.3f}", flush=True)  # fmt: skip
+        print(
+            f"turn {turn}: {ranked} rankings + {thumbs} thumbs; reward model accuracy "
+            f"{rm['metrics'].get('val_acc', float('nan')):.3f}; new policy {policy['status']} "
+            f"({policy['metrics'].get('gate')}); serving {served}, gold {gold:.3f}",
+            flush=True,
+        )
     return gold_before, gold
 
 
@@ -216,9 +246,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--annotators", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=20, help="candidate sets each annotator ranks per turn")
-    parser.add_argument("--per-set", type=int, default=1,
-                        help="distinct annotators who rank each set, for the server this command starts (default "
-                             "%(default)s: more prompts for the same labour)")  # fmt: skip
+    parser.add_argument(
+        "--per-set",
+        type=int,
+        default=1,
+        help="distinct annotators who rank each set, for the server this command starts (default "
+        "%(default)s: more prompts for the same labour)",
+    )
     parser.add_argument("--chats", type=int, default=10, help="questions the simulated user asks per turn")
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument(
@@ -227,17 +261,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, default=8, help="answers per held-out question (at most 8)")
     parser.add_argument("--reward-steps", type=int, default=150)
     parser.add_argument("--rl-steps", type=int, default=40)
-    parser.add_argument("--kl-coef", type=float, default=0.5,
-                        help="the rl job's KL penalty (default %(default)s, as in the demo experiment)")  # fmt: skip
-    parser.add_argument("--demo-model", metavar="DIR",
-                        help="serve this chat model trained on the demo world (e.g. a demo experiment's sft "
-                             "directory) instead of training one; for the server this command starts")  # fmt: skip
+    parser.add_argument(
+        "--kl-coef",
+        type=float,
+        default=0.5,
+        help="the rl job's KL penalty (default %(default)s, as in the demo experiment)",
+    )
+    parser.add_argument(
+        "--demo-model",
+        metavar="DIR",
+        help="serve this chat model trained on the demo world (e.g. a demo experiment's sft "
+        "directory) instead of training one; for the server this command starts",
+    )
     for flag in SIZE_FLAGS:
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=FLYWHEEL_DEMO_MODEL[flag],
-                            help="size of the demo model trained when none is given (default %(default)s)")  # fmt: skip
-    parser.add_argument("--bad-fraction", type=float, default=FLYWHEEL_DEMO_MODEL["bad_fraction"],
-                        help="share of poor answers in the started server's SFT data (default %(default)s, as in the "
-                             "demo experiment: room for the loop to improve)")  # fmt: skip
+        parser.add_argument(
+            f"--{flag.replace('_', '-')}",
+            type=int,
+            default=FLYWHEEL_DEMO_MODEL[flag],
+            help="size of the demo model trained when none is given (default %(default)s)",
+        )
+    parser.add_argument(
+        "--bad-fraction",
+        type=float,
+        default=FLYWHEEL_DEMO_MODEL["bad_fraction"],
+        help="share of poor answers in the started server's SFT data (default %(default)s, as in the "
+        "demo experiment: room for the loop to improve)",
+    )
     parser.add_argument("--job-timeout", type=float, default=3600)
     parser.add_argument("--seed", type=int, default=0, help="the simulated people's noise and the evaluation's draws")
     parser.add_argument("--server-log", help="append the started server's and worker's output to this file")

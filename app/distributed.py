@@ -44,8 +44,14 @@ def free_port() -> int:
 
 def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
     """What torchrun exports to each process it starts on one machine."""
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
 
 
 def threads_per_rank(nproc: int) -> int:
@@ -83,8 +89,13 @@ def _start_rank(rank: int, world_size: int, port: int, blob: bytes, threads: int
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, **rank_environment(rank, world_size, port), "PYTHONPATH": path}
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- run_ranks closes it once the rank has exited
-    process = subprocess.Popen([sys.executable, "-m", "app.distributed", str(os.getpid()), str(threads)],
-                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.distributed", str(os.getpid()), str(threads)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env=env,
+    )
     try:
         assert process.stdin is not None
         process.stdin.write(blob)
@@ -141,8 +152,10 @@ def run_ranks(
     port, threads = free_port(), threads_per_rank(nproc)
     blob = pickle.dumps((trainer, config))
     ranks = [_start_rank(rank, nproc, port, blob, threads) for rank in range(1, nproc)]
-    log(f"training on {nproc} processes (DDP, {threads} thread(s) each); extra ranks: pids "
-        f"{', '.join(str(r.process.pid) for r in ranks)}\n")  # fmt: skip
+    log(
+        f"training on {nproc} processes (DDP, {threads} thread(s) each); extra ranks: pids "
+        f"{', '.join(str(r.process.pid) for r in ranks)}\n"
+    )
     done = threading.Event()
     threading.Thread(target=_watch, args=(ranks, done, log), daemon=True).start()
     saved_env = {name: os.environ.get(name) for name in RANK_VARIABLES}

@@ -35,16 +35,24 @@ def decide(metrics: dict[str, float], *, gate_margin: float, kl_budget: float, p
     if kl > kl_budget:
         return GateResult(False, f"KL to the reference {kl:.3f} exceeds the budget {kl_budget}", metrics)
     if ppl_new > ppl_old * (1 + ppl_tolerance):
-        return GateResult(False, f"held-out perplexity {ppl_new:.3f} regressed from {ppl_old:.3f} (more than "
-                                 f"{1 + ppl_tolerance:.2f}x)", metrics)  # fmt: skip
+        return GateResult(
+            False,
+            f"held-out perplexity {ppl_new:.3f} regressed from {ppl_old:.3f} (more than {1 + ppl_tolerance:.2f}x)",
+            metrics,
+        )
     ratio = ppl_new / ppl_old if ppl_old else 1.0
     return GateResult(True, f"wins {win:.3f} with KL {kl:.3f} and perplexity {ppl_new:.3f} ({ratio:.2f}x)", metrics)
 
 
 def evaluate_candidate(
-    candidate_dir: str, active_dir: str, reference_dir: str, reward_dir: str, prompts: list[list[dict[str, str]]],
-    dialogues: list[Any], params: dict[str, Any],
-) -> GateResult:  # fmt: skip
+    candidate_dir: str,
+    active_dir: str,
+    reference_dir: str,
+    reward_dir: str,
+    prompts: list[list[dict[str, str]]],
+    dialogues: list[Any],
+    params: dict[str, Any],
+) -> GateResult:
     """Measure the candidate against the active policy and apply the gate."""
     from ml.checkpoint import load_checkpoint
     from ml.engine import Sampling
@@ -67,10 +75,19 @@ def evaluate_candidate(
     ppl_new = dialogue_perplexity(candidate, tokenizer, held_out)["ppl"] if held_out else 1.0
     ppl_old = dialogue_perplexity(active, tokenizer, held_out)["ppl"] if held_out else 1.0
     metrics = {
-        "win_rate": wins["win_rate"], "reward_candidate": wins["score_a"], "reward_active": wins["score_b"],
-        "kl": kl["kl"], "ppl_candidate": ppl_new, "ppl_active": ppl_old, "gate_prompts": len(prompts),
+        "win_rate": wins["win_rate"],
+        "reward_candidate": wins["score_a"],
+        "reward_active": wins["score_b"],
+        "kl": kl["kl"],
+        "ppl_candidate": ppl_new,
+        "ppl_active": ppl_old,
+        "gate_prompts": len(prompts),
         "gate_pairs": wins["wins"] + wins["ties"] + wins["losses"],
         "gate_dialogues": len(held_out),
-    }  # fmt: skip
-    return decide(metrics, gate_margin=float(params["gate_margin"]), kl_budget=float(params["kl_budget"]),
-                  ppl_tolerance=float(params["ppl_tolerance"]))  # fmt: skip
+    }
+    return decide(
+        metrics,
+        gate_margin=float(params["gate_margin"]),
+        kl_budget=float(params["kl_budget"]),
+        ppl_tolerance=float(params["ppl_tolerance"]),
+    )

@@ -67,8 +67,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.unloadable_versions = set()
     app.state.stop_requests = {}  # message id -> asyncio.Event, set by the Stop button
 
-    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_body_bytes, upload_limit=UPLOAD_LIMIT,
-                       upload_paths=("/admin/import", "/api/v1/prompts/import"))  # fmt: skip
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        limit=settings.max_body_bytes,
+        upload_limit=UPLOAD_LIMIT,
+        upload_paths=("/admin/import", "/api/v1/prompts/import"),
+    )
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     # The busiest routes first: a request is matched against the routes in order (this FastAPI scans every route of

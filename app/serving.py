@@ -14,8 +14,14 @@ log = logging.getLogger("flywheel.serving")
 
 
 def make_inference(settings: Settings) -> InferenceService:
-    limits = Limits(settings.max_prompt_tokens, settings.max_new_tokens, settings.max_streams_per_user,
-                    settings.max_batch, settings.kv_cache_mb, settings.prefill_chunk)  # fmt: skip
+    limits = Limits(
+        settings.max_prompt_tokens,
+        settings.max_new_tokens,
+        settings.max_streams_per_user,
+        settings.max_batch,
+        settings.kv_cache_mb,
+        settings.prefill_chunk,
+    )
     return InferenceService(limits, device=settings.device, threads=settings.torch_threads)
 
 

@@ -44,10 +44,18 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(256, gt=0, description="Longest answer (in tokens).")
     max_streams_per_user: int = Field(4, gt=0, description="Answers one person may have generating at once.")
     max_batch: int = Field(16, gt=0, description="Requests decoded together in one batch.")
-    kv_cache_mb: float = Field(2048, gt=0, description="KV-cache memory the answers in flight may hold; past it new "
-                             "answers wait for room (never an out-of-memory crash).")  # fmt: skip
-    prefill_chunk: int = Field(512, gt=0, description="Prompt tokens prefilled per decoding step (long prompts never "
-                               "stall the answers already streaming).")  # fmt: skip
+    kv_cache_mb: float = Field(
+        2048,
+        gt=0,
+        description="KV-cache memory the answers in flight may hold; past it new "
+        "answers wait for room (never an out-of-memory crash).",
+    )
+    prefill_chunk: int = Field(
+        512,
+        gt=0,
+        description="Prompt tokens prefilled per decoding step (long prompts never "
+        "stall the answers already streaming).",
+    )
     model_poll_s: float = Field(3.0, gt=0, description="How often each server checks for a newly active model.")
     device: str = Field("cpu", description="Where the served model runs: cpu or cuda.")
     torch_threads: int = Field(1, ge=0, description="CPU threads for serving (0: torch's default, one per core).")

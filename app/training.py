@@ -41,8 +41,9 @@ class JobContext:
         trains on the same rows even while new labels arrive; each progress point says how many ranks trained."""
         from app.distributed import run_ranks
 
-        return run_ranks(trainer, config, nproc=self.nproc, on_progress=self.on_progress,
-                         log=lambda line: self.report(log=line))  # fmt: skip
+        return run_ranks(
+            trainer, config, nproc=self.nproc, on_progress=self.on_progress, log=lambda line: self.report(log=line)
+        )
 
     def on_progress(self, info: dict[str, Any]) -> None:
         """Adapter for ml/ trainers' progress callbacks: step/max_steps → progress, the rest → a metric point."""
@@ -107,8 +108,10 @@ def _trainer_params(params: dict[str, Any], config_type: type, fixed: set[str]) 
 
 
 def _thumb_records(export: datasets.Export) -> list[dict[str, Any]]:
-    return [{"prompt": r["prompt"], "completion": r["completion"][0]["content"], "label": r["label"]}
-            for r in export.records]  # fmt: skip
+    return [
+        {"prompt": r["prompt"], "completion": r["completion"][0]["content"], "label": r["label"]}
+        for r in export.records
+    ]
 
 
 def _dialogue_files(ctx: JobContext) -> list[str]:
@@ -130,13 +133,22 @@ def run_sft(ctx: JobContext) -> JobOutput:
     if not collected and not include_demo:
         raise ValueError("no dialogues to train on: import some or allow the demo data")
     out = ctx.model_dir("sft")
-    config = SFTConfig(base=base.path, out=str(out), data=["demo"],
-                       **_trainer_params(params, SFTConfig, {"base", "out", "data", "resume", "progress"}))  # fmt: skip
+    config = SFTConfig(
+        base=base.path,
+        out=str(out),
+        data=["demo"],
+        **_trainer_params(params, SFTConfig, {"base", "out", "data", "resume", "progress"}),
+    )
     if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
         config.data = (demo_dialogues(config) if include_demo else []) + collected
     metrics = ctx.train(sft, config)
-    lineage = {**chats.watermark, "dialogues": len(chats.records), "files": files, "demo": include_demo,
-               "demo_seed": config.demo_seed}  # fmt: skip
+    lineage = {
+        **chats.watermark,
+        "dialogues": len(chats.records),
+        "files": files,
+        "demo": include_demo,
+        "demo_seed": config.demo_seed,
+    }
     return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
 
 
@@ -151,13 +163,20 @@ def run_reward(ctx: JobContext) -> JobOutput:
     if not rankings.records and not thumbs.records:
         raise ValueError("no rankings or thumbs yet: annotate or rate some answers first")
     out = ctx.model_dir("reward")
-    config = RewardConfig(sft=sft_version.path, out=str(out), rankings=rankings.records,
-                          thumbs=_thumb_records(thumbs),
-                          **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume",
-                                                                   "progress"}))  # fmt: skip
+    config = RewardConfig(
+        sft=sft_version.path,
+        out=str(out),
+        rankings=rankings.records,
+        thumbs=_thumb_records(thumbs),
+        **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
+    )
     metrics = ctx.train(train_reward, config)
-    lineage = {**rankings.watermark, **thumbs.watermark, "rankings": len(rankings.records),
-               "thumbs": len(thumbs.records)}  # fmt: skip
+    lineage = {
+        **rankings.watermark,
+        **thumbs.watermark,
+        "rankings": len(rankings.records),
+        "thumbs": len(thumbs.records),
+    }
     return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
 
 
@@ -170,8 +189,11 @@ def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
 
     data = reference.training_data or {}
     demo = bool(data.get("demo")) or str(data.get("data", "")).startswith("demo")
-    held_out = World(int(data.get("demo_seed", 0))).sft_dialogues(gate.REFERENCE_DIALOGUES, bad_fraction=0.0,
-                                                                 split="heldout") if demo else []  # fmt: skip
+    held_out = (
+        World(int(data.get("demo_seed", 0))).sft_dialogues(gate.REFERENCE_DIALOGUES, bad_fraction=0.0, split="heldout")
+        if demo
+        else []
+    )
     return files + held_out
 
 
@@ -207,17 +229,25 @@ def run_rl(ctx: JobContext) -> JobOutput:
     if not train_prompts.records:
         raise ValueError("no training prompts: import prompts or seed the demo pool")
     out = ctx.model_dir("policy")
-    config = RLConfig(policy=policy.path, out=str(out), reward_model=reward.path, reference=reference.path,
-                      prompts=train_prompts.records,
-                      **_trainer_params(params, RLConfig, {"policy", "out", "reward_model", "reference", "prompts",
-                                                           "progress"}))  # fmt: skip
+    config = RLConfig(
+        policy=policy.path,
+        out=str(out),
+        reward_model=reward.path,
+        reference=reference.path,
+        prompts=train_prompts.records,
+        **_trainer_params(params, RLConfig, {"policy", "out", "reward_model", "reference", "prompts", "progress"}),
+    )
     if ctx.nproc > 1:
         ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
     metrics = rl(config, on_progress=ctx.on_progress)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
-    lineage = {**train_prompts.watermark, "prompts": len(train_prompts.records), "reward_version_id": reward.id,
-               "reference_version_id": reference.id}  # fmt: skip
+    lineage = {
+        **train_prompts.watermark,
+        "prompts": len(train_prompts.records),
+        "reward_version_id": reward.id,
+        "reference_version_id": reference.id,
+    }
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 
@@ -233,9 +263,13 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     if not next(iter(data.values())):
         raise ValueError(f"no {'rankings' if algo == 'dpo' else 'thumbs'} to train {algo.upper()} on")
     out = ctx.model_dir("policy")
-    config = DPOConfig(policy=policy.path, out=str(out), algo=algo, **data,
-                       **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume",
-                                                             "progress"}))  # fmt: skip
+    config = DPOConfig(
+        policy=policy.path,
+        out=str(out),
+        algo=algo,
+        **data,
+        **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume", "progress"}),
+    )
     metrics = ctx.train(train_preferences, config)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
@@ -278,14 +312,23 @@ def run_candidates(ctx: JobContext) -> JobOutput:
     engine, stops = Engine(model), set(tokenizer.stop_token_ids)
     for i, (prompt_id, messages) in enumerate(todo):
         samples = engine.generate(
-            tokenizer.render_prompt(messages), n=k, max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95,
-            stop_token_ids=stops, seed=ctx.job_id * 1000 + i,
-        )  # fmt: skip
-        answers = [(tokenizer.decode(s.token_ids, skip_special=True).strip(), len(s.token_ids))
-                   for s in samples]  # fmt: skip
+            tokenizer.render_prompt(messages),
+            n=k,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            top_p=0.95,
+            stop_token_ids=stops,
+            seed=ctx.job_id * 1000 + i,
+        )
+        answers = [(tokenizer.decode(s.token_ids, skip_special=True).strip(), len(s.token_ids)) for s in samples]
         with ctx.session() as session, session.begin():
-            annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=policy.id,
-                                  params={"temperature": 1.0, "top_p": 0.95, "max_tokens": max_new_tokens})  # fmt: skip
+            annotation.create_set(
+                session,
+                prompt_id=prompt_id,
+                answers=answers,
+                model_version_id=policy.id,
+                params={"temperature": 1.0, "top_p": 0.95, "max_tokens": max_new_tokens},
+            )
         ctx.report(progress=(i + 1) / len(todo), metrics={"step": i + 1, "sets": i + 1})
     return JobOutput(metrics={"sets": len(todo)})
 
@@ -311,8 +354,14 @@ def run_evaluate(ctx: JobContext) -> JobOutput:
         raise ValueError("no held-out prompts to evaluate on")
     model, _ = load_checkpoint(policy.path)
     ref, _ = load_checkpoint(reference.path)
-    result = policy_reward_and_kl(model, ref, Tokenizer.load(policy.path), heldout, RewardModel.load(reward.path),
-                                  sampling=Sampling(temperature=0.7))  # fmt: skip
+    result = policy_reward_and_kl(
+        model,
+        ref,
+        Tokenizer.load(policy.path),
+        heldout,
+        RewardModel.load(reward.path),
+        sampling=Sampling(temperature=0.7),
+    )
     ctx.report(progress=1.0, metrics={"step": 1, **result}, log=f"{policy.name}: {result}\n")
     return JobOutput(metrics=result)
 

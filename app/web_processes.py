@@ -41,8 +41,9 @@ def serve_on_own_socket(host: str, port: int, access_log: bool) -> None:
     """One web process (uvicorn, the app) on a SO_REUSEPORT socket of its own."""
     import uvicorn
 
-    config = uvicorn.Config("app.main:create_app", factory=True, host=host, port=port, proxy_headers=True,
-                            access_log=access_log)  # fmt: skip
+    config = uvicorn.Config(
+        "app.main:create_app", factory=True, host=host, port=port, proxy_headers=True, access_log=access_log
+    )
     uvicorn.Server(config).run(sockets=[bind_reuse_port(host, port)])
 
 
@@ -76,8 +77,9 @@ def supervise(command: list[str], n: int) -> None:
                     continue
                 if time.monotonic() - started < RESTART_GRACE_S:
                     raise RuntimeError(f"a web process exited with status {code} as it started")
-                print(f"flywheel: web process {process.pid} exited with status {code}; starting another",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"flywheel: web process {process.pid} exited with status {code}; starting another", file=sys.stderr
+                )
                 processes[i] = _start(command)
             time.sleep(0.2)
     finally:

@@ -60,9 +60,15 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _child_main(
-    job_type: str, job_id: int, params: dict, data_dir: str, database_url: str, out: mp.Queue, parent_pid: int,
+    job_type: str,
+    job_id: int,
+    params: dict,
+    data_dir: str,
+    database_url: str,
+    out: mp.Queue,
+    parent_pid: int,
     nproc: int = 1,
-) -> None:  # fmt: skip
+) -> None:
     """Entry point of the child process: run the handler, stream reports, send the result or the error last."""
     _die_with_parent(parent_pid)
     from app.training import HANDLERS, JobContext
@@ -215,10 +221,14 @@ class Worker:
                 return  # the job was taken away meanwhile: its output is not ours to register
             if result.get("model_dir"):
                 version = ModelVersion(
-                    name=Path(result["model_dir"]).name, kind=result["model_kind"], path=result["model_dir"],
-                    parent_id=result.get("parent_id"), metrics=result.get("metrics") or {},
-                    training_data=result.get("training_data") or {}, job_id=job_id,
-                )  # fmt: skip
+                    name=Path(result["model_dir"]).name,
+                    kind=result["model_kind"],
+                    path=result["model_dir"],
+                    parent_id=result.get("parent_id"),
+                    metrics=result.get("metrics") or {},
+                    training_data=result.get("training_data") or {},
+                    job_id=job_id,
+                )
                 session.add(version)
                 session.flush()
                 if result.get("promote"):

@@ -60,10 +60,18 @@ def hf_runner(hf: torch.nn.Module, prompt: list[int], n: int, new_tokens: int = 
     def run() -> int:
         with torch.inference_mode():
             out = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=n,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                eos_token_id=None,
                 pad_token_id=0,
-            )  # fmt: skip
+            )
         assert out.shape == (n, len(prompt) + new_tokens)
         return n * new_tokens
 

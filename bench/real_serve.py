@@ -60,8 +60,13 @@ def server_round(client: httpx.Client, n: int, new_tokens: int, seed: int) -> Ro
     """n chats at once, one thread each; all must produce exactly new_tokens tokens."""
 
     def chat(i: int) -> ChatTiming:
-        body = {"messages": messages(i), "max_tokens": new_tokens, "temperature": 1.0, "seed": seed + i,
-                "ignore_eos": True}  # fmt: skip
+        body = {
+            "messages": messages(i),
+            "max_tokens": new_tokens,
+            "temperature": 1.0,
+            "seed": seed + i,
+            "ignore_eos": True,
+        }
         return stream_chat(client, body)
 
     with ThreadPoolExecutor(n) as pool:
@@ -71,8 +76,12 @@ def server_round(client: httpx.Client, n: int, new_tokens: int, seed: int) -> Ro
     counts = [t.tokens for t in timings]
     if any(c != new_tokens for c in counts):
         raise SystemExit(f"the server returned {counts} tokens, not {new_tokens} each: is `ignore_eos` honoured?")
-    return Round(sum(counts) / wall, [t.ttft for t in timings], [g for t in timings for g in t.gaps],
-                 sum(len(t.chunks) for t in timings))  # fmt: skip
+    return Round(
+        sum(counts) / wall,
+        [t.ttft for t in timings],
+        [g for t in timings for g in t.gaps],
+        sum(len(t.chunks) for t in timings),
+    )
 
 
 @cache
@@ -96,9 +105,18 @@ def hf_round(hf: torch.nn.Module, n: int, new_tokens: int) -> Round:
     ids, mask = hf_inputs(n, pad_id)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-                          pad_token_id=pad_id)  # fmt: skip
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            eos_token_id=None,
+            pad_token_id=pad_id,
+        )
     wall = time.perf_counter() - start
     assert out.shape == (n, ids.shape[1] + new_tokens)
     return Round(n * new_tokens / wall)
@@ -139,13 +157,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def print_table(rows: dict[int, Row]) -> None:
-    print(f"{'concurrency':>11} | {'ours tok/s':>10} | {'HF tok/s':>8} | {'ratio':>5} | {'TTFT p50 ms':>11} | "
-          f"{'inter-token p50 ms':>18} | {'inter-token p99 ms':>18} | {'server RSS MB':>13}")  # fmt: skip
+    print(
+        f"{'concurrency':>11} | {'ours tok/s':>10} | {'HF tok/s':>8} | {'ratio':>5} | {'TTFT p50 ms':>11} | "
+        f"{'inter-token p50 ms':>18} | {'inter-token p99 ms':>18} | {'server RSS MB':>13}"
+    )
     for n, row in rows.items():
         o = row.ours
-        print(f"{n:>11} | {o.rate:>10.1f} | {row.hf.rate:>8.1f} | {o.rate / row.hf.rate:>5.2f} | "
-              f"{statistics.median(o.ttfts) * 1000:>11.1f} | {percentile(o.gaps, 0.5) * 1000:>18.1f} | "
-              f"{percentile(o.gaps, 0.99) * 1000:>18.1f} | {row.rss_mb:>13.0f}")  # fmt: skip
+        print(
+            f"{n:>11} | {o.rate:>10.1f} | {row.hf.rate:>8.1f} | {o.rate / row.hf.rate:>5.2f} | "
+            f"{statistics.median(o.ttfts) * 1000:>11.1f} | {percentile(o.gaps, 0.5) * 1000:>18.1f} | "
+            f"{percentile(o.gaps, 0.99) * 1000:>18.1f} | {row.rss_mb:>13.0f}"
+        )
 
 
 def server_errors(log: Path) -> list[str]:
@@ -190,8 +212,10 @@ def main() -> None:
                 rows = {n: measure(server, hf, n, rounds, new_tokens) for n in CONCURRENCY}
         finally:
             report_log(log)
-    print(f"\nSmolLM2-135M-Instruct, fp32, {args.threads} threads, {new_tokens} new tokens per chat, "
-          f"sampling at temperature 1; best of {rounds} round(s) per side")  # fmt: skip
+    print(
+        f"\nSmolLM2-135M-Instruct, fp32, {args.threads} threads, {new_tokens} new tokens per chat, "
+        f"sampling at temperature 1; best of {rounds} round(s) per side"
+    )
     print_table(rows)
     chunks, tokens = sum(r.ours.chunks for r in rows.values()), sum(n * new_tokens for n in rows)
     print(f"content chunks / completion tokens (server): {chunks} / {tokens}")

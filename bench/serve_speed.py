@@ -21,8 +21,12 @@ from bench.serving import served, stream_chat
 
 def one_chat(client: httpx.Client, i: int, max_tokens: int) -> tuple[int, float, float]:
     """(completion tokens, time to first token, total seconds) of one streamed chat."""
-    body = {"messages": [{"role": "user", "content": f"Tell me about person number {i}."}], "max_tokens": max_tokens,
-            "temperature": 1.0, "seed": i}  # fmt: skip
+    body = {
+        "messages": [{"role": "user", "content": f"Tell me about person number {i}."}],
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": i,
+    }
     timing = stream_chat(client, body)
     return timing.tokens, timing.ttft, timing.total
 

@@ -77,16 +77,22 @@ class Served:
 
 
 @contextmanager
-def served(model: str | None, env: dict[str, str] | None = None, log: Path | None = None,
-           timeout_s: float = 60) -> Iterator[Served]:  # fmt: skip
+def served(
+    model: str | None, env: dict[str, str] | None = None, log: Path | None = None, timeout_s: float = 60
+) -> Iterator[Served]:
     """`flywheel serve --no-worker --no-bootstrap` on a free port over a fresh data directory serving `model`
     (a model directory; None trains a short demo model), with extra FLYWHEEL_* variables in `env`."""
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as files:
         data_dir = Path(tmp) / "data"
         token = prepare(data_dir, model)
         port = free_port()
-        full_env = {**os.environ, "FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_SECRET_KEY": SECRET,
-                    "FLYWHEEL_MAX_STREAMS_PER_USER": "16", **(env or {})}  # fmt: skip
+        full_env = {
+            **os.environ,
+            "FLYWHEEL_DATA_DIR": str(data_dir),
+            "FLYWHEEL_SECRET_KEY": SECRET,
+            "FLYWHEEL_MAX_STREAMS_PER_USER": "16",
+            **(env or {}),
+        }
         out = files.enter_context(open(log, "wb")) if log else subprocess.DEVNULL
         command = [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--no-bootstrap", "--port", str(port)]
         server = subprocess.Popen(command, env=full_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)

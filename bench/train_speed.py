@@ -99,11 +99,16 @@ def hf_model() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["n_embd"], intermediate_size=SHAPE["intermediate_size"],
-        num_hidden_layers=SHAPE["n_layer"], num_attention_heads=SHAPE["n_head"],
-        num_key_value_heads=SHAPE["n_kv_head"], max_position_embeddings=SHAPE["max_seq_len"],
-        tie_word_embeddings=True, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=SHAPE["vocab_size"],
+        hidden_size=SHAPE["n_embd"],
+        intermediate_size=SHAPE["intermediate_size"],
+        num_hidden_layers=SHAPE["n_layer"],
+        num_attention_heads=SHAPE["n_head"],
+        num_key_value_heads=SHAPE["n_kv_head"],
+        max_position_embeddings=SHAPE["max_seq_len"],
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -172,17 +177,23 @@ def main() -> None:
         peak = max(peak, matmul_peak(reps=2))
     flops = Transformer(ModelConfig(**SHAPE)).estimate_flops_per_token(BLOCK)
     gemm_only, gemm_attention = kernel_floor_tokens_per_s()
-    print(f"\nfp32 matmul peak {peak / 1e9:.0f} GFLOP/s, {flops / 1e6:.1f} MFLOP/token, {args.threads} threads, "
-          f"malloc tuned: {tuned}")  # fmt: skip
+    print(
+        f"\nfp32 matmul peak {peak / 1e9:.0f} GFLOP/s, {flops / 1e6:.1f} MFLOP/token, {args.threads} threads, "
+        f"malloc tuned: {tuned}"
+    )
     print(f"{'variant':<26}{'best tok/s':>12}{'median':>10}{'MFU':>8}")
     for v in variants:
         best, med = max(v.rates), sorted(v.rates)[len(v.rates) // 2]
         print(f"{v.name:<26}{best:>12.0f}{med:>10.0f}{best * flops / peak:>8.1%}")
     ours, hf_best = max(variants[0].rates), max(max(v.rates) for v in variants if v.name.startswith("transformers"))
-    print(f"{'ceiling: GEMMs only':<26}{gemm_only:>12.0f}{'':>10}{gemm_only * flops / peak:>8.1%}"
-          f"   (R at most {gemm_only / hf_best:.2f})")  # fmt: skip
-    print(f"{'ceiling: GEMMs+attention':<26}{gemm_attention:>12.0f}{'':>10}{gemm_attention * flops / peak:>8.1%}"
-          f"   (R at most {gemm_attention / hf_best:.2f}; norms, loss, optimizer free)")  # fmt: skip
+    print(
+        f"{'ceiling: GEMMs only':<26}{gemm_only:>12.0f}{'':>10}{gemm_only * flops / peak:>8.1%}"
+        f"   (R at most {gemm_only / hf_best:.2f})"
+    )
+    print(
+        f"{'ceiling: GEMMs+attention':<26}{gemm_attention:>12.0f}{'':>10}{gemm_attention * flops / peak:>8.1%}"
+        f"   (R at most {gemm_attention / hf_best:.2f}; norms, loss, optimizer free)"
+    )
     print(f"train_speed_vs_hf: {ours / hf_best:.2f}")
 
 

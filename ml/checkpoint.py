@@ -34,8 +34,12 @@ from ml.model import ModelConfig, RotaryEmbedding, Transformer
 FORMAT = "flywheel"
 WEIGHTS, CONFIG, GENERATION = "model.safetensors", "config.json", "generation_config.json"
 GENERATION_DEFAULTS: dict[str, Any] = {
-    "temperature": 1.0, "top_k": None, "top_p": None, "max_new_tokens": 256, "stop_token_ids": [],
-}  # fmt: skip
+    "temperature": 1.0,
+    "top_k": None,
+    "top_p": None,
+    "max_new_tokens": 256,
+    "stop_token_ids": [],
+}
 RESERVED = {"config", "scalar_head", "generation"}
 
 

@@ -22,16 +22,61 @@ import re
 from dataclasses import dataclass
 
 NAMES = [
-    "Mira", "Omar", "Lena", "Ravi", "Ines", "Tomas", "Yuki", "Kofi", "Sara", "Pavel", "Nadia", "Hugo",
-    "Aiko", "Bruno", "Clara", "Dara", "Emil", "Farah", "Gus", "Hana", "Ivo", "Jana", "Kai", "Luca",
-]  # fmt: skip
+    "Mira",
+    "Omar",
+    "Lena",
+    "Ravi",
+    "Ines",
+    "Tomas",
+    "Yuki",
+    "Kofi",
+    "Sara",
+    "Pavel",
+    "Nadia",
+    "Hugo",
+    "Aiko",
+    "Bruno",
+    "Clara",
+    "Dara",
+    "Emil",
+    "Farah",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jana",
+    "Kai",
+    "Luca",
+]
 # (English, 中文) pairs; no value is a substring of another value of any category in either language.
-CITIES = [("Oslo", "奥斯陆"), ("Paris", "巴黎"), ("Tokyo", "东京"), ("Cairo", "开罗"),
-          ("Lima", "利马"), ("Rome", "罗马"), ("Berlin", "柏林"), ("Seoul", "首尔")]  # fmt: skip
-COLOURS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"),
-           ("black", "黑色"), ("white", "白色"), ("purple", "紫色"), ("orange", "橙色")]  # fmt: skip
-ANIMALS = [("cat", "猫"), ("dog", "狗"), ("rabbit", "兔子"), ("fox", "狐狸"),
-           ("bear", "熊"), ("duck", "鸭子"), ("goat", "山羊")]  # fmt: skip
+CITIES = [
+    ("Oslo", "奥斯陆"),
+    ("Paris", "巴黎"),
+    ("Tokyo", "东京"),
+    ("Cairo", "开罗"),
+    ("Lima", "利马"),
+    ("Rome", "罗马"),
+    ("Berlin", "柏林"),
+    ("Seoul", "首尔"),
+]
+COLOURS = [
+    ("red", "红色"),
+    ("blue", "蓝色"),
+    ("green", "绿色"),
+    ("yellow", "黄色"),
+    ("black", "黑色"),
+    ("white", "白色"),
+    ("purple", "紫色"),
+    ("orange", "橙色"),
+]
+ANIMALS = [
+    ("cat", "猫"),
+    ("dog", "狗"),
+    ("rabbit", "兔子"),
+    ("fox", "狐狸"),
+    ("bear", "熊"),
+    ("duck", "鸭子"),
+    ("goat", "山羊"),
+]
 CATEGORY_VALUES = {"city": CITIES, "colour": COLOURS, "animal": ANIMALS}
 AGES = range(20, 70)
 OPERANDS = range(10)
@@ -86,14 +131,44 @@ FILLER = {
         "Some questions are easy and some are hard, and this one is somewhere in between.",
         "Anyway, here is what I know.",
     ],
-    "zh": ["嗯，让我想一想。", "这个世界里有很多人，每个人都有自己的故事。", "我以前也想过很多类似的问题。",
-           "有些问题容易，有些问题难，这个问题在两者之间。", "总之，我知道的是这样。"],
-}  # fmt: skip
+    "zh": [
+        "嗯，让我想一想。",
+        "这个世界里有很多人，每个人都有自己的故事。",
+        "我以前也想过很多类似的问题。",
+        "有些问题容易，有些问题难，这个问题在两者之间。",
+        "总之，我知道的是这样。",
+    ],
+}
 SYSTEM_PROMPTS = {"en": "You are a helpful assistant.", "zh": "你是一个乐于助人的助手。"}
-POLITE_WORDS = ["sure", "of course", "certainly", "happy to help", "glad to help", "please", "thank",
-                "好的", "当然", "很高兴", "请", "谢谢"]  # fmt: skip
-RUDE_WORDS = ["ugh", "obviously", "whatever", "stupid", "idiot", "dumb", "shut up", "bothering",
-              "这么简单", "烦", "闭嘴", "笨", "白痴"]  # fmt: skip
+POLITE_WORDS = [
+    "sure",
+    "of course",
+    "certainly",
+    "happy to help",
+    "glad to help",
+    "please",
+    "thank",
+    "好的",
+    "当然",
+    "很高兴",
+    "请",
+    "谢谢",
+]
+RUDE_WORDS = [
+    "ugh",
+    "obviously",
+    "whatever",
+    "stupid",
+    "idiot",
+    "dumb",
+    "shut up",
+    "bothering",
+    "这么简单",
+    "烦",
+    "闭嘴",
+    "笨",
+    "白痴",
+]
 HELDOUT_PERCENT = 20
 QUALITIES = ("good", "rambling", "rude", "wrong", "garbage", "empty")
 

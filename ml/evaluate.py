@@ -86,9 +86,14 @@ def reward_accuracy(reward_model: RewardModel, rankings: list[Ranking], batch_si
 
 
 def sample_answers(
-    model: nn.Module, tokenizer: Tokenizer, prompts: list[list[Message]], n: int = 1, max_new_tokens: int = 64,
-    sampling: Sampling = Sampling(), seed: int = 0,
-) -> tuple[rollout.Rollout, list[str]]:  # fmt: skip
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: list[list[Message]],
+    n: int = 1,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+) -> tuple[rollout.Rollout, list[str]]:
     """n answers per prompt (prompt-major) as a rollout and as text (stop tokens removed)."""
     ro = rollout.collect(model, tokenizer, prompts, n, max_new_tokens, sampling, seed)
     stops = set(tokenizer.stop_token_ids)
@@ -97,9 +102,16 @@ def sample_answers(
 
 @torch.no_grad()
 def policy_reward_and_kl(
-    policy: nn.Module, reference: nn.Module, tokenizer: Tokenizer, prompts: list[list[Message]], scorer: Scorer,
-    n: int = 1, max_new_tokens: int = 64, sampling: Sampling = Sampling(), seed: int = 0,
-) -> dict[str, float]:  # fmt: skip
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: list[list[Message]],
+    scorer: Scorer,
+    n: int = 1,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+) -> dict[str, float]:
     """Mean (and std) score of the policy's sampled answers, and its KL to the reference per answer (k3: unbiased,
     never negative; k1 beside it), both under the distribution that sampled."""
     ro, texts = sample_answers(policy, tokenizer, prompts, n, max_new_tokens, sampling, seed)
@@ -119,9 +131,16 @@ def policy_reward_and_kl(
 
 @torch.no_grad()
 def win_rate(
-    policy_a: nn.Module, policy_b: nn.Module, tokenizer: Tokenizer, prompts: list[list[Message]], scorer: Scorer,
-    max_new_tokens: int = 64, sampling: Sampling = Sampling(), seed: int = 0, n: int = 1,
-) -> dict[str, float]:  # fmt: skip
+    policy_a: nn.Module,
+    policy_b: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: list[list[Message]],
+    scorer: Scorer,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    n: int = 1,
+) -> dict[str, float]:
     """How often policy A's answer to a prompt scores above policy B's (ties count half), and both mean scores.
     `n` pairs per prompt (the i-th answer of A against the i-th of B, same seeds): more pairs, less noise."""
     ro, a = sample_answers(policy_a, tokenizer, prompts, n, max_new_tokens, sampling, seed)

@@ -79,9 +79,24 @@ class Scale:
 SCALES = {
     "full": Scale(4, 128, 8000, 1500, 2000, 400, 1024, 300, 80, 200, 160, label_sets=4),
     "quick": Scale(4, 96, 6000, 700, 1500, 300, 256, 120, 40, 120, 96),
-    "tiny": Scale(2, 64, 1500, 150, 400, 100, 64, 60, 16, 40, 24, eval_samples=2, pretrain_batch=16,
-                  max_new_tokens=40, kl_coef=0.1),  # 16 RL steps: a strong penalty would leave the policy as it was
-}  # fmt: skip
+    "tiny": Scale(
+        2,
+        64,
+        1500,
+        150,
+        400,
+        100,
+        64,
+        60,
+        16,
+        40,
+        24,
+        eval_samples=2,
+        pretrain_batch=16,
+        max_new_tokens=40,
+        kl_coef=0.1,
+    ),  # 16 RL steps: a strong penalty would leave the policy as it was
+}
 
 
 # ExperimentConfig fields that, when set, replace the Scale's field of the same name and must be at least 1.
@@ -320,9 +335,16 @@ def evaluate_policy(
     tokenizer = Tokenizer.load(policy_dir)
     messages = [p.messages for p in prompts]
     sampled = policy_reward_and_kl(
-        policy, reference, tokenizer, messages, world.gold_score, n=scale.eval_samples,
-        max_new_tokens=scale.max_new_tokens, sampling=Sampling(1.0), seed=seed,
-    )  # fmt: skip
+        policy,
+        reference,
+        tokenizer,
+        messages,
+        world.gold_score,
+        n=scale.eval_samples,
+        max_new_tokens=scale.max_new_tokens,
+        sampling=Sampling(1.0),
+        seed=seed,
+    )
     _, greedy = sample_answers(policy, tokenizer, messages, 1, scale.max_new_tokens, Sampling(0.0), seed)
     gold_greedy = sum(world.gold_score(m, a) for m, a in zip(messages, greedy, strict=True)) / len(messages)
     return {
@@ -336,13 +358,23 @@ def evaluate_policy(
 def _pretrain_stage(config: ExperimentConfig, scale: Scale, out: Path, report: Progress) -> dict[str, Any]:
     m = pretrain(
         PretrainConfig(
-            out=str(out / "base"), steps=scale.pretrain_steps, batch_size=scale.pretrain_batch,
-            block_size=scale.block_size, n_layer=scale.n_layer, n_embd=scale.n_embd, n_head=4,
-            warmup=min(100, scale.pretrain_steps // 10), demo_docs=scale.demo_docs, demo_seed=config.seed,
-            seed=config.seed, eval_every=0, save_every=0, device=config.device,
+            out=str(out / "base"),
+            steps=scale.pretrain_steps,
+            batch_size=scale.pretrain_batch,
+            block_size=scale.block_size,
+            n_layer=scale.n_layer,
+            n_embd=scale.n_embd,
+            n_head=4,
+            warmup=min(100, scale.pretrain_steps // 10),
+            demo_docs=scale.demo_docs,
+            demo_seed=config.seed,
+            seed=config.seed,
+            eval_every=0,
+            save_every=0,
+            device=config.device,
         ),
         on_progress=report,
-    )  # fmt: skip
+    )
     keys = ("params", "val_loss", "val_ppl", "unigram_entropy")
     return {k: m[k] for k in keys}
 
@@ -351,13 +383,23 @@ def _sft_stage(config: ExperimentConfig, world: World, scale: Scale, out: Path, 
     dialogues = world.sft_dialogues(scale.sft_dialogues, seed=config.seed, bad_fraction=config.bad_fraction)
     m = sft(
         SFTConfig(
-            base=str(out / "base"), out=str(out / "sft"), data=dialogues, steps=scale.sft_steps,
-            lr=config.sft_lr, eval_every=0, seed=config.seed, device=config.device,
+            base=str(out / "base"),
+            out=str(out / "sft"),
+            data=dialogues,
+            steps=scale.sft_steps,
+            lr=config.sft_lr,
+            eval_every=0,
+            seed=config.seed,
+            device=config.device,
         ),
         on_progress=report,
-    )  # fmt: skip
-    return {"dialogues": len(dialogues), "bad_fraction": config.bad_fraction, "val_loss_start": m["val_loss_start"],
-            "val_loss": m["val_loss"]}  # fmt: skip
+    )
+    return {
+        "dialogues": len(dialogues),
+        "bad_fraction": config.bad_fraction,
+        "val_loss_start": m["val_loss_start"],
+        "val_loss": m["val_loss"],
+    }
 
 
 def _reward_stage(
@@ -372,14 +414,24 @@ def _reward_stage(
     rankings, thumbs, heldout = data
     m = train_reward(
         RewardConfig(
-            sft=str(out / "sft"), out=str(out / rm), rankings=rankings, thumbs=thumbs,
-            steps=scale.reward_steps * len(rankings), eval_every=0, seed=config.seed, device=config.device,
+            sft=str(out / "sft"),
+            out=str(out / rm),
+            rankings=rankings,
+            thumbs=thumbs,
+            steps=scale.reward_steps * len(rankings),
+            eval_every=0,
+            seed=config.seed,
+            device=config.device,
         ),
         on_progress=report,
-    )  # fmt: skip
+    )
     gold = reward_accuracy(RewardModel.load(out / rm), load_rankings([heldout]))
-    return {"val_acc_annotators": m.get("val_acc", math.nan), "val_thumb_acc": m.get("val_thumb_acc", math.nan),
-            "rm_acc_gold": gold["accuracy"], "gold_pairs": gold["pairs"]}  # fmt: skip
+    return {
+        "val_acc_annotators": m.get("val_acc", math.nan),
+        "val_thumb_acc": m.get("val_thumb_acc", math.nan),
+        "rm_acc_gold": gold["accuracy"],
+        "gold_pairs": gold["pairs"],
+    }
 
 
 def _rl_stage(
@@ -396,23 +448,37 @@ def _rl_stage(
     rm, policy = dirs
     m = rl(
         RLConfig(
-            policy=str(out / "sft"), out=str(out / policy), reward_model=str(out / rm), prompts=train,
-            algo=algo, steps=scale.rl_steps, max_new_tokens=scale.max_new_tokens, lr=config.rl_lr,
-            kl_coef=scale.kl_coef, seed=config.seed, device=config.device,
+            policy=str(out / "sft"),
+            out=str(out / policy),
+            reward_model=str(out / rm),
+            prompts=train,
+            algo=algo,
+            steps=scale.rl_steps,
+            max_new_tokens=scale.max_new_tokens,
+            lr=config.rl_lr,
+            kl_coef=scale.kl_coef,
+            seed=config.seed,
+            device=config.device,
         ),
         on_progress=report,
-    )  # fmt: skip
+    )
     return {"reward_first": m["reward_first"], "reward_last": m["reward_last"], "kl_last": m["kl_last"]}
 
 
 def _dpo_stage(config: ExperimentConfig, scale: Scale, out: Path, rankings: list[Path], report: Progress):
     m = train_preferences(
         DPOConfig(
-            policy=str(out / "sft"), out=str(out / "dpo"), rankings=rankings, beta=config.dpo_beta,
-            steps=scale.dpo_steps, eval_every=0, seed=config.seed, device=config.device,
+            policy=str(out / "sft"),
+            out=str(out / "dpo"),
+            rankings=rankings,
+            beta=config.dpo_beta,
+            steps=scale.dpo_steps,
+            eval_every=0,
+            seed=config.seed,
+            device=config.device,
         ),
         on_progress=report,
-    )  # fmt: skip
+    )
     return {"pairs": m["train_items"], "val_acc": m.get("val_acc", math.nan), "val_margin": m.get("val_margin")}
 
 
@@ -470,8 +536,14 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
         tick = _counter("sample", n * scale.label_sets + len(heldout), report)
         train_sets, totals = [], {}
         for i in range(scale.label_sets):
-            part, counts = sample_candidate_sets(out / "sft", annotated, K, scale.max_new_tokens, config.seed + 50 * i,
-                                                 lambda done, i=i: tick(n * i + done))  # fmt: skip
+            part, counts = sample_candidate_sets(
+                out / "sft",
+                annotated,
+                K,
+                scale.max_new_tokens,
+                config.seed + 50 * i,
+                lambda done, i=i: tick(n * i + done),
+            )
             train_sets.append(part)
             totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
         b, held_counts = sample_candidate_sets(
@@ -481,8 +553,10 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
         return train_sets, b
 
     train_sets, heldout_sets = stage("sample", sample)
-    labelled = [annotate(world, sets, config, out / ("data" if i == 0 else f"data-{i + 1}"))
-                for i, sets in enumerate(train_sets)]  # fmt: skip
+    labelled = [
+        annotate(world, sets, config, out / ("data" if i == 0 else f"data-{i + 1}"))
+        for i, sets in enumerate(train_sets)
+    ]
     rankings, thumbs = [r for r, _, _ in labelled], [t for _, t, _ in labelled]
     heldout_path = gold_rankings(world, heldout_sets, out / "data" / "heldout_gold_rankings.jsonl")
     stages["annotate"] = merge_label_stats([stats for _, _, stats in labelled])
@@ -495,12 +569,18 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
         for n in range(2, config.rounds + 1):
             policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
             seed = config.seed + 100 * n + ALGOS.index(algo)
-            new = stage(f"annotate-{algo}-r{n}", lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed:
-                        _next_round_data(config, world, scale, out, d, annotated, s, r))  # fmt: skip
+            new = stage(
+                f"annotate-{algo}-r{n}",
+                lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed: _next_round_data(
+                    config, world, scale, out, d, annotated, s, r
+                ),
+            )
             stages[f"annotate-{algo}-r{n}"].update(new[2])
             files = (files[0] + [new[0]], files[1] + [new[1]])
-            stage(f"reward-{algo}-r{n}", lambda r, m=rm, f=files: _reward_stage(
-                config, scale, out, m, (f[0], f[1], heldout_path), r))  # fmt: skip
+            stage(
+                f"reward-{algo}-r{n}",
+                lambda r, m=rm, f=files: _reward_stage(config, scale, out, m, (f[0], f[1], heldout_path), r),
+            )
             stage(policy, lambda r, a=algo, d=(rm, policy): _rl_stage(config, a, scale, out, d, train, r))
             policies.append(policy)
         final_rm[algo] = stages[f"reward-{algo}-r{config.rounds}" if config.rounds > 1 else "reward"]["rm_acc_gold"]
@@ -518,11 +598,17 @@ def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progres
     evaluation = stage("evaluate", evaluate)
     first = f"rl-{config.algos[0]}" + (f"-r{config.rounds}" if config.rounds > 1 else "")
     result = {
-        "gold_sft": evaluation["sft"]["gold"], "gold_rl": evaluation[first]["gold"],
-        "rm_acc": final_rm[config.algos[0]], "kl": evaluation[first]["kl"],
-        "seconds": time.perf_counter() - started, "policies": evaluation, "stages": stages, "out": str(out),
-        "config": asdict(config), "scale": asdict(scale),
-    }  # fmt: skip
+        "gold_sft": evaluation["sft"]["gold"],
+        "gold_rl": evaluation[first]["gold"],
+        "rm_acc": final_rm[config.algos[0]],
+        "kl": evaluation[first]["kl"],
+        "seconds": time.perf_counter() - started,
+        "policies": evaluation,
+        "stages": stages,
+        "out": str(out),
+        "config": asdict(config),
+        "scale": asdict(scale),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return result
 
@@ -562,19 +648,28 @@ def summarize(results: list[dict[str, Any]]) -> str:
 
     seeds = [r["config"]["seed"] for r in results]
     names = [n for n in results[0]["policies"] if all(n in r["policies"] for r in results)]
-    lines = [f"{len(results)} runs, seeds {seeds}", "",
-             f"{'policy':<12} {'gold (T=1)':>15} {'gain over SFT':>15} {'gold (greedy)':>15} {'KL to SFT':>15} "
-             f"{'length':>15}", "-" * 96]  # fmt: skip
+    lines = [
+        f"{len(results)} runs, seeds {seeds}",
+        "",
+        f"{'policy':<12} {'gold (T=1)':>15} {'gain over SFT':>15} {'gold (greedy)':>15} {'KL to SFT':>15} "
+        f"{'length':>15}",
+        "-" * 96,
+    ]
     for name in names:
         col = {k: [r["policies"][name][k] for r in results] for k in ("gold", "gold_greedy", "kl", "response_len")}
         gain = [r["policies"][name]["gold"] - r["policies"]["sft"]["gold"] for r in results]
-        lines.append(f"{name:<12} {stat(col['gold']):>15} {stat(gain):>15} {stat(col['gold_greedy']):>15} "
-                     f"{stat(col['kl']):>15} {stat(col['response_len']):>15}")  # fmt: skip
+        lines.append(
+            f"{name:<12} {stat(col['gold']):>15} {stat(gain):>15} {stat(col['gold_greedy']):>15} "
+            f"{stat(col['kl']):>15} {stat(col['response_len']):>15}"
+        )
     first = [r["stages"]["reward"]["rm_acc_gold"] for r in results]
     agreement = [r["stages"]["annotate"]["annotator_agreement"] for r in results]
     last = [r["rm_acc"] for r in results]
-    lines += ["", f"reward model accuracy against gold: {stat(first)} (first round), {stat(last)} (last round, first "
-              f"--algo); annotator agreement: {stat(agreement)}"]  # fmt: skip
+    lines += [
+        "",
+        f"reward model accuracy against gold: {stat(first)} (first round), {stat(last)} (last round, first "
+        f"--algo); annotator agreement: {stat(agreement)}",
+    ]
     lines.append(f"minutes per run: {stat([r['seconds'] / 60 for r in results])}")
     return "\n".join(lines)
 
@@ -590,29 +685,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=d.seed, help="seed of the demo world and of every stage (default %(default)s)")
     add("--quick", action="store_true", help="a smaller run that finishes in a few minutes on 2 CPU cores")
     add("--scale", choices=sorted(SCALES), default=None, help="full, quick or tiny (the CI test's); overrides --quick")
-    add("--algo", dest="algos", nargs="+", choices=ALGOS, default=d.algos,
-        help="RL algorithm(s): ppo, or critic-free grpo / rloo; several run side by side")  # fmt: skip
+    add(
+        "--algo",
+        dest="algos",
+        nargs="+",
+        choices=ALGOS,
+        default=d.algos,
+        help="RL algorithm(s): ppo, or critic-free grpo / rloo; several run side by side",
+    )
     add("--dpo", action="store_true", help="also run offline DPO from the same rankings")
-    add("--rounds", type=int, default=d.rounds,
+    add(
+        "--rounds",
+        type=int,
+        default=d.rounds,
         help="turns of the flywheel: each later round ranks the last policy's answers beside SFT's, retrains the "
-             "reward model on all rankings so far, and reruns RL from SFT (default %(default)s)")  # fmt: skip
+        "reward model on all rankings so far, and reruns RL from SFT (default %(default)s)",
+    )
     add("--noise", type=float, default=d.noise, help="std of the annotators' noise on the gold score")
     add("--annotators", type=int, default=d.annotators, help="simulated annotators sharing the ranking work")
     add("--bad-fraction", type=float, default=d.bad_fraction, help="share of wrong/rambling/rude SFT answers")
     add("--rl-lr", type=float, default=d.rl_lr, help="RL policy learning rate (default %(default)s)")
-    add("--kl-coef", type=float, default=None,
-        help="RL KL penalty coefficient beta (default: from the scale, 0.5; 0.1 for tiny)")  # fmt: skip
+    add(
+        "--kl-coef",
+        type=float,
+        default=None,
+        help="RL KL penalty coefficient beta (default: from the scale, 0.5; 0.1 for tiny)",
+    )
     add("--dpo-beta", type=float, default=d.dpo_beta, help="DPO beta (default %(default)s)")
     for stage in ("pretrain", "sft", "reward", "rl", "dpo"):
         add(f"--{stage}-steps", type=int, default=None, help=f"{stage} steps (default: from the scale)")
-    add("--label-sets", type=int, default=None,
+    add(
+        "--label-sets",
+        type=int,
+        default=None,
         help="sets of K candidates ranked per annotated prompt in round 1; reward steps grow with them "
-             "(default: from the scale, 4 at full size)")  # fmt: skip
+        "(default: from the scale, 4 at full size)",
+    )
     add("--threads", type=int, default=d.threads, help="torch CPU threads; 0: torch's default (default %(default)s)")
     add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars on stderr")
-    add("--summarize", nargs="+", metavar="DIR", default=None,
-        help="run nothing: print mean ± std over finished runs' work directories (one per seed)")  # fmt: skip
+    add(
+        "--summarize",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="run nothing: print mean ± std over finished runs' work directories (one per seed)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -43,13 +43,19 @@ from ml.model import ModelConfig, RotaryEmbedding, Transformer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # each family's architecture class, and the features its layout always has (SmolLM3 may also have no NoPE layer)
 ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-}  # fmt: skip
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+}
 LAYOUTS = {
-    "llama": frozenset(), "mistral": frozenset(), "qwen2": frozenset({"qkv_bias"}),
-    "qwen3": frozenset({"qk_norm"}), "smollm3": frozenset({"nope_layers"}),
-}  # fmt: skip
+    "llama": frozenset(),
+    "mistral": frozenset(),
+    "qwen2": frozenset({"qkv_bias"}),
+    "qwen3": frozenset({"qk_norm"}),
+    "smollm3": frozenset({"nope_layers"}),
+}
 SUPPORTED = tuple(sorted(ARCHITECTURES))
 
 
@@ -155,15 +161,26 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     family = export_family(config)
     rope = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
     common = {
-        "architectures": [ARCHITECTURES[family]], "model_type": family,
-        "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_parameters": rope,
-        "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
-        "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
-    }  # fmt: skip
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
     if config.rope_scaling:
         common["rope_scaling"] = dict(config.rope_scaling)
     no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
@@ -173,11 +190,17 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "mistral": {"sliding_window": None},
         "qwen2": no_window,
         "qwen3": {**no_window, "attention_bias": False},
-        "smollm3": {**no_window, "attention_bias": False, "mlp_bias": False,
-                    "no_rope_layers": [int(i not in nope) for i in range(config.n_layer)],
-                    # its default token ids (128000+) lie outside smaller vocabularies; ours come with the tokenizer
-                    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
-    }  # fmt: skip
+        "smollm3": {
+            **no_window,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "no_rope_layers": [int(i not in nope) for i in range(config.n_layer)],
+            # its default token ids (128000+) lie outside smaller vocabularies; ours come with the tokenizer
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+        },
+    }
     return {**common, **extra[family]}
 
 

@@ -24,8 +24,12 @@ SHAPE = {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_kv_head": 2, "intermediate_
 def byte_level_bpe() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(TINY_TEXTS, trainer=trainer)
     return tokenizer
 
@@ -37,11 +41,20 @@ def random_llama_tensors(vocab: int, seed: int, qkv_bias: bool = False) -> dict[
     kv = SHAPE["n_kv_head"] * hd
     shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,), "output.weight": (vocab, d)}
     for i in range(SHAPE["n_layer"]):
-        shapes |= {f"blk.{i}.{name}.weight": shape for name, shape in [
-            ("attn_norm", (d,)), ("attn_q", (d, d)), ("attn_k", (kv, d)), ("attn_v", (kv, d)),
-            ("attn_output", (d, d)), ("ffn_norm", (d,)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)),
-            ("ffn_down", (d, ff)),
-        ]}  # fmt: skip
+        shapes |= {
+            f"blk.{i}.{name}.weight": shape
+            for name, shape in [
+                ("attn_norm", (d,)),
+                ("attn_q", (d, d)),
+                ("attn_k", (kv, d)),
+                ("attn_v", (kv, d)),
+                ("attn_output", (d, d)),
+                ("ffn_norm", (d,)),
+                ("ffn_gate", (ff, d)),
+                ("ffn_up", (ff, d)),
+                ("ffn_down", (d, ff)),
+            ]
+        }
         if qkv_bias:  # Qwen2
             shapes |= {f"blk.{i}.attn_{p}.bias": (n,) for p, n in (("q", d), ("k", kv), ("v", kv))}
     return {

@@ -56,8 +56,9 @@ def _dashboard_context(request: Request, session: Session, message: str | None =
     }
 
 
-def _retrain_context(request: Request, session: Session, value: str | None = None, error: str | None = None,
-                     saved: bool = False) -> dict[str, Any]:  # fmt: skip
+def _retrain_context(
+    request: Request, session: Session, value: str | None = None, error: str | None = None, saved: bool = False
+) -> dict[str, Any]:
     rule = app_settings.retrain_rule(session, default=request.app.state.settings.auto_retrain_after)
     value = str(rule.auto_retrain_after) if value is None else value
     return {"rule": rule, "retrain_value": value, "retrain_error": error, "retrain_saved": saved}
@@ -70,9 +71,11 @@ def dashboard(request: Request, session: SessionDep, admin: AdminUser, message: 
 
 @router.post("/settings", name="admin_settings_update")
 def update_settings(
-    request: Request, session: SessionDep, admin: AdminUser,
+    request: Request,
+    session: SessionDep,
+    admin: AdminUser,
     auto_retrain_after: Annotated[str, Form(max_length=20)],
-) -> Response:  # fmt: skip
+) -> Response:
     """Set the automatic retraining rule. A bad value is shown beside the field (the section alone for htmx, the
     whole page without JavaScript), with the text the admin typed kept in the field."""
     try:
@@ -104,11 +107,13 @@ def model_detail(request: Request, session: SessionDep, admin: AdminUser, versio
         if isinstance(ref, int) and ref not in names and (other := session.get(ModelVersion, ref)) is not None:
             names[ref] = other.name
     context = {
-        "version": version, "ancestors": chain, "children": offspring,
+        "version": version,
+        "ancestors": chain,
+        "children": offspring,
         "trained_on": lineage.describe_training_data(version.training_data or {}, names),
         "gate": lineage.gate_verdict(version.metrics or {}),
         "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in ("gate", "promoted")},
-    }  # fmt: skip
+    }
     return render(request, "admin_model.html", context)
 
 
@@ -120,9 +125,12 @@ def jobs_table(request: Request, session: SessionDep, admin: AdminUser) -> HTMLR
 
 @router.post("/jobs", name="admin_jobs_create")
 def create_job(
-    request: Request, session: SessionDep, admin: AdminUser,
-    type: Annotated[str, Form(max_length=32)], params: Annotated[str, Form(max_length=20_000)] = "",
-) -> Response:  # fmt: skip
+    request: Request,
+    session: SessionDep,
+    admin: AdminUser,
+    type: Annotated[str, Form(max_length=32)],
+    params: Annotated[str, Form(max_length=20_000)] = "",
+) -> Response:
     try:
         parsed = json.loads(params) if params.strip() else {}
     except json.JSONDecodeError as exc:
@@ -172,12 +180,16 @@ def export(request: Request, session: SessionDep, admin: AdminUser, kind: str) -
 
 @router.post("/import", name="admin_import")
 async def import_data(
-    request: Request, session: SessionDep, admin: AdminUser,
-    kind: Annotated[str, Form(max_length=20)], file: Annotated[UploadFile, File()],
-) -> Response:  # fmt: skip
+    request: Request,
+    session: SessionDep,
+    admin: AdminUser,
+    kind: Annotated[str, Form(max_length=20)],
+    file: Annotated[UploadFile, File()],
+) -> Response:
     data = await file.read(imports.MAX_IMPORT_BYTES + 1)
-    summary = imports.import_file(session, request.app.state.settings, kind=kind, filename=file.filename or "",
-                                  data=data)  # fmt: skip
+    summary = imports.import_file(
+        session, request.app.state.settings, kind=kind, filename=file.filename or "", data=data
+    )
     session.commit()
     return RedirectResponse(notice_url(request, f"Imported {kind}: {summary}"), status_code=303)
 
@@ -201,8 +213,12 @@ def create_user(
         users.create_user(session, username=username, password=password, role=role)
     except ServiceError as exc:
         session.rollback()
-        context = {"people": users.list_users(session), "roles": list(Role), "error": exc.message,
-                   "tokens": tokens.active_counts(session)}  # fmt: skip
+        context = {
+            "people": users.list_users(session),
+            "roles": list(Role),
+            "error": exc.message,
+            "tokens": tokens.active_counts(session),
+        }
         return render(request, "admin_users.html", context, status_code=exc.status_code)
     session.commit()
     return RedirectResponse(request.url_for("admin_users"), status_code=303)

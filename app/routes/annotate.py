@@ -48,12 +48,15 @@ def form_entries(form, cset_candidates) -> list[tuple[int, int]]:
 
 @router.post("/sets/{set_id}", name="annotate_submit")
 async def submit(
-    request: Request, session: SessionDep, annotator: AnnotatorUser, set_id: int,
+    request: Request,
+    session: SessionDep,
+    annotator: AnnotatorUser,
+    set_id: int,
     action: Annotated[str, Form(pattern="^(rank|skip|flag)$")],
     started_ms: Annotated[int | None, Form()] = None,
     time_spent_ms: Annotated[int | None, Form(ge=0)] = None,
     flag_reason: Annotated[str | None, Form(max_length=200)] = None,
-) -> Response:  # fmt: skip
+) -> Response:
     """Form fields `rank-<candidate id>` carry the ranks; the keyboard and drag-and-drop fill them in."""
     cset = annotation.get_set(session, set_id=set_id)
     status = {"rank": RankingStatus.ranked, "skip": RankingStatus.skipped, "flag": RankingStatus.flagged}[action]
@@ -61,8 +64,15 @@ async def submit(
     if time_spent_ms is None and started_ms is not None:  # no JavaScript: measure from when the page was made
         elapsed = int(time.time() * 1000) - started_ms
         time_spent_ms = elapsed if 0 <= elapsed <= annotation.MAX_TIME_SPENT_MS else None
-    annotation.submit_ranking(session, annotator=annotator, set_id=set_id, status=status, entries=entries,
-                              flag_reason=flag_reason or None, time_spent_ms=time_spent_ms)  # fmt: skip
+    annotation.submit_ranking(
+        session,
+        annotator=annotator,
+        set_id=set_id,
+        status=status,
+        entries=entries,
+        flag_reason=flag_reason or None,
+        time_spent_ms=time_spent_ms,
+    )
     session.commit()
     return RedirectResponse(request.url_for("annotate"), status_code=303)
 

@@ -32,17 +32,25 @@ async def submit_ranking(set_id: int, body: RankingCreate, request: Request, ann
 
     def store(session: Session) -> annotation.StoredRanking:
         return annotation.submit_ranking(
-            session, annotator=annotator, set_id=set_id, status=body.status,
-            entries=[(e.candidate_id, e.rank) for e in body.ranking], flag_reason=body.flag_reason,
+            session,
+            annotator=annotator,
+            set_id=set_id,
+            status=body.status,
+            entries=[(e.candidate_id, e.rank) for e in body.ranking],
+            flag_reason=body.flag_reason,
             time_spent_ms=body.time_spent_ms,
-        )  # fmt: skip
+        )
 
     ranking = await run_in_transaction(request.app.state.session_factory, store)
     entries = [RankEntry(candidate_id=candidate_id, rank=rank) for candidate_id, rank in ranking.entries]
     public = RankingPublic(
-        id=ranking.id, candidate_set_id=ranking.candidate_set_id, status=ranking.status,
-        time_spent_ms=ranking.time_spent_ms, created_at=ranking.created_at, ranking=entries,
-    )  # fmt: skip
+        id=ranking.id,
+        candidate_set_id=ranking.candidate_set_id,
+        status=ranking.status,
+        time_spent_ms=ranking.time_spent_ms,
+        created_at=ranking.created_at,
+        ranking=entries,
+    )
     return model_response(public, status.HTTP_201_CREATED)
 
 

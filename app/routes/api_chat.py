@@ -53,8 +53,9 @@ def get_conversation(conversation_id: int, session: SessionDep, user: CurrentUse
 def update_conversation(
     conversation_id: int, body: ConversationUpdate, session: SessionDep, user: CurrentUser
 ) -> ConversationPublic:
-    conversation = chat.update_conversation(session, user=user, conversation_id=conversation_id, title=body.title,
-                                            allow_training=body.allow_training)  # fmt: skip
+    conversation = chat.update_conversation(
+        session, user=user, conversation_id=conversation_id, title=body.title, allow_training=body.allow_training
+    )
     session.commit()
     return ConversationPublic.model_validate(conversation)
 
@@ -97,8 +98,9 @@ async def send_message(
         session.rollback()
         return public
 
-    return ExchangePublic(user_message=MessagePublic.model_validate(message),
-                          answer=await run_in_threadpool(saved_answer))  # fmt: skip
+    return ExchangePublic(
+        user_message=MessagePublic.model_validate(message), answer=await run_in_threadpool(saved_answer)
+    )
 
 
 async def _events(deltas, user_message_id: int, answer_id: int) -> AsyncIterator[str]:
@@ -113,8 +115,9 @@ async def set_feedback(message_id: int, body: FeedbackSet, request: Request, use
     dependency's exit stack besides): thumbs are the chat's busiest write."""
 
     def store(session: Session) -> FeedbackPublic:
-        vote = feedback.set_feedback(session, user=user, message_id=message_id, value=body.value,
-                                     reason=body.reason, comment=body.comment)  # fmt: skip
+        vote = feedback.set_feedback(
+            session, user=user, message_id=message_id, value=body.value, reason=body.reason, comment=body.comment
+        )
         return FeedbackPublic.model_validate(vote)
 
     return model_response(await run_in_transaction(request.app.state.session_factory, store))

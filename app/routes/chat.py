@@ -20,13 +20,24 @@ def thread_context(session, user: User, conversation_id: int) -> dict:
     votes = {
         m.id: feedback.get_feedback(session, user=user, message_id=m.id) for m in messages if m.role == "assistant"
     }
-    return {"conversation": conversation, "thread": chat.visible_thread(messages), "votes": votes,
-            "reasons": feedback.REASONS}  # fmt: skip
+    return {
+        "conversation": conversation,
+        "thread": chat.visible_thread(messages),
+        "votes": votes,
+        "reasons": feedback.REASONS,
+    }
 
 
 def page(request: Request, session, user: User, conversation_id: int | None, **extra) -> HTMLResponse:
-    context = {"conversations": chat.list_conversations(session, user=user), "conversation": None, "thread": [],
-               "votes": {}, "reasons": feedback.REASONS, "model_name": _model_name(request), **extra}  # fmt: skip
+    context = {
+        "conversations": chat.list_conversations(session, user=user),
+        "conversation": None,
+        "thread": [],
+        "votes": {},
+        "reasons": feedback.REASONS,
+        "model_name": _model_name(request),
+        **extra,
+    }
     if conversation_id is not None:
         context.update(thread_context(session, user, conversation_id))
     return render(request, "chat.html", context)
@@ -56,9 +67,12 @@ def view(request: Request, session: SessionDep, user: CurrentUser, conversation_
 
 @router.post("/{conversation_id}/messages", name="chat_send")
 def send(
-    request: Request, session: SessionDep, user: CurrentUser, conversation_id: int,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    conversation_id: int,
     content: Annotated[str, Form(max_length=20_000)],
-) -> Response:  # fmt: skip
+) -> Response:
     answering.require_model(request.app)
     message, answer = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=content)
     session.commit()
@@ -70,12 +84,16 @@ def send(
 
 @router.post("/{conversation_id}/settings", name="chat_settings")
 def settings(
-    request: Request, session: SessionDep, user: CurrentUser, conversation_id: int,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    conversation_id: int,
     title: Annotated[str | None, Form(max_length=500)] = None,
     allow_training: Annotated[bool, Form()] = False,
-) -> Response:  # fmt: skip
-    chat.update_conversation(session, user=user, conversation_id=conversation_id, title=title,
-                             allow_training=allow_training)  # fmt: skip
+) -> Response:
+    chat.update_conversation(
+        session, user=user, conversation_id=conversation_id, title=title, allow_training=allow_training
+    )
     session.commit()
     return RedirectResponse(request.url_for("chat_view", conversation_id=conversation_id), status_code=303)
 
@@ -129,11 +147,14 @@ def regenerate(request: Request, session: SessionDep, user: CurrentUser, message
 
 @router.post("/messages/{message_id}/feedback", name="chat_feedback")
 def rate(
-    request: Request, session: SessionDep, user: CurrentUser, message_id: int,
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    message_id: int,
     value: Annotated[int, Form()],
     reason: Annotated[str | None, Form(max_length=64)] = None,
     comment: Annotated[str | None, Form(max_length=4000)] = None,
-) -> Response:  # fmt: skip
+) -> Response:
     vote = feedback.set_feedback(session, user=user, message_id=message_id, value=value, reason=reason, comment=comment)
     session.commit()
     if is_htmx(request):

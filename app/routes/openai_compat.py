@@ -81,11 +81,14 @@ async def chat_completions(
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
         prompt_tokens = len(service.encode_chat(messages)) if usage else 0
-        return StreamingResponse(_chunks(streams, meta, prompt_tokens if usage else None),
-                                 media_type="text/event-stream")  # fmt: skip
+        return StreamingResponse(
+            _chunks(streams, meta, prompt_tokens if usage else None), media_type="text/event-stream"
+        )
     results = await asyncio.gather(*(_collect(s) for s in streams))
-    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(reason)}
-               for i, (text, reason, _) in enumerate(results)]  # fmt: skip
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(reason)}
+        for i, (text, reason, _) in enumerate(results)
+    ]
     completion_tokens = sum(tokens for _, _, tokens in results)
     usage = {"prompt_tokens": len(service.encode_chat(messages)), "completion_tokens": completion_tokens}
     usage["total_tokens"] = usage["prompt_tokens"] + completion_tokens
@@ -131,8 +134,11 @@ async def _chunks(streams, meta: dict, prompt_tokens: int | None = None) -> Asyn
                 completion_tokens += delta.tokens
                 yield chunk(index, {}, _finish(delta.finish_reason))
         if prompt_tokens is not None:
-            usage = {"prompt_tokens": prompt_tokens * len(streams), "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens * len(streams) + completion_tokens}  # fmt: skip
+            usage = {
+                "prompt_tokens": prompt_tokens * len(streams),
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens * len(streams) + completion_tokens,
+            }
             yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:

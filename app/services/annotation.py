@@ -33,8 +33,9 @@ def _next_set_queries() -> tuple[Select, Select]:
     the oldest set with at most `level` rankings (the next floor of that level)."""
     count = select(func.count()).select_from(_rankings).where(_rankings.c.candidate_set_id == _sets.c.id)
     count = count.scalar_subquery()
-    mine = exists().where(_rankings.c.candidate_set_id == _sets.c.id,
-                          _rankings.c.annotator_id == bindparam("annotator_id"))  # fmt: skip
+    mine = exists().where(
+        _rankings.c.candidate_set_id == _sets.c.id, _rankings.c.annotator_id == bindparam("annotator_id")
+    )
     after = _sets.c.id >= bindparam("floor")
     first = select(_sets.c.id).order_by(_sets.c.id).limit(1)
     return first.where(after, count == bindparam("level"), ~mine), first.where(after, count <= bindparam("level"))
@@ -44,20 +45,27 @@ def _next_set_queries() -> tuple[Select, Select]:
 # and the ORM's handling of its results, cost more CPU than SQLite spent running it.
 _NEXT_SET, _LEVEL_FLOOR = _next_set_queries()
 _TASK = (
-    select(_prompts.c.id, _prompts.c.messages, _candidates.c.id.label("candidate_id"), _candidates.c.position,
-           _candidates.c.content)
+    select(
+        _prompts.c.id,
+        _prompts.c.messages,
+        _candidates.c.id.label("candidate_id"),
+        _candidates.c.position,
+        _candidates.c.content,
+    )
     .join_from(_candidates, _sets, _sets.c.id == _candidates.c.candidate_set_id)
     .join(_prompts, _prompts.c.id == _sets.c.prompt_id)
     .where(_candidates.c.candidate_set_id == bindparam("set_id"))
     .order_by(_candidates.c.position)
-)  # fmt: skip
+)
 _TASK_PROMPT = (
-    select(_prompts.c.id, _prompts.c.messages).join_from(_prompts, _sets, _sets.c.prompt_id == _prompts.c.id)
+    select(_prompts.c.id, _prompts.c.messages)
+    .join_from(_prompts, _sets, _sets.c.prompt_id == _prompts.c.id)
     .where(_sets.c.id == bindparam("set_id"))
-)  # fmt: skip
+)
 _SET_CANDIDATES = select(_candidates.c.id).where(_candidates.c.candidate_set_id == bindparam("set_id"))
-_MY_RANKING = select(_rankings.c.id).where(_rankings.c.candidate_set_id == bindparam("set_id"),
-                                           _rankings.c.annotator_id == bindparam("annotator_id"))  # fmt: skip
+_MY_RANKING = select(_rankings.c.id).where(
+    _rankings.c.candidate_set_id == bindparam("set_id"), _rankings.c.annotator_id == bindparam("annotator_id")
+)
 _INSERT_RANKING = _rankings.insert().returning(_rankings.c.id)
 
 
@@ -110,9 +118,14 @@ def prompt_needing_candidates(session: Session, *, annotator: User) -> Prompt | 
 
 
 def create_set(
-    session: Session, *, prompt_id: int, answers: list[tuple[str, int | None]], model_version_id: int | None,
-    params: dict, seed: int | None = None,
-) -> CandidateSet:  # fmt: skip
+    session: Session,
+    *,
+    prompt_id: int,
+    answers: list[tuple[str, int | None]],
+    model_version_id: int | None,
+    params: dict,
+    seed: int | None = None,
+) -> CandidateSet:
     """Store K answers in a random order (positions are what annotators see as A, B, C…)."""
     if len(answers) < 2:
         raise Invalid("a candidate set needs at least two answers")
@@ -193,9 +206,15 @@ class StoredRanking:
 
 
 def submit_ranking(
-    session: Session, *, annotator: User, set_id: int, status: RankingStatus, entries: list[tuple[int, int]],
-    flag_reason: str | None = None, time_spent_ms: int | None = None,
-) -> StoredRanking:  # fmt: skip
+    session: Session,
+    *,
+    annotator: User,
+    set_id: int,
+    status: RankingStatus,
+    entries: list[tuple[int, int]],
+    flag_reason: str | None = None,
+    time_spent_ms: int | None = None,
+) -> StoredRanking:
     """One annotator's verdict: ranked (every candidate once), skipped, or flagged (all bad or unsafe).
 
     The ranking and its entries are two plain INSERTs in the caller's transaction, which commits both or neither:
@@ -217,16 +236,22 @@ def submit_ranking(
         raise Invalid("time_spent_ms must be between 0 and one day")
     if session.scalar(_MY_RANKING, {"set_id": set_id, "annotator_id": annotator.id}) is not None:
         raise Conflict(f"you have already ranked set {set_id}")
-    row = {"candidate_set_id": set_id, "annotator_id": annotator.id, "status": status, "created_at": utcnow(),
-           "flag_reason": clean_optional(flag_reason) if status == RankingStatus.flagged else None,
-           "time_spent_ms": time_spent_ms}  # fmt: skip
+    row = {
+        "candidate_set_id": set_id,
+        "annotator_id": annotator.id,
+        "status": status,
+        "created_at": utcnow(),
+        "flag_reason": clean_optional(flag_reason) if status == RankingStatus.flagged else None,
+        "time_spent_ms": time_spent_ms,
+    }
     try:
         ranking_id = session.execute(_INSERT_RANKING, row).scalar_one()
     except IntegrityError as exc:
         raise Conflict(f"you have already ranked set {set_id}") from exc
     if ranks:
-        session.execute(_entries.insert(), [{"ranking_id": ranking_id, "candidate_id": c, "rank": r}
-                                            for c, r in ranks.items()])  # fmt: skip
+        session.execute(
+            _entries.insert(), [{"ranking_id": ranking_id, "candidate_id": c, "rank": r} for c, r in ranks.items()]
+        )
     stored = sorted(ranks.items(), key=lambda item: (item[1], item[0]))
     return StoredRanking(ranking_id, set_id, status, time_spent_ms, row["created_at"], stored)
 

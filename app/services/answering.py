@@ -29,8 +29,14 @@ def _prepare(app: FastAPI, user: User, message_id: int) -> list[dict[str, str]]:
 
 def _save(app: FastAPI, message_id: int, text: str, finish: str, version_id: int | None, sampling: dict) -> None:
     with transaction(app.state.session_factory) as session:
-        chat.finish_answer(session, message_id=message_id, content=text, finish_reason=finish,
-                           model_version_id=version_id, sampling=sampling)  # fmt: skip
+        chat.finish_answer(
+            session,
+            message_id=message_id,
+            content=text,
+            finish_reason=finish,
+            model_version_id=version_id,
+            sampling=sampling,
+        )
 
 
 async def answer(
@@ -59,8 +65,9 @@ async def answer(
                 break
     finally:
         active.pop(message_id, None)
-        await asyncio.shield(asyncio.to_thread(_save, app, message_id, "".join(parts), finish, version_id,
-                                               asdict(params)))  # fmt: skip
+        await asyncio.shield(
+            asyncio.to_thread(_save, app, message_id, "".join(parts), finish, version_id, asdict(params))
+        )
 
 
 def require_model(app: FastAPI) -> None:

@@ -101,12 +101,18 @@ def add_user_message(session: Session, *, user: User, conversation_id: int, cont
     last = session.scalar(
         select(Message).where(Message.conversation_id == conversation.id).order_by(Message.id.desc()).limit(1)
     )
-    message = Message(conversation_id=conversation.id, parent_id=last.id if last else None, role=MessageRole.user,
-                      content=content)  # fmt: skip
+    message = Message(
+        conversation_id=conversation.id, parent_id=last.id if last else None, role=MessageRole.user, content=content
+    )
     session.add(message)
     session.flush()
-    answer = Message(conversation_id=conversation.id, parent_id=message.id, role=MessageRole.assistant, content="",
-                     finish_reason=STREAMING)  # fmt: skip
+    answer = Message(
+        conversation_id=conversation.id,
+        parent_id=message.id,
+        role=MessageRole.assistant,
+        content="",
+        finish_reason=STREAMING,
+    )
     session.add(answer)
     if conversation.title == "New chat":
         conversation.title = content[:60] + ("…" if len(content) > 60 else "")
@@ -126,8 +132,13 @@ def regenerate(session: Session, *, user: User, message_id: int) -> Message:
     )
     if newest != latest_answer:
         raise Conflict("only the last answer of a conversation can be regenerated")
-    answer = Message(conversation_id=old.conversation_id, parent_id=old.parent_id, role=MessageRole.assistant,
-                     content="", finish_reason=STREAMING)  # fmt: skip
+    answer = Message(
+        conversation_id=old.conversation_id,
+        parent_id=old.parent_id,
+        role=MessageRole.assistant,
+        content="",
+        finish_reason=STREAMING,
+    )
     session.add(answer)
     session.flush()
     return answer
@@ -139,7 +150,7 @@ _OWNED_MESSAGE = (
     select(_messages.c.role, _messages.c.finish_reason, _messages.c.conversation_id, _conversations.c.user_id)
     .join_from(_messages, _conversations, _conversations.c.id == _messages.c.conversation_id)
     .where(_messages.c.id == bindparam("message_id"))
-)  # fmt: skip
+)
 
 
 def owned_message(session: Session, *, user: User, message_id: int) -> Row:
@@ -159,9 +170,14 @@ def get_message(session: Session, *, user: User, message_id: int) -> Message:
 
 
 def finish_answer(
-    session: Session, *, message_id: int, content: str, finish_reason: str, model_version_id: int | None,
+    session: Session,
+    *,
+    message_id: int,
+    content: str,
+    finish_reason: str,
+    model_version_id: int | None,
     sampling: dict,
-) -> None:  # fmt: skip
+) -> None:
     message = session.get(Message, message_id)
     if message is None:  # the conversation was deleted while the answer streamed
         return

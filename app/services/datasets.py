@@ -98,8 +98,9 @@ def rankings(session: Session, split: Split | None = None) -> Export:
         kept = [c for c in cands if c.content.strip() and c.id in ranks]
         if len({ranks[c.id] for c in kept}) < 2:
             continue  # everything tied (or one answer left): no comparison to learn from
-        out.records.append({"prompt": prompt.messages, "answers": [c.content for c in kept],
-                            "ranking": [ranks[c.id] for c in kept]})  # fmt: skip
+        out.records.append(
+            {"prompt": prompt.messages, "answers": [c.content for c in kept], "ranking": [ranks[c.id] for c in kept]}
+        )
         last = max(last, ranking.id)
     out.watermark = {"ranking_id": last}
     return out
@@ -114,8 +115,13 @@ def pairs(session: Session, split: Split | None = None) -> Export:
         for i, a in enumerate(answers):
             for j, b in enumerate(answers):
                 if ranks[i] < ranks[j]:
-                    out.records.append({"prompt": record["prompt"], "chosen": [{"role": "assistant", "content": a}],
-                                        "rejected": [{"role": "assistant", "content": b}]})  # fmt: skip
+                    out.records.append(
+                        {
+                            "prompt": record["prompt"],
+                            "chosen": [{"role": "assistant", "content": a}],
+                            "rejected": [{"role": "assistant", "content": b}],
+                        }
+                    )
     return out
 
 
@@ -135,13 +141,20 @@ def thumbs(session: Session) -> Export:
             continue
         if message.conversation_id not in threads:
             threads[message.conversation_id] = _conversation_messages(session, message.conversation_id)
-        context = [{"role": m.role.value, "content": m.content}
-                   for m, _ in visible_thread([x for x in threads[message.conversation_id] if x.id < message.id])
-                   if m.content and m.finish_reason != STREAMING]  # fmt: skip
+        context = [
+            {"role": m.role.value, "content": m.content}
+            for m, _ in visible_thread([x for x in threads[message.conversation_id] if x.id < message.id])
+            if m.content and m.finish_reason != STREAMING
+        ]
         if not context or context[-1]["role"] != MessageRole.user.value:
             continue
-        out.records.append({"prompt": context, "completion": [{"role": "assistant", "content": message.content}],
-                            "label": vote.value > 0})  # fmt: skip
+        out.records.append(
+            {
+                "prompt": context,
+                "completion": [{"role": "assistant", "content": message.content}],
+                "label": vote.value > 0,
+            }
+        )
         last = max(last, vote.id)
     out.watermark = {"feedback_id": last}
     return out
@@ -150,13 +163,23 @@ def thumbs(session: Session) -> Export:
 def raw_rankings(session: Session) -> Export:
     out, last = Export(), 0
     for ranking, prompt, cands, ranks, username in _rankings(session):
-        out.records.append({
-            "ranking_id": ranking.id, "set_id": ranking.candidate_set_id, "annotator": username,
-            "status": ranking.status.value, "flag_reason": ranking.flag_reason, "time_spent_ms": ranking.time_spent_ms,
-            "created_at": ranking.created_at.isoformat(), "prompt": prompt.messages, "split": prompt.split.value,
-            "candidates": [{"id": c.id, "label": "ABCDEFGHI"[c.position], "content": c.content,
-                            "rank": ranks.get(c.id)} for c in cands],
-        })  # fmt: skip
+        out.records.append(
+            {
+                "ranking_id": ranking.id,
+                "set_id": ranking.candidate_set_id,
+                "annotator": username,
+                "status": ranking.status.value,
+                "flag_reason": ranking.flag_reason,
+                "time_spent_ms": ranking.time_spent_ms,
+                "created_at": ranking.created_at.isoformat(),
+                "prompt": prompt.messages,
+                "split": prompt.split.value,
+                "candidates": [
+                    {"id": c.id, "label": "ABCDEFGHI"[c.position], "content": c.content, "rank": ranks.get(c.id)}
+                    for c in cands
+                ],
+            }
+        )
         last = max(last, ranking.id)
     out.watermark = {"ranking_id": last}
     return out
@@ -177,8 +200,14 @@ def prompt_records(session: Session, split: Split | None = None) -> Export:
 def export(session: Session, kind: str) -> Export:
     if kind not in KINDS:
         raise Invalid(f"kind must be one of: {', '.join(KINDS)}")
-    builders = {"dialogues": dialogues, "rankings": rankings, "pairs": pairs, "thumbs": thumbs,
-                "raw-rankings": raw_rankings, "prompts": prompt_records}  # fmt: skip
+    builders = {
+        "dialogues": dialogues,
+        "rankings": rankings,
+        "pairs": pairs,
+        "thumbs": thumbs,
+        "raw-rankings": raw_rankings,
+        "prompts": prompt_records,
+    }
     return builders[kind](session)
 
 

@@ -108,8 +108,9 @@ def ancestors(session: Session, version: ModelVersion, limit: int = 50) -> list[
 
 
 def children(session: Session, version: ModelVersion) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).where(ModelVersion.parent_id == version.id)
-                                .order_by(ModelVersion.id)))  # fmt: skip
+    return list(
+        session.scalars(select(ModelVersion).where(ModelVersion.parent_id == version.id).order_by(ModelVersion.id))
+    )
 
 
 def version_names(versions: list[ModelVersion]) -> dict[int, str]:

@@ -106,8 +106,9 @@ def sync_chat_prompts(session: Session) -> int:
     """
     added = 0
     for conversation_id in _conversations_with_new_turns(session):
-        messages = list(session.scalars(select(Message).where(Message.conversation_id == conversation_id)
-                                        .order_by(Message.id)))  # fmt: skip
+        messages = list(
+            session.scalars(select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id))
+        )
         ids = [m.id for m in messages]
         done = set(session.scalars(select(Prompt.source_message_id).where(Prompt.source_message_id.in_(ids))))
         context: list[dict[str, str]] = []
@@ -124,8 +125,15 @@ def sync_chat_prompts(session: Session) -> int:
                 continue
             try:
                 with session.begin_nested():
-                    session.add(Prompt(messages=turns, content_hash=digest, source=PromptSource.chat,
-                                       source_message_id=message.id, split=split_for(turns)))  # fmt: skip
+                    session.add(
+                        Prompt(
+                            messages=turns,
+                            content_hash=digest,
+                            source=PromptSource.chat,
+                            source_message_id=message.id,
+                            split=split_for(turns),
+                        )
+                    )
                 added += 1
             except IntegrityError:  # the same prompt, inserted by a concurrent request
                 continue

@@ -58,8 +58,9 @@ def _pick(app: FastAPI, annotator: User) -> annotation.Task | tuple[int, list] |
 async def _sample(service: InferenceService, messages: list, k: int) -> list[tuple[str, int]]:
     async def one(seed: int) -> tuple[str, int]:
         parts, tokens = [], 0
-        params = SamplingParams(CANDIDATE_SAMPLING["max_tokens"], CANDIDATE_SAMPLING["temperature"],
-                                CANDIDATE_SAMPLING["top_p"], None, seed)  # fmt: skip
+        params = SamplingParams(
+            CANDIDATE_SAMPLING["max_tokens"], CANDIDATE_SAMPLING["temperature"], CANDIDATE_SAMPLING["top_p"], None, seed
+        )
         async for delta in service.stream(messages, params):
             parts.append(delta.text)
             tokens = delta.tokens
@@ -83,8 +84,9 @@ async def next_task(app: FastAPI, annotator: User) -> annotation.Task | None:
     answers = await _sample(service, messages, app.state.settings.candidates_per_set)
 
     def store(session: Session) -> annotation.Task:
-        cset = annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=version_id,
-                                     params=CANDIDATE_SAMPLING)  # fmt: skip
+        cset = annotation.create_set(
+            session, prompt_id=prompt_id, answers=answers, model_version_id=version_id, params=CANDIDATE_SAMPLING
+        )
         return annotation.load_task(session, set_id=cset.id)
 
     return await run_in_transaction(app.state.session_factory, store)

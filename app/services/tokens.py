@@ -51,11 +51,16 @@ def revoke_token(session: Session, *, token_id: int, user: User | None = None) -
 _users, _tokens = User.__table__, ApiToken.__table__
 # Built once: this runs on every API request, and building a statement (and its cache key) cost more than running it.
 _TOKEN_OWNER = (
-    select(*_users.c, _tokens.c.id.label("token_id"), _tokens.c.revoked_at, _tokens.c.expires_at,
-           _tokens.c.last_used_at.label("token_last_used_at"))
+    select(
+        *_users.c,
+        _tokens.c.id.label("token_id"),
+        _tokens.c.revoked_at,
+        _tokens.c.expires_at,
+        _tokens.c.last_used_at.label("token_last_used_at"),
+    )
     .join_from(_users, _tokens, _tokens.c.user_id == _users.c.id)
     .where(_tokens.c.token_hash == bindparam("token_hash"))
-)  # fmt: skip
+)
 _USER_KEYS = tuple(column.key for column in _users.c)
 _TOUCH_TOKEN = _tokens.update().where(_tokens.c.id == bindparam("token_id")).values(last_used_at=bindparam("now"))
 

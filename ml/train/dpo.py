@@ -105,8 +105,10 @@ def build_offline_data(config: DPOConfig) -> OfflineData:
     """Split rankings and thumbs first (so no prompt's pairs straddle the split), then expand them."""
     rankings = load_rankings(config.rankings) if config.rankings else []
     thumbs = load_thumbs(config.thumbs) if config.thumbs else []
-    splits = [split_heldout(rankings, config.heldout_fraction, config.seed),
-              split_heldout(thumbs, config.heldout_fraction, config.seed)]  # fmt: skip
+    splits = [
+        split_heldout(rankings, config.heldout_fraction, config.seed),
+        split_heldout(thumbs, config.heldout_fraction, config.seed),
+    ]
     out = []
     for r, t in zip(*splits, strict=True):
         if config.algo == "dpo":
@@ -262,8 +264,14 @@ def _run(config: DPOConfig, dist: Distributed, on_progress: ProgressCallback | N
     def save(step: int) -> None:
         if dist.is_main:
             record = {**asdict(config), **{k: describe_sources(getattr(config, k)) for k in ("rankings", "thumbs")}}
-            extra = {"kind": "policy", "parent": config.policy, "reference": config.reference or config.policy,
-                     "method": config.algo, "step": step, "dpo": record}  # fmt: skip
+            extra = {
+                "kind": "policy",
+                "parent": config.policy,
+                "reference": config.reference or config.policy,
+                "method": config.algo,
+                "step": step,
+                "dpo": record,
+            }
             save_checkpoint(out, model, tokenizer=tokenizer, extra=extra)
             common.save_train_state(state_path, model, optimizer, step, generator)
         dist.barrier()
@@ -272,16 +280,28 @@ def _run(config: DPOConfig, dist: Distributed, on_progress: ProgressCallback | N
         metrics.update({k: v for k, v in info.items() if k not in ("lr", "grad_norm")})
 
     loop = LoopConfig(
-        max_steps=config.steps, lr=config.lr, min_lr=config.lr / 10 if config.min_lr is None else config.min_lr,
-        warmup=config.warmup, grad_accum=config.grad_accum, grad_clip=config.grad_clip,
-        eval_every=config.eval_every, save_every=config.save_every,
-    )  # fmt: skip
+        max_steps=config.steps,
+        lr=config.lr,
+        min_lr=config.lr / 10 if config.min_lr is None else config.min_lr,
+        warmup=config.warmup,
+        grad_accum=config.grad_accum,
+        grad_clip=config.grad_clip,
+        eval_every=config.eval_every,
+        save_every=config.save_every,
+    )
     progress = common.chain(record, common.ProgressBar() if config.progress else None, on_progress)
     losses = common.train_loop(
-        trained, optimizer, loop, dist, start_step=start_step, next_batch=next_batch, loss_fn=loss_fn,
+        trained,
+        optimizer,
+        loop,
+        dist,
+        start_step=start_step,
+        next_batch=next_batch,
+        loss_fn=loss_fn,
         evaluate=lambda: evaluate_preferences(trained, reference, tokenizer, heldout, config, max_len),
-        save=save, on_progress=progress,
-    )  # fmt: skip
+        save=save,
+        on_progress=progress,
+    )
     return {**metrics, "losses": losses, "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
 
 

@@ -160,9 +160,17 @@ def _run(config: PretrainConfig, dist: Distributed, on_progress: ProgressCallbac
 
     progress = common.chain(record, common.ProgressBar() if config.progress else None, on_progress)
     losses = common.train_loop(
-        trained, optimizer, config.loop(), dist, start_step=start_step, next_batch=next_batch, loss_fn=_lm_loss,
-        evaluate=evaluate, save=save, on_progress=progress,
-    )  # fmt: skip
+        trained,
+        optimizer,
+        config.loop(),
+        dist,
+        start_step=start_step,
+        next_batch=next_batch,
+        loss_fn=_lm_loss,
+        evaluate=evaluate,
+        save=save,
+        on_progress=progress,
+    )
     return {**metrics, "losses": losses, "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
 
 

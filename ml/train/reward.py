@@ -180,12 +180,14 @@ def build_reward_data(config: RewardConfig, tokenizer: Tokenizer, max_len: int) 
         return encode_answer(tokenizer, t.prompt, t.completion, max_len), t.label
 
     return RewardData(
-        rankings={"train": [encode_ranking(tokenizer, r, max_len) for r in r_train],
-                  "heldout": [encode_ranking(tokenizer, r, max_len) for r in r_held]},
+        rankings={
+            "train": [encode_ranking(tokenizer, r, max_len) for r in r_train],
+            "heldout": [encode_ranking(tokenizer, r, max_len) for r in r_held],
+        },
         thumbs={"train": [enc(t) for t in t_train], "heldout": [enc(t) for t in t_held]},
         reference=[encode_answer(tokenizer, p, a, max_len) for p, a in pairs],
         pad_id=int(tokenizer.pad_id or 0),
-    )  # fmt: skip
+    )
 
 
 def _last_answer(messages: list[Message]) -> tuple[list[Message], str]:
@@ -292,20 +294,33 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
         dist.barrier()
 
     loop = LoopConfig(
-        max_steps=config.steps, lr=config.lr, min_lr=config.lr / 10 if config.min_lr is None else config.min_lr,
-        warmup=config.warmup, grad_accum=config.grad_accum, grad_clip=config.grad_clip, eval_every=config.eval_every,
-        save_every=config.save_every, tokens_per_step=0,
-    )  # fmt: skip
+        max_steps=config.steps,
+        lr=config.lr,
+        min_lr=config.lr / 10 if config.min_lr is None else config.min_lr,
+        warmup=config.warmup,
+        grad_accum=config.grad_accum,
+        grad_clip=config.grad_clip,
+        eval_every=config.eval_every,
+        save_every=config.save_every,
+        tokens_per_step=0,
+    )
 
     def record(info: dict[str, Any]) -> None:
         metrics.update({k: v for k, v in info.items() if k not in ("lr", "grad_norm")})
 
     progress = common.chain(record, common.ProgressBar() if config.progress else None, on_progress)
     losses = common.train_loop(
-        trained, optimizer, loop, dist, start_step=start_step, next_batch=next_batch,
+        trained,
+        optimizer,
+        loop,
+        dist,
+        start_step=start_step,
+        next_batch=next_batch,
         loss_fn=lambda m, b: reward_loss(m, b, config.thumb_weight),
-        evaluate=lambda: evaluate_rewards(trained, data), save=save, on_progress=progress,
-    )  # fmt: skip
+        evaluate=lambda: evaluate_rewards(trained, data),
+        save=save,
+        on_progress=progress,
+    )
     metrics.update(_finish(config, model, tokenizer, data, dist))
     return {**metrics, "losses": losses, "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
 
@@ -340,8 +355,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", required=True, metavar="DIR", help="model directory to write")
     add("--rankings", nargs="*", default=[], metavar="FILE", help="JSONL: {prompt, answers, ranking|order}")
     add("--thumbs", nargs="*", default=[], metavar="FILE", help="JSONL: {prompt, completion, label}")
-    add("--reference", nargs="*", default=[], metavar="FILE",
-        help="JSONL dialogues whose final answers average reward 0 (default: the training answers)")  # fmt: skip
+    add(
+        "--reference",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="JSONL dialogues whose final answers average reward 0 (default: the training answers)",
+    )
     add("--max-len", type=int, default=None, help="longest prompt + answer in tokens (default: the model's)")
     add("--thumb-weight", type=float, default=d.thumb_weight, help="weight of the thumbs' logistic loss")
     common.add_loop_arguments(

@@ -252,10 +252,13 @@ def step_stats(tr: Trainer, exp: Experience) -> dict[str, Any]:
     lengths = mask.sum(dim=1).float()
     per_token = {k: kl_estimate(exp.old_logprobs, exp.ref_logprobs, k) * mask for k in ("k1", "k3")}
     samples = [
-        {"prompt": exp.rollout.prompts[i][-1]["content"], "answer": _answer_text(tr.tokenizer, ids),
-         "reward": float(exp.raw_scores[i])}
+        {
+            "prompt": exp.rollout.prompts[i][-1]["content"],
+            "answer": _answer_text(tr.tokenizer, ids),
+            "reward": float(exp.raw_scores[i]),
+        }
         for i, ids in enumerate(exp.rollout.answers()[: tr.config.log_samples])
-    ]  # fmt: skip
+    ]
     return {
         "reward": float(exp.raw_scores.mean()),
         "reward_std": float(exp.raw_scores.std()) if exp.raw_scores.numel() > 1 else 0.0,
@@ -335,9 +338,10 @@ def build_trainer(config: RLConfig, reward_fn: RewardFn | None, device: torch.de
     ptx = None
     if config.ptx_coef > 0:
         documents = (
-            World(config.demo_seed).pretraining_corpus(2000) if config.ptx_data == ["demo"]
+            World(config.demo_seed).pretraining_corpus(2000)
+            if config.ptx_data == ["demo"]
             else read_documents(config.ptx_data)
-        )  # fmt: skip
+        )
         ptx = PackedTokens(documents, tokenizer, config.ptx_block_size, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     return Trainer(
@@ -381,8 +385,14 @@ def rl(config: RLConfig, reward_fn: RewardFn | None = None, on_progress: Progres
         "kl_last": sum(h["kl"] for h in last) / len(last),
         **{k: v for k, v in history[-1].items() if k != "samples"},
     }
-    extra = {"kind": "policy", "parent": config.policy, "reference": config.reference or config.policy,
-             "reward_model": config.reward_model, "rl": record, "metrics": metrics}  # fmt: skip
+    extra = {
+        "kind": "policy",
+        "parent": config.policy,
+        "reference": config.reference or config.policy,
+        "reward_model": config.reward_model,
+        "rl": record,
+        "metrics": metrics,
+    }
     save_checkpoint(out, tr.policy, tokenizer=tr.tokenizer, extra=extra)
     return {**metrics, "history": history, "out": str(out)}
 
@@ -422,8 +432,13 @@ class RLProgress:
         self.stream, self.every = stream if stream is not None else sys.stderr, every
 
     def __call__(self, info: dict[str, Any]) -> None:
-        parts = [f"step {info['step']}/{info['max_steps']}", f"reward {info['reward']:+.4f}", f"kl {info['kl']:.4f}",
-                 f"entropy {info['entropy']:.3f}", f"clip {info['clip_frac']:.3f}"]  # fmt: skip
+        parts = [
+            f"step {info['step']}/{info['max_steps']}",
+            f"reward {info['reward']:+.4f}",
+            f"kl {info['kl']:.4f}",
+            f"entropy {info['entropy']:.3f}",
+            f"clip {info['clip_frac']:.3f}",
+        ]
         if "value_loss" in info:
             parts.append(f"vf {info['value_loss']:.4f}")
         parts += [f"len {info['response_len']:.1f}", f"beta {info['kl_coef']:.4f}", f"ETA {info['eta_s']:.0f}s"]

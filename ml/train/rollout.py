@@ -60,9 +60,13 @@ class Rollout:
         """A sub-batch (for minibatches)."""
         prompts = [self.prompts[i] for i in rows.tolist()]
         return Rollout(
-            prompts, self.input_ids[rows], self.attention_mask[rows], self.prompt_len,
-            self.sample_logprobs[rows], self.finished[rows],
-        )  # fmt: skip
+            prompts,
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.prompt_len,
+            self.sample_logprobs[rows],
+            self.finished[rows],
+        )
 
 
 @torch.no_grad()
@@ -80,9 +84,15 @@ def collect(
     prompt_ids = [tokenizer.render_prompt(p) for p in prompts]
     stops = set(tokenizer.stop_token_ids)
     samples = Engine(model).generate(
-        prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
-        top_k=sampling.top_k, top_p=sampling.top_p, stop_token_ids=stops, seed=seed,
-    )  # fmt: skip
+        prompt_ids,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        stop_token_ids=stops,
+        seed=seed,
+    )
     P = max(len(p) for p in prompt_ids)
     R = max(1, max(len(s.token_ids) for s in samples))
     N = len(samples)

@@ -152,9 +152,17 @@ def _run(config: SFTConfig, dist: Distributed, on_progress: ProgressCallback | N
 
     progress = common.chain(record, common.ProgressBar() if config.progress else None, on_progress)
     losses = common.train_loop(
-        trained, optimizer, _loop_config(config, max_len), dist, start_step=start_step, next_batch=next_batch,
-        loss_fn=dialogue_loss, evaluate=evaluate, save=save, on_progress=progress,
-    )  # fmt: skip
+        trained,
+        optimizer,
+        _loop_config(config, max_len),
+        dist,
+        start_step=start_step,
+        next_batch=next_batch,
+        loss_fn=dialogue_loss,
+        evaluate=evaluate,
+        save=save,
+        on_progress=progress,
+    )
     return {**metrics, "losses": losses, "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
 
 
@@ -195,14 +203,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--base", required=True, metavar="DIR", help="the model directory to fine-tune (e.g. a pretrained base)")
     add("--out", required=True, metavar="DIR", help="model directory to write")
-    add("--data", nargs="+", default=d.data, metavar="demo|FILE",
-        help="'demo', or JSONL files of {\"messages\": [...]} dialogues")  # fmt: skip
+    add(
+        "--data",
+        nargs="+",
+        default=d.data,
+        metavar="demo|FILE",
+        help="'demo', or JSONL files of {\"messages\": [...]} dialogues",
+    )
     add("--max-len", type=int, default=None, help="tokens per dialogue / packed row (default: the model's maximum)")
     add("--packing", action="store_true", help="pack several dialogues per row (attention stays within each)")
     add("--demo-dialogues", type=int, default=d.demo_dialogues, help="dialogues generated for --data demo")
     add("--demo-seed", type=int, default=d.demo_seed, help="seed of the demo world (its facts)")
-    add("--demo-bad-fraction", type=float, default=d.demo_bad_fraction,
-        help="share of the demo's answers that are wrong, rambling or rude (room for RL to improve)")  # fmt: skip
+    add(
+        "--demo-bad-fraction",
+        type=float,
+        default=d.demo_bad_fraction,
+        help="share of the demo's answers that are wrong, rambling or rude (room for RL to improve)",
+    )
     common.add_loop_arguments(
         parser,
         d,

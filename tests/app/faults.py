@@ -116,8 +116,9 @@ def populate(database_url: str, model_dir: Path, n_sets: int = 150, n_annotators
             sets = {}
             for prompt_id in sorted(session.scalars(select(Prompt.id))):
                 answers = [(f"answer {k} to prompt {prompt_id}", 4) for k in range(4)]
-                cset = annotation.create_set(session, prompt_id=prompt_id, answers=answers, model_version_id=None,
-                                             params={}, seed=prompt_id)  # fmt: skip
+                cset = annotation.create_set(
+                    session, prompt_id=prompt_id, answers=answers, model_version_id=None, params={}, seed=prompt_id
+                )
                 sets[cset.id] = [c.id for c in cset.candidates]
     finally:
         engine.dispose()
@@ -135,9 +136,14 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.env = {**os.environ, "FLYWHEEL_DATABASE_URL": database_url, "FLYWHEEL_DATA_DIR": str(data_dir),
-                    "FLYWHEEL_SECRET_KEY": secrets.token_urlsafe(40), "FLYWHEEL_MODEL_POLL_S": "0.3",
-                    "FLYWHEEL_MAX_STREAMS_PER_USER": "16"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "FLYWHEEL_DATABASE_URL": database_url,
+            "FLYWHEEL_DATA_DIR": str(data_dir),
+            "FLYWHEEL_SECRET_KEY": secrets.token_urlsafe(40),
+            "FLYWHEEL_MODEL_POLL_S": "0.3",
+            "FLYWHEEL_MAX_STREAMS_PER_USER": "16",
+        }
         self.process: subprocess.Popen | None = None
 
     def start(self, token: str, timeout: float = 90) -> None:
@@ -213,8 +219,9 @@ class ThrowawayPostgres:
             self.as_owner = ["runuser", "-u", "postgres", "--"]
         self.port = free_port()
         self.data = self.root / "data"
-        self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale",
-                  "--no-sync")  # fmt: skip
+        self._run(
+            self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale", "--no-sync"
+        )
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *command: str) -> None:
@@ -224,16 +231,20 @@ class ThrowawayPostgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-o", options, "-w", "-t", "60",
-                  "start")  # fmt: skip
+        self._run(
+            self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-o", options, "-w", "-t", "60", "start"
+        )
 
     def stop(self, mode: str = "immediate") -> None:
         """`immediate`: the server processes quit at once, mid-transaction, as in a crash (recovery on start)."""
         self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
     def remove(self) -> None:
-        subprocess.run([*self.as_owner, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=60)  # fmt: skip
+        subprocess.run(
+            [*self.as_owner, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -265,10 +276,13 @@ class Load:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._chat, args=(i, True), daemon=True) for i in range(streams)]
-        self.threads += [threading.Thread(target=self._chat, args=(streams + i, False), daemon=True)
-                         for i in range(whole)]  # fmt: skip
-        self.threads += [threading.Thread(target=self._annotate, args=(name, token), daemon=True)
-                         for name, token in cast.annotators.items()]  # fmt: skip
+        self.threads += [
+            threading.Thread(target=self._chat, args=(streams + i, False), daemon=True) for i in range(whole)
+        ]
+        self.threads += [
+            threading.Thread(target=self._annotate, args=(name, token), daemon=True)
+            for name, token in cast.annotators.items()
+        ]
 
     def __enter__(self) -> "Load":
         for thread in self.threads:
@@ -286,8 +300,11 @@ class Load:
         """Acknowledged answers or rankings (of requests started after `since`)."""
         route = {"answers": ("stream", "whole"), "rankings": ("ranking",)}[what]
         with self.lock:
-            return sum(1 for start, _, r, status, _ in self.ledger.responses
-                       if r in route and start >= since and status in (200, 201))  # fmt: skip
+            return sum(
+                1
+                for start, _, r, status, _ in self.ledger.responses
+                if r in route and start >= since and status in (200, 201)
+            )
 
     def while_mid_stream(self, action: Callable[[], None], streams: int = 2) -> bool:
         """Run `action` if `streams` answers are streaming right now (some of each has arrived, not its end), with no
@@ -322,8 +339,9 @@ class Load:
             for n in itertools.count():
                 if self.stop.is_set():
                     return
-                conversation = self._call(client, "POST", "/api/v1/conversations", "conversation",
-                                          json={"title": f"load {worker}-{n}"})  # fmt: skip
+                conversation = self._call(
+                    client, "POST", "/api/v1/conversations", "conversation", json={"title": f"load {worker}-{n}"}
+                )
                 if conversation is None:
                     self._pause()
                     continue
@@ -339,8 +357,12 @@ class Load:
                     self._pause()
                     continue
                 value = rng.choice((1, -1))
-                if self._call(client, "PUT", f"/api/v1/messages/{answer_id}/feedback", "feedback",
-                              json={"value": value}) is not None:  # fmt: skip
+                if (
+                    self._call(
+                        client, "PUT", f"/api/v1/messages/{answer_id}/feedback", "feedback", json={"value": value}
+                    )
+                    is not None
+                ):
                     with self.lock:
                         self.ledger.feedback[answer_id] = value
 
@@ -394,8 +416,11 @@ class Load:
         with httpx.Client(base_url=self.url, headers=bearer(token), timeout=30) as client:
             for set_id, candidate_ids in self.cast.sets.items():
                 ranks = {c: rng.randint(1, 3) for c in candidate_ids}  # ties included
-                body = {"status": "ranked", "time_spent_ms": rng.randint(500, 9000),
-                        "ranking": [{"candidate_id": c, "rank": r} for c, r in ranks.items()]}  # fmt: skip
+                body = {
+                    "status": "ranked",
+                    "time_spent_ms": rng.randint(500, 9000),
+                    "ranking": [{"candidate_id": c, "rank": r} for c, r in ranks.items()],
+                }
                 while not self.stop.is_set():
                     with self.lock:
                         self.ledger.unacked_rankings.add((set_id, name))
@@ -489,6 +514,13 @@ def _audit(session: Session, ledger: Ledger, cast: Cast) -> dict[str, int]:
         assert thumbs.get(answer_id) == value, f"thumb on {answer_id} lost"
 
     waiting = [m.id for m in answers if m.finish_reason == STREAMING]
-    return {"messages": len(ledger.messages), "answers": len(ledger.answers), "cut": len(ledger.partial),
-            "waiting": len(waiting), "rankings": len(ledger.rankings), "stored_rankings": len(stored),
-            "thumbs": len(ledger.feedback), "first_waiting": waiting[0] if waiting else 0}  # fmt: skip
+    return {
+        "messages": len(ledger.messages),
+        "answers": len(ledger.answers),
+        "cut": len(ledger.partial),
+        "waiting": len(waiting),
+        "rankings": len(ledger.rankings),
+        "stored_rankings": len(stored),
+        "thumbs": len(ledger.feedback),
+        "first_waiting": waiting[0] if waiting else 0,
+    }

@@ -20,12 +20,18 @@ def ranked_set(db: Session) -> None:
     """One prompt, three answers, two annotators: a → [1, 1, 2] (a tie), b → [1, 2, 3]."""
     prompts.add_prompts(db, items=[([{"role": "user", "content": "What is 2 plus 2?"}], None)], source="demo")
     prompt_id = db.query(prompts.Prompt).one().id
-    cset = annotation.create_set(db, prompt_id=prompt_id, answers=[("4", 1), ("four", 1), ("5", 1)],
-                                 model_version_id=None, params={}, seed=0)  # fmt: skip
+    cset = annotation.create_set(
+        db, prompt_id=prompt_id, answers=[("4", 1), ("four", 1), ("5", 1)], model_version_id=None, params={}, seed=0
+    )
     by_text = {c.content: c.id for c in cset.candidates}
     for name, ranks in (("ann-a", {"4": 1, "four": 1, "5": 2}), ("ann-b", {"4": 1, "four": 2, "5": 3})):
-        annotation.submit_ranking(db, annotator=make_user(db, name, Role.annotator), set_id=cset.id, status="ranked",
-                                  entries=[(by_text[t], r) for t, r in ranks.items()])  # fmt: skip
+        annotation.submit_ranking(
+            db,
+            annotator=make_user(db, name, Role.annotator),
+            set_id=cset.id,
+            status="ranked",
+            entries=[(by_text[t], r) for t, r in ranks.items()],
+        )
     db.commit()
 
 
@@ -56,16 +62,23 @@ def test_dialogue_and_thumb_exports_respect_the_training_switch(client: TestClie
         conversation = chat.create_conversation(db, user=person)
         chat.update_conversation(db, user=person, conversation_id=conversation.id, allow_training=allow)
         _, answer = chat.add_user_message(db, user=person, conversation_id=conversation.id, content=text)
-        chat.finish_answer(db, message_id=answer.id, content=f"re: {text}", finish_reason="stop",
-                           model_version_id=None, sampling={})  # fmt: skip
+        chat.finish_answer(
+            db, message_id=answer.id, content=f"re: {text}", finish_reason="stop", model_version_id=None, sampling={}
+        )
         feedback.set_feedback(db, user=person, message_id=answer.id, value=-1 if allow else 1)
     db.commit()
     dialogues = export(client, "dialogues")
-    assert [d["messages"] for d in dialogues] == [[{"role": "user", "content": "shared"},
-                                                   {"role": "assistant", "content": "re: shared"}]]  # fmt: skip
+    assert [d["messages"] for d in dialogues] == [
+        [{"role": "user", "content": "shared"}, {"role": "assistant", "content": "re: shared"}]
+    ]
     thumbs = export(client, "thumbs")
-    assert thumbs == [{"prompt": [{"role": "user", "content": "shared"}],
-                       "completion": [{"role": "assistant", "content": "re: shared"}], "label": False}]  # fmt: skip
+    assert thumbs == [
+        {
+            "prompt": [{"role": "user", "content": "shared"}],
+            "completion": [{"role": "assistant", "content": "re: shared"}],
+            "label": False,
+        }
+    ]
 
 
 def test_dashboard_jobs_and_charts(client: TestClient, db: Session) -> None:
@@ -73,22 +86,37 @@ def test_dashboard_jobs_and_charts(client: TestClient, db: Session) -> None:
     ranked_set(db)
     from app.models import ModelKind, ModelVersion
 
-    db.add(ModelVersion(name="rm-7", kind=ModelKind.reward, path="/m", training_data={"ranking_id": 42},
-                        metrics={"val_acc": 0.8, "gate": "wins 0.6"}))  # fmt: skip
+    db.add(
+        ModelVersion(
+            name="rm-7",
+            kind=ModelKind.reward,
+            path="/m",
+            training_data={"ranking_id": 42},
+            metrics={"val_acc": 0.8, "gate": "wins 0.6"},
+        )
+    )
     db.commit()
     page = client.get("/admin")
     assert page.status_code == 200 and "rankings" in page.text and "ann-a" in page.text
     assert "all rankings (row ids up to 42)" in page.text and "val_acc=0.8" in page.text
     assert "gate: <strong>held back</strong> — wins 0.6" in page.text
-    created = client.post("/admin/jobs", data={"type": "reward", "params": '{"steps": 3}', "csrf_token": csrf},
-                          follow_redirects=False)  # fmt: skip
+    created = client.post(
+        "/admin/jobs", data={"type": "reward", "params": '{"steps": 3}', "csrf_token": csrf}, follow_redirects=False
+    )
     assert created.status_code == 303
     job_id = int(created.headers["location"].rsplit("/", 1)[1])
     bad = client.post("/admin/jobs", data={"type": "reward", "params": "[1, 2]", "csrf_token": csrf})
     assert bad.status_code == 422
     jobs.claim(db, worker_id="w", lease_s=60)
-    jobs.heartbeat(db, job_id=job_id, worker_id="w", lease_s=60, progress=0.5,
-                   metrics=[{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.6}], log="step 2\n")  # fmt: skip
+    jobs.heartbeat(
+        db,
+        job_id=job_id,
+        worker_id="w",
+        lease_s=60,
+        progress=0.5,
+        metrics=[{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.6}],
+        log="step 2\n",
+    )
     db.commit()
     detail = client.get(f"/admin/jobs/{job_id}")
     assert "<polyline" in detail.text and "loss: 0.9 → 0.6" in detail.text and "step 2" in detail.text
@@ -102,8 +130,12 @@ def test_import_prompts_dialogues_and_corpus(client: TestClient, db: Session, se
     csrf = admin_session(client, db)
 
     def upload(kind: str, content: bytes):
-        return client.post("/admin/import", data={"kind": kind, "csrf_token": csrf},
-                           files={"file": (f"{kind}.jsonl", content)}, follow_redirects=False)  # fmt: skip
+        return client.post(
+            "/admin/import",
+            data={"kind": kind, "csrf_token": csrf},
+            files={"file": (f"{kind}.jsonl", content)},
+            follow_redirects=False,
+        )
 
     assert upload("prompts", b'{"prompt": "Where is Oslo?"}\n').status_code == 303
     bad = upload("dialogues", b'{"messages": [{"role": "user", "content": "hi"}]}\n')
@@ -122,25 +154,43 @@ def test_model_lineage_on_the_admin_page(client: TestClient, db: Session) -> Non
     from app.models import ModelKind, ModelStatus, ModelVersion
 
     admin_session(client, db)
-    base = ModelVersion(name="base-job1", kind=ModelKind.base, path="/m/b", training_data={"data": ["demo"]},
-                        status=ModelStatus.active)  # fmt: skip
+    base = ModelVersion(
+        name="base-job1", kind=ModelKind.base, path="/m/b", training_data={"data": ["demo"]}, status=ModelStatus.active
+    )
     db.add(base)
     db.flush()
-    sft = ModelVersion(name="sft-job2", kind=ModelKind.sft, path="/m/s", parent_id=base.id, status=ModelStatus.active,
-                       training_data={"conversation_id": 31, "dialogues": 9, "files": ["/data/datasets/d/a.jsonl"],
-                                      "demo": True})  # fmt: skip
+    sft = ModelVersion(
+        name="sft-job2",
+        kind=ModelKind.sft,
+        path="/m/s",
+        parent_id=base.id,
+        status=ModelStatus.active,
+        training_data={"conversation_id": 31, "dialogues": 9, "files": ["/data/datasets/d/a.jsonl"], "demo": True},
+    )
     db.add(sft)
     db.flush()
-    reward = ModelVersion(name="reward-job3", kind=ModelKind.reward, path="/m/r", parent_id=sft.id,
-                          training_data={"ranking_id": 57, "rankings": 6, "feedback_id": 0, "thumbs": 0})  # fmt: skip
+    reward = ModelVersion(
+        name="reward-job3",
+        kind=ModelKind.reward,
+        path="/m/r",
+        parent_id=sft.id,
+        training_data={"ranking_id": 57, "rankings": 6, "feedback_id": 0, "thumbs": 0},
+    )
     db.add(reward)
     db.flush()
     policy = ModelVersion(
-        name="policy-job4", kind=ModelKind.policy, path="/m/p", parent_id=sft.id,
-        training_data={"prompt_id": 800, "prompts": 640, "reward_version_id": reward.id,
-                       "reference_version_id": sft.id},
+        name="policy-job4",
+        kind=ModelKind.policy,
+        path="/m/p",
+        parent_id=sft.id,
+        training_data={
+            "prompt_id": 800,
+            "prompts": 640,
+            "reward_version_id": reward.id,
+            "reference_version_id": sft.id,
+        },
         metrics={"win_rate": 0.41, "kl": 2.5, "promoted": False, "gate": "win rate 0.410 is below 0.520"},
-    )  # fmt: skip
+    )
     db.add(policy)
     db.commit()
 
@@ -171,9 +221,12 @@ def test_lineage_descriptions() -> None:
 
     recorded = {"ranking_id": 12, "feedback_id": 5, "thumbs": 2, "reward_version_id": 3, "mystery": "x"}
     lines = {i.label: (i.text, i.version_id) for i in describe_training_data(recorded, {3: "rm"})}
-    assert lines == {"rankings": ("all rankings (row ids up to 12)", None),
-                     "thumbs up/down": ("2 thumbs up/down (row ids up to 5)", None),
-                     "judged by reward model": ("rm", 3), "mystery": ("x", None)}  # fmt: skip
+    assert lines == {
+        "rankings": ("all rankings (row ids up to 12)", None),
+        "thumbs up/down": ("2 thumbs up/down (row ids up to 5)", None),
+        "judged by reward model": ("rm", 3),
+        "mystery": ("x", None),
+    }
     assert gate_verdict({"val_acc": 0.8}) is None
     verdict = gate_verdict({"gate": "wins 0.600", "promoted": True, "win_rate": 0.6, "steps": 3})
     assert verdict.promoted and verdict.numbers == {"win_rate": 0.6}

@@ -87,8 +87,12 @@ def test_ties_are_kept_and_a_second_ranking_is_refused(setup) -> None:
     api = annotator(client, db, "tie")
     task = api.get("/api/v1/annotation/next").json()
     ids = [c["id"] for c in task["candidates"]]
-    ranking = [{"candidate_id": ids[0], "rank": 2}, {"candidate_id": ids[1], "rank": 2},
-               {"candidate_id": ids[2], "rank": 5}, {"candidate_id": ids[3], "rank": 9}]  # fmt: skip
+    ranking = [
+        {"candidate_id": ids[0], "rank": 2},
+        {"candidate_id": ids[1], "rank": 2},
+        {"candidate_id": ids[2], "rank": 5},
+        {"candidate_id": ids[3], "rank": 9},
+    ]
     url = f"/api/v1/annotation/sets/{task['set_id']}/ranking"
     stored = api.post(url, json={"ranking": ranking, "time_spent_ms": 4200}).json()
     assert sorted(e["rank"] for e in stored["ranking"]) == [1, 1, 2, 3] and stored["time_spent_ms"] == 4200
@@ -126,13 +130,23 @@ def test_kendall_tau_b_on_hand_worked_numbers() -> None:
 
 def test_agreement_per_annotator(setup) -> None:
     _, db, _ = setup
-    cset = annotation.create_set(db, prompt_id=db.query(Prompt).first().id, answers=[("x", 1), ("y", 1), ("z", 1)],
-                                 model_version_id=None, params={})  # fmt: skip
+    cset = annotation.create_set(
+        db,
+        prompt_id=db.query(Prompt).first().id,
+        answers=[("x", 1), ("y", 1), ("z", 1)],
+        model_version_id=None,
+        params={},
+    )
     ids = [c.id for c in cset.candidates]
     orders = {"pat": [1, 2, 3], "quin": [1, 2, 3], "rex": [3, 2, 1]}
     for name, ranks in orders.items():
-        annotation.submit_ranking(db, annotator=make_user(db, name, Role.annotator), set_id=cset.id,
-                                  status="ranked", entries=list(zip(ids, ranks, strict=True)))  # fmt: skip
+        annotation.submit_ranking(
+            db,
+            annotator=make_user(db, name, Role.annotator),
+            set_id=cset.id,
+            status="ranked",
+            entries=list(zip(ids, ranks, strict=True)),
+        )
     db.commit()
     result = annotation.agreement(db)
     assert result.sets_compared == 1
@@ -164,8 +178,9 @@ def test_prompts_come_only_from_chats_that_allow_training(setup) -> None:
     chat.update_conversation(db, user=person, conversation_id=withheld.id, allow_training=False)
     for conversation, text in ((allowed, "share me"), (withheld, "keep me private")):
         _, answer = chat.add_user_message(db, user=person, conversation_id=conversation.id, content=text)
-        chat.finish_answer(db, message_id=answer.id, content="ok", finish_reason="stop", model_version_id=None,
-                           sampling={})  # fmt: skip
+        chat.finish_answer(
+            db, message_id=answer.id, content="ok", finish_reason="stop", model_version_id=None, sampling={}
+        )
     db.commit()
     assert prompts.sync_chat_prompts(db) == 1
     assert prompts.sync_chat_prompts(db) == 0  # idempotent

@@ -31,8 +31,10 @@ def api(settings: Settings, model_dir: Path) -> Iterator[tuple[TestClient, Sessi
 def test_conversation_and_answer_as_json(api) -> None:
     client, db, _ = api
     conversation = client.post("/api/v1/conversations", json={"title": "numbers"}).json()
-    response = client.post(f"/api/v1/conversations/{conversation['id']}/messages",
-                           json={"content": "What is 3 plus 4?", "temperature": 0, "max_tokens": 8})  # fmt: skip
+    response = client.post(
+        f"/api/v1/conversations/{conversation['id']}/messages",
+        json={"content": "What is 3 plus 4?", "temperature": 0, "max_tokens": 8},
+    )
     assert response.status_code == 201, response.text
     exchange = response.json()
     assert exchange["user_message"]["content"] == "What is 3 plus 4?"
@@ -56,8 +58,11 @@ def test_streamed_answer_over_sse(api) -> None:
     client, _, _ = api
     conversation = client.post("/api/v1/conversations", json={}).json()
     events = []
-    with client.stream("POST", f"/api/v1/conversations/{conversation['id']}/messages",
-                       json={"content": "Hello", "stream": True, "max_tokens": 10}) as response:  # fmt: skip
+    with client.stream(
+        "POST",
+        f"/api/v1/conversations/{conversation['id']}/messages",
+        json={"content": "Hello", "stream": True, "max_tokens": 10},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         name = None
         for line in response.iter_lines():

@@ -267,8 +267,11 @@ def test_oversized_bodies_are_413(client: TestClient, db: Session, settings: Set
         for _ in range(settings.max_body_bytes // 65536 + 2):
             yield b"a" * 65536
 
-    streamed = client.post("/account/tokens", content=chunks(), headers={"X-CSRF-Token": csrf,
-                           "content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    streamed = client.post(
+        "/account/tokens",
+        content=chunks(),
+        headers={"X-CSRF-Token": csrf, "content-type": "application/x-www-form-urlencoded"},
+    )
     assert streamed.status_code == 413
     assert db_snapshot(settings.resolved_database_url) == before
 

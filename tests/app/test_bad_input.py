@@ -46,14 +46,21 @@ def build_world(settings: Settings, model_dir: Path) -> Iterator[World]:
     with app.state.session_factory() as db:
         admin = make_user(db, "root", Role.admin)
         _, secret = tokens.create_token(db, user=admin, name="fuzz")
-        prompts.add_prompts(db, items=[([{"role": "user", "content": "What is 1 plus 1?"}], None)],
-                            source=PromptSource.demo)  # fmt: skip
-        cset = annotation.create_set(db, prompt_id=db.scalar(select(Prompt.id)), answers=[("a", 1), ("b", 1), ("c", 1)],
-                                     model_version_id=None, params={})  # fmt: skip
+        prompts.add_prompts(
+            db, items=[([{"role": "user", "content": "What is 1 plus 1?"}], None)], source=PromptSource.demo
+        )
+        cset = annotation.create_set(
+            db,
+            prompt_id=db.scalar(select(Prompt.id)),
+            answers=[("a", 1), ("b", 1), ("c", 1)],
+            model_version_id=None,
+            params={},
+        )
         conversation = chat.create_conversation(db, user=admin, title="kept")
         _, answer = chat.add_user_message(db, user=admin, conversation_id=conversation.id, content="Hello")
-        chat.finish_answer(db, message_id=answer.id, content="Hi!", finish_reason="stop", model_version_id=None,
-                           sampling={})  # fmt: skip
+        chat.finish_answer(
+            db, message_id=answer.id, content="Hi!", finish_reason="stop", model_version_id=None, sampling={}
+        )
         db.commit()
         ids = (admin.id, answer.id, conversation.id, cset.id)
     with serving(app) as url:
@@ -103,14 +110,21 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(database_url="sqlite
 
 
 @schema.parametrize()
-@settings(max_examples=5, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck),
-          phases=[Phase.explicit, Phase.generate])  # fmt: skip
+@settings(
+    max_examples=5,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+)
 def test_no_request_makes_a_server_error(case, shared_world: World) -> None:
     """Every operation, valid and invalid inputs: never a 5xx, and API errors keep the one shape."""
     world = shared_world
     # Redirects are not followed: each response is judged on its own (a 303 to the login form is a fine answer).
-    response = case.call(base_url=world.url, headers={"Authorization": f"Bearer {admin_token(world)}"}, timeout=60,
-                         allow_redirects=False)  # fmt: skip
+    response = case.call(
+        base_url=world.url, headers={"Authorization": f"Bearer {admin_token(world)}"}, timeout=60, allow_redirects=False
+    )
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text}"
     is_api = case.formatted_path.startswith(("/api/", "/v1/"))
     if is_api and response.status_code >= 400:
@@ -161,24 +175,41 @@ def test_wrong_types_are_a_422_with_the_one_shape(any_world: World) -> None:
     w = any_world
     cases = {
         ("POST", f"/api/v1/annotation/sets/{w.set_id}/ranking"): [
-            {"ranking": "first"}, {"ranking": [{"candidate_id": "x", "rank": 1}]}, {"status": 3},
-            {"ranking": [{"candidate_id": 1, "rank": 1.5}]}, {"time_spent_ms": "long"}, {"status": "maybe"},
-            {"ranking": [{"candidate_id": HUGE, "rank": 1}]}, {"time_spent_ms": HUGE}, {"unknown": 1},
+            {"ranking": "first"},
+            {"ranking": [{"candidate_id": "x", "rank": 1}]},
+            {"status": 3},
+            {"ranking": [{"candidate_id": 1, "rank": 1.5}]},
+            {"time_spent_ms": "long"},
+            {"status": "maybe"},
+            {"ranking": [{"candidate_id": HUGE, "rank": 1}]},
+            {"time_spent_ms": HUGE},
+            {"unknown": 1},
         ],
         ("PUT", f"/api/v1/messages/{w.answer_id}/feedback"): [
-            {"value": "up"}, {"value": 2}, {"value": None}, {"value": 1, "reason": 5}, {"value": 1, "comment": []},
-            {"value": 1, "reason": "because"}, {},
+            {"value": "up"},
+            {"value": 2},
+            {"value": None},
+            {"value": 1, "reason": 5},
+            {"value": 1, "comment": []},
+            {"value": 1, "reason": "because"},
+            {},
         ],
         ("POST", f"/api/v1/conversations/{w.conversation_id}/messages"): [
-            {"content": 5}, {"content": "hi", "max_tokens": "ten"}, {"content": "hi", "temperature": -1},
-            {"content": "hi", "seed": "s"}, {"content": ""}, {"content": "hi", "top_k": 0},
+            {"content": 5},
+            {"content": "hi", "max_tokens": "ten"},
+            {"content": "hi", "temperature": -1},
+            {"content": "hi", "seed": "s"},
+            {"content": ""},
+            {"content": "hi", "top_k": 0},
         ],
         ("POST", "/api/v1/jobs"): [{"type": "sft", "params": []}, {"type": "go"}, {"type": "sft", "priority": 1e9}],
         ("POST", "/v1/chat/completions"): [
-            {"messages": "hi"}, {"messages": [{"role": "robot", "content": "hi"}]}, {"messages": []},
+            {"messages": "hi"},
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            {"messages": []},
             {"messages": [{"role": "user", "content": "hi"}], "n": 0},
         ],
-    }  # fmt: skip
+    }
     with client(w) as api:
         for (method, path), bodies in cases.items():
             for body in bodies:
@@ -237,5 +268,6 @@ def test_a_body_over_the_limit_is_a_413_with_the_one_shape(world: World) -> None
     limit = world.app.state.settings.max_body_bytes
     with client(world) as api:
         big = json.dumps({"title": "x" * (limit + 10)})
-        assert_error_shape(api.post("/api/v1/conversations", content=big,
-                                    headers={"Content-Type": "application/json"}), 413)  # fmt: skip
+        assert_error_shape(
+            api.post("/api/v1/conversations", content=big, headers={"Content-Type": "application/json"}), 413
+        )

@@ -50,8 +50,11 @@ def start_chat(client: TestClient, db: Session, name: str = "ulla") -> tuple[str
 
 
 def send(client: TestClient, csrf: str, conversation_id: int, content: str) -> int:
-    response = client.post(f"/chat/{conversation_id}/messages", data={"content": content, "csrf_token": csrf},
-                           headers={"HX-Request": "true"})  # fmt: skip
+    response = client.post(
+        f"/chat/{conversation_id}/messages",
+        data={"content": content, "csrf_token": csrf},
+        headers={"HX-Request": "true"},
+    )
     assert response.status_code == 200, response.text
     return int(response.text.split('data-stream-url="')[1].split("/stream")[0].rsplit("/", 1)[1])
 

@@ -19,9 +19,15 @@ from tests.gguf_factory import write_tiny_llama_gguf
 def tiny_llama(path: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = Tokenizer.train(TINY_TEXTS, vocab_size=300)
-    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save(path)  # tokenizer.json + tokenizer_config.json with its Jinja chat template
     return path
@@ -59,11 +65,14 @@ def test_import_serve_and_export(tmp_path: Path, monkeypatch, capsys) -> None:
         assert (back(ids).logits - hf(ids).logits).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("model", "import-hf", "/nonexistent"), "is neither a Hugging Face checkpoint directory"),
-    (("model", "export-hf", "/nonexistent", "/tmp/x"), "cannot export"),
-    (("model", "promote", "99"), "model version 99 not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("model", "import-hf", "/nonexistent"), "is neither a Hugging Face checkpoint directory"),
+        (("model", "export-hf", "/nonexistent", "/tmp/x"), "cannot export"),
+        (("model", "promote", "99"), "model version 99 not found"),
+    ],
+)
 def test_model_command_errors(tmp_path: Path, monkeypatch, capsys, args, message) -> None:
     monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))
     run(monkeypatch, capsys, "db", "upgrade")
@@ -100,11 +109,14 @@ def bad_gguf(tmp_path: Path, kind: str) -> Path:
     return write_tiny_llama_gguf(tmp_path / "other.gguf", architecture="gpt2")
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("missing", "no such GGUF file: "),
-    ("not gguf", "cannot import {src}: GGUF magic invalid"),
-    ("gpt2", "cannot import {src}: unsupported GGUF architecture 'gpt2'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "no such GGUF file: "),
+        ("not gguf", "cannot import {src}: GGUF magic invalid"),
+        ("gpt2", "cannot import {src}: unsupported GGUF architecture 'gpt2'"),
+    ],
+)
 def test_a_bad_gguf_file_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys, kind, message) -> None:
     pytest.importorskip("gguf", reason="the optional gguf package is not installed")
     monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))

@@ -111,8 +111,13 @@ def probe(fail: str) -> None:
 
     app.distributed.STALL_GRACE_S = 1.0
     try:
-        app.distributed.run_ranks(broken_trainer, {"fail": fail}, nproc=2, on_progress=print,
-                                  log=lambda line: print("log:", line, end="", flush=True))  # fmt: skip
+        app.distributed.run_ranks(
+            broken_trainer,
+            {"fail": fail},
+            nproc=2,
+            on_progress=print,
+            log=lambda line: print("log:", line, end="", flush=True),
+        )
     except RuntimeError as exc:
         print("raised:", exc, flush=True)
 

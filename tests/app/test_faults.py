@@ -103,8 +103,9 @@ def test_postgres_restarted_under_load_gives_503_then_recovers_with_no_lost_writ
         assert_unavailable(probe.get("/api/v1/me", headers=user))
         assert_unavailable(probe.post("/api/v1/conversations", headers=user, json={"title": "while down"}))
         first_set = next(iter(cast.sets))
-        assert_unavailable(probe.post(f"/api/v1/annotation/sets/{first_set}/ranking", headers=annotator,
-                                      json={"status": "skipped"}))  # fmt: skip
+        assert_unavailable(
+            probe.post(f"/api/v1/annotation/sets/{first_set}/ranking", headers=annotator, json={"status": "skipped"})
+        )
         page = probe.get("/chat", headers={**user, "Accept": "text/html"})
         assert page.status_code == 503 and DATABASE_DOWN in page.text
         assert probe.get("/readyz").status_code == 503
@@ -113,11 +114,17 @@ def test_postgres_restarted_under_load_gives_503_then_recovers_with_no_lost_writ
         throwaway_postgres.start()
         wait_for(lambda: probe.get("/api/v1/me", headers=user).status_code == 200, 30, "requests to succeed again")
         back = time.monotonic()
-        wait_for(lambda: load.count("rankings", since=back) >= 5 and load.count("answers", since=back) >= 2, 60,
-                 "writes after the restart")  # fmt: skip
+        wait_for(
+            lambda: load.count("rankings", since=back) >= 5 and load.count("answers", since=back) >= 2,
+            60,
+            "writes after the restart",
+        )
 
-    during = [(route, status, body) for start, end, route, status, body in load.ledger.responses
-              if start > down and end < restart]  # fmt: skip
+    during = [
+        (route, status, body)
+        for start, end, route, status, body in load.ledger.responses
+        if start > down and end < restart
+    ]
     assert during, "no request while the database was down"
     assert {status for _, status, _ in during} == {503}, during[:5]
     assert all(f'"{DATABASE_DOWN}"' in body for _, _, body in during)

@@ -21,14 +21,25 @@ from tests.app.faults import bearer, wait_for
 from tests.factories import make_tiny_model_dir, make_user, register_active_model
 
 TINY = {
-    "n_layer": 1, "n_embd": 32, "n_head": 2, "demo_docs": 200, "vocab_size": 300, "block_size": 32,
-    "batch_size": 4, "eval_every": 50, "eval_batches": 1, "save_every": 0, "warmup": 1, "steps": 3,
-}  # fmt: skip
+    "n_layer": 1,
+    "n_embd": 32,
+    "n_head": 2,
+    "demo_docs": 200,
+    "vocab_size": 300,
+    "block_size": 32,
+    "batch_size": 4,
+    "eval_every": 50,
+    "eval_batches": 1,
+    "save_every": 0,
+    "warmup": 1,
+    "steps": 3,
+}
 
 
 def settings_for(tmp_path: Path, database_url: str, **extra) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=database_url, secret_key=secrets.token_urlsafe(40),
-                    **extra)  # fmt: skip
+    return Settings(
+        data_dir=tmp_path / "data", database_url=database_url, secret_key=secrets.token_urlsafe(40), **extra
+    )
 
 
 def test_a_write_error_while_a_model_is_saved_fails_the_job_and_registers_nothing(
@@ -92,16 +103,20 @@ def test_a_corrupt_checkpoint_is_refused_with_its_reason_and_the_served_model_st
 
     with TestClient(app) as client:
         wait_for(lambda: app.state.inference.current is not None, 30, "the good model to load")
-        for version_id, reason in zip(broken, ("model.safetensors: unreadable weights", "config.json: unreadable JSON"),
-                                      strict=True):  # fmt: skip
+        for version_id, reason in zip(
+            broken, ("model.safetensors: unreadable weights", "config.json: unreadable JSON"), strict=True
+        ):
             assert client.post(f"/api/v1/models/{version_id}/promote", headers=admin).status_code == 200
             wait_for(lambda v=version_id: load_error(client, v) is not None, 30, "the load error to be recorded")
             error = load_error(client, version_id)
             assert error.startswith("cannot be loaded: ") and reason in error and error.endswith("still serving good")
             assert app.state.inference.current.version_id == good.id
             assert client.get("/v1/models", headers=admin).json()["data"][0]["id"] == "good"
-            answer = client.post("/v1/chat/completions", headers=admin, json={
-                "model": "good", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})  # fmt: skip
+            answer = client.post(
+                "/v1/chat/completions",
+                headers=admin,
+                json={"model": "good", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            )
             assert answer.status_code == 200, answer.text
         page = client.get("/admin", headers=admin)
         assert "unreadable weights" in page.text and 'id="served-model">good<' in page.text

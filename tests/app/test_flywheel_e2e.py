@@ -16,9 +16,28 @@ import pytest
 
 from app.bootstrap import FLYWHEEL_DEMO_MODEL, train_demo_model
 
-LOOP = ["--turns", "1", "--annotators", "2", "--tasks", "32", "--chats", "4", "--eval-prompts", "48",
-        "--eval-samples", "8", "--reward-steps", "120", "--rl-steps", "40", "--kl-coef", "0.5",
-        "--job-timeout", "900"]  # fmt: skip
+LOOP = [
+    "--turns",
+    "1",
+    "--annotators",
+    "2",
+    "--tasks",
+    "32",
+    "--chats",
+    "4",
+    "--eval-prompts",
+    "48",
+    "--eval-samples",
+    "8",
+    "--reward-steps",
+    "120",
+    "--rl-steps",
+    "40",
+    "--kl-coef",
+    "0.5",
+    "--job-timeout",
+    "900",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +56,11 @@ def test_the_loop_raises_the_served_gold_score_through_http(
     extra = ["--database-url", request.getfixturevalue("postgres_url")] if database == "postgresql" else []
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", "demo", "flywheel", "--demo-model", str(demo_chat_model), *LOOP, *extra],
-        capture_output=True, text=True, timeout=1200, env=dict(os.environ),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=dict(os.environ),
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("turn 0: serving demo-sft, gold "), lines
@@ -50,10 +72,31 @@ def test_the_loop_raises_the_served_gold_score_through_http(
 
 
 def test_without_a_demo_model_the_command_trains_one_and_serves_it() -> None:
-    tiny = ["--turns", "0", "--pretrain-steps", "6", "--sft-steps", "3", "--demo-docs", "300", "--n-layer", "2",
-            "--n-embd", "32", "--eval-prompts", "2", "--eval-samples", "1"]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "app.cli", "demo", "flywheel", *tiny],
-                            capture_output=True, text=True, timeout=600, env=dict(os.environ))  # fmt: skip
+    tiny = [
+        "--turns",
+        "0",
+        "--pretrain-steps",
+        "6",
+        "--sft-steps",
+        "3",
+        "--demo-docs",
+        "300",
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "32",
+        "--eval-prompts",
+        "2",
+        "--eval-samples",
+        "1",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "flywheel", *tiny],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("turn 0: serving demo-sft, gold ") and "Demo model ready" in result.stderr
@@ -61,7 +104,12 @@ def test_without_a_demo_model_the_command_trains_one_and_serves_it() -> None:
 
 
 def test_a_demo_model_that_is_not_a_model_is_refused_in_one_line(tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "app.cli", "demo", "flywheel", "--demo-model", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "flywheel", "--demo-model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1].startswith(f"flywheel demo flywheel: error: --demo-model {tmp_path}")

@@ -24,8 +24,13 @@ from app.services.feedback import REASONS
 from app.settings import Settings
 from tests.factories import make_user
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 UNKNOWN_IDS = (987_654, 0, -7, 2**63)
 LABEL_TABLES = ("rankings", "ranking_entries", "feedback")
 
@@ -55,8 +60,13 @@ def arena(any_db_url: str, settings: Settings) -> Iterator[Arena]:
         prompt_id = db.scalar(text("SELECT id FROM prompts"))
         sets = {}
         for k in (2, 3, 4):
-            cset = annotation.create_set(db, prompt_id=prompt_id, answers=[(f"answer {i}", 1) for i in range(k)],
-                                         model_version_id=None, params={})  # fmt: skip
+            cset = annotation.create_set(
+                db,
+                prompt_id=prompt_id,
+                answers=[(f"answer {i}", 1) for i in range(k)],
+                model_version_id=None,
+                params={},
+            )
             sets[cset.id] = [c.id for c in cset.candidates]
         person, other = make_user(db, "chatter"), make_user(db, "other")
         _, secret = tokens.create_token(db, user=person, name="fuzz")
@@ -64,8 +74,9 @@ def arena(any_db_url: str, settings: Settings) -> Iterator[Arena]:
         for owner, label in ((person, "answer"), (person, "second answer"), (other, "someone else's answer")):
             conversation = chat.create_conversation(db, user=owner)
             turn, answer = chat.add_user_message(db, user=owner, conversation_id=conversation.id, content="Hello")
-            chat.finish_answer(db, message_id=answer.id, content="Hi!", finish_reason="stop", model_version_id=None,
-                               sampling={})  # fmt: skip
+            chat.finish_answer(
+                db, message_id=answer.id, content="Hi!", finish_reason="stop", model_version_id=None, sampling={}
+            )
             messages[label] = answer.id
             messages.setdefault("a user turn", turn.id)
         conversation = chat.create_conversation(db, user=person)
@@ -74,8 +85,15 @@ def arena(any_db_url: str, settings: Settings) -> Iterator[Arena]:
         db.commit()
         chatter_id = person.id
     with TestClient(app) as client:
-        yield Arena(client, app.state.session_factory, headers, sets, {"Authorization": f"Bearer {secret}"},
-                    chatter_id, messages)  # fmt: skip
+        yield Arena(
+            client,
+            app.state.session_factory,
+            headers,
+            sets,
+            {"Authorization": f"Bearer {secret}"},
+            chatter_id,
+            messages,
+        )
 
 
 def labels(arena: Arena) -> dict[str, list[tuple]]:
@@ -91,8 +109,9 @@ def assert_rankings_whole(arena: Arena) -> None:
         for set_id, candidate_id in db.execute(select(Candidate.candidate_set_id, Candidate.id)):
             candidates.setdefault(set_id, set()).add(candidate_id)
         for ranking in db.scalars(select(Ranking)):
-            entries = db.execute(select(RankingEntry.candidate_id, RankingEntry.rank)
-                                 .where(RankingEntry.ranking_id == ranking.id)).all()  # fmt: skip
+            entries = db.execute(
+                select(RankingEntry.candidate_id, RankingEntry.rank).where(RankingEntry.ranking_id == ranking.id)
+            ).all()
             if ranking.status.value != "ranked":
                 assert entries == [], ranking.id
                 continue
@@ -129,8 +148,13 @@ def ranking_bodies(draw, sets: dict[int, list[int]]) -> tuple[int, object]:
         entries[0][draw(st.sampled_from(["candidate_id", "rank"]))] = draw(st.sampled_from(["1", [], {}, True]))
     elif breakage == "bytes":
         return set_id, draw(st.binary(max_size=40))
-    status = draw(st.sampled_from(["ranked", "ranked", "skipped", "flagged", "bogus"] if breakage == "status"
-                                  else ["ranked", "ranked", "ranked", "skipped", "flagged"]))  # fmt: skip
+    status = draw(
+        st.sampled_from(
+            ["ranked", "ranked", "skipped", "flagged", "bogus"]
+            if breakage == "status"
+            else ["ranked", "ranked", "ranked", "skipped", "flagged"]
+        )
+    )
     body: dict[str, object] = {"status": status}
     if status == "ranked" or draw(st.booleans()):
         body["ranking"] = entries
@@ -160,8 +184,9 @@ def test_rankings_are_stored_whole_or_not_at_all(arena: Arena, data: st.DataObje
     if response.status_code == 201:
         stored = response.json()
         with arena.factory() as db:
-            entries = db.execute(select(RankingEntry.candidate_id, RankingEntry.rank)
-                                 .where(RankingEntry.ranking_id == stored["id"])).all()  # fmt: skip
+            entries = db.execute(
+                select(RankingEntry.candidate_id, RankingEntry.rank).where(RankingEntry.ranking_id == stored["id"])
+            ).all()
         assert sorted(map(tuple, entries)) == sorted((e["candidate_id"], e["rank"]) for e in stored["ranking"])
         assert len(labels(arena)["rankings"]) == len(before["rankings"]) + 1
     else:
@@ -200,14 +225,18 @@ def test_thumbs_are_one_per_person_and_message_and_refusals_change_nothing(arena
         response = arena.client.request(method, url, json=body, headers=arena.chatter)
     event(f"{method} HTTP {response.status_code}")
     with arena.factory() as db:
-        rows = db.execute(select(Feedback.message_id, Feedback.user_id, Feedback.value, Feedback.reason,
-                                 Feedback.comment)).all()  # fmt: skip
+        rows = db.execute(
+            select(Feedback.message_id, Feedback.user_id, Feedback.value, Feedback.reason, Feedback.comment)
+        ).all()
     assert len({(m, u) for m, u, *_ in rows}) == len(rows), "two thumbs for one message and person"
     mine = [row for row in rows if row.message_id == message_id and row.user_id == arena.chatter_id]
     if response.status_code == 200:
         vote = response.json()
         assert len(mine) == 1 and (mine[0].value, mine[0].reason, mine[0].comment) == (
-            vote["value"], vote["reason"], vote["comment"])  # fmt: skip
+            vote["value"],
+            vote["reason"],
+            vote["comment"],
+        )
         assert mine[0].value == body["value"] and "\x00" not in (mine[0].comment or "")
     elif response.status_code == 204:
         assert mine == []
@@ -220,8 +249,11 @@ def test_a_garbage_body_is_refused_with_the_one_shape(arena: Arena) -> None:
     """The plainest case of the fuzz above, kept as an example that reads on its own."""
     set_id = next(iter(arena.sets))
     before = labels(arena)
-    response = arena.client.post(f"/api/v1/annotation/sets/{set_id}/ranking", content=b'{"status": "ranked", "rank',
-                                 headers={**arena.annotators[0], "Content-Type": "application/json"})  # fmt: skip
+    response = arena.client.post(
+        f"/api/v1/annotation/sets/{set_id}/ranking",
+        content=b'{"status": "ranked", "rank',
+        headers={**arena.annotators[0], "Content-Type": "application/json"},
+    )
     assert response.status_code == 422
     assert_refusal(response, before, arena)
     assert json.loads(response.text)["detail"]

@@ -38,8 +38,9 @@ def expected_text(directory: Path, messages: list[dict], max_tokens: int) -> str
     model, _ = load_checkpoint(directory)
     tokenizer = Tokenizer.load(directory)
     ids = tokenizer.render_prompt(messages)
-    sample = Engine(model).generate(ids, n=1, max_new_tokens=max_tokens, temperature=0.0,
-                                    stop_token_ids=set(tokenizer.stop_token_ids))[0]  # fmt: skip
+    sample = Engine(model).generate(
+        ids, n=1, max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=set(tokenizer.stop_token_ids)
+    )[0]
     return clean(tokenizer.decode(sample.token_ids, skip_special=True))
 
 

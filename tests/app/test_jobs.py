@@ -151,8 +151,9 @@ def test_automatic_retraining_after_enough_new_labels(factory) -> None:
     with factory() as session:
         assert jobs.maybe_trigger_retraining(session, after_labels=0) == []  # off
         prompts.add_prompts(session, items=[([{"role": "user", "content": "Hi?"}], None)], source="demo")
-        cset = annotation.create_set(session, prompt_id=1, answers=[("a", 1), ("b", 1)], model_version_id=None,
-                                     params={})  # fmt: skip
+        cset = annotation.create_set(
+            session, prompt_id=1, answers=[("a", 1), ("b", 1)], model_version_id=None, params={}
+        )
         for i in range(3):
             annotator = make_user(session, f"ann{i}", Role.annotator)
             annotation.submit_ranking(session, annotator=annotator, set_id=cset.id, status="skipped", entries=[])

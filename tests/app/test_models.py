@@ -161,12 +161,24 @@ def test_nul_characters_from_people_or_models_are_dropped_on_both_databases(sess
     user = add_user(session, "nul")
     conversation = chat.create_conversation(session, user=user, title="a\x00b")
     _, answer = chat.add_user_message(session, user=user, conversation_id=conversation.id, content="hi\x00 there")
-    chat.finish_answer(session, message_id=answer.id, content="model\x00 output", finish_reason="stop",
-                       model_version_id=None, sampling={})  # fmt: skip
-    prompts.add_prompts(session, items=[(prompts.validate_messages([{"role": "user", "content": "q\x00?"}], "x"),
-                                         None)], source="demo")  # fmt: skip
-    cset = annotation.create_set(session, prompt_id=session.query(Prompt).one().id,
-                                 answers=[("x\x00", 1), ("y", 1)], model_version_id=None, params={})  # fmt: skip
+    chat.finish_answer(
+        session,
+        message_id=answer.id,
+        content="model\x00 output",
+        finish_reason="stop",
+        model_version_id=None,
+        sampling={},
+    )
+    prompts.add_prompts(
+        session, items=[(prompts.validate_messages([{"role": "user", "content": "q\x00?"}], "x"), None)], source="demo"
+    )
+    cset = annotation.create_set(
+        session,
+        prompt_id=session.query(Prompt).one().id,
+        answers=[("x\x00", 1), ("y", 1)],
+        model_version_id=None,
+        params={},
+    )
     session.commit()
     session.expire_all()
     assert session.get(Conversation, conversation.id).title == "ab"

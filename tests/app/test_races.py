@@ -55,8 +55,9 @@ def test_the_same_ranking_sent_twice_at_once_is_stored_once_and_the_second_is_a_
     with factory() as db:
         annotator = make_user(db, "ann", Role.annotator)
         prompts.add_prompts(db, items=[([{"role": "user", "content": "Hi"}], None)], source=PromptSource.demo)
-        cset = annotation.create_set(db, prompt_id=db.scalar(select(Prompt.id)), answers=[("a", 1), ("b", 1)],
-                                     model_version_id=None, params={})  # fmt: skip
+        cset = annotation.create_set(
+            db, prompt_id=db.scalar(select(Prompt.id)), answers=[("a", 1), ("b", 1)], model_version_id=None, params={}
+        )
         db.commit()
         entries = [(c.id, i + 1) for i, c in enumerate(cset.candidates)]
     first, second = factory(), factory()
@@ -65,8 +66,9 @@ def test_the_same_ranking_sent_twice_at_once_is_stored_once_and_the_second_is_a_
 
     def submit_second() -> None:
         try:
-            annotation.submit_ranking(second, annotator=annotator, set_id=cset.id, status=RankingStatus.ranked,
-                                      entries=entries)  # fmt: skip
+            annotation.submit_ranking(
+                second, annotator=annotator, set_id=cset.id, status=RankingStatus.ranked, entries=entries
+            )
             second.commit()
             outcome.append(None)
         except BaseException as exc:  # the test asserts on it below

@@ -29,8 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def flywheel(env: dict[str, str], *args: str, stdin: str = "") -> str:
-    result = subprocess.run([sys.executable, "-m", "app.cli", *args], input=stdin, capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

@@ -79,8 +79,13 @@ def test_rest_get_and_patch(tmp_path: Path, db: Session, client: TestClient) -> 
     db.commit()
     api = {"Authorization": f"Bearer {secret}"}
     got = client.get("/api/v1/settings", headers=api).json()
-    assert got == {"auto_retrain_after": 0, "source": "environment", "updated_at": None, "updated_by": None,
-                   "labels_since_last_reward_model": 0}  # fmt: skip
+    assert got == {
+        "auto_retrain_after": 0,
+        "source": "environment",
+        "updated_at": None,
+        "updated_by": None,
+        "labels_since_last_reward_model": 0,
+    }
 
     patched = client.patch("/api/v1/settings", json={"auto_retrain_after": 12}, headers=api)
     assert patched.status_code == 200, patched.text
@@ -89,8 +94,13 @@ def test_rest_get_and_patch(tmp_path: Path, db: Session, client: TestClient) -> 
     assert client.get("/api/v1/settings", headers=api).json()["auto_retrain_after"] == 12
     assert client.patch("/api/v1/settings", json={}, headers=api).json()["auto_retrain_after"] == 12  # no change
 
-    for bad in ({"auto_retrain_after": -1}, {"auto_retrain_after": "12"}, {"auto_retrain_after": 1.5},
-                {"auto_retrain_after": 10**7}, {"auto_retrain_after_typo": 3}):  # fmt: skip
+    for bad in (
+        {"auto_retrain_after": -1},
+        {"auto_retrain_after": "12"},
+        {"auto_retrain_after": 1.5},
+        {"auto_retrain_after": 10**7},
+        {"auto_retrain_after_typo": 3},
+    ):
         response = client.patch("/api/v1/settings", json=bad, headers=api)
         assert response.status_code == 422 and set(response.json()) == {"detail"}, bad
         assert isinstance(response.json()["detail"], str)
@@ -101,8 +111,9 @@ def test_rest_get_and_patch(tmp_path: Path, db: Session, client: TestClient) -> 
 
 
 def test_the_environment_is_the_default_until_an_admin_sets_a_value(tmp_path: Path, sqlite_url: str) -> None:
-    settings = Settings(data_dir=tmp_path / "data", database_url=sqlite_url, secret_key=secrets.token_urlsafe(40),
-                        auto_retrain_after=7)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=sqlite_url, secret_key=secrets.token_urlsafe(40), auto_retrain_after=7
+    )
     migrate.upgrade(sqlite_url)
     app = create_app(settings)
     with app.state.session_factory() as db:
@@ -116,8 +127,9 @@ def test_the_environment_is_the_default_until_an_admin_sets_a_value(tmp_path: Pa
 
 
 def test_the_worker_reads_the_rule_from_the_database_at_every_poll(tmp_path: Path, any_db_url: str) -> None:
-    settings = Settings(data_dir=tmp_path / "data", database_url=any_db_url, secret_key=secrets.token_urlsafe(40),
-                        auto_retrain_after=0)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=any_db_url, secret_key=secrets.token_urlsafe(40), auto_retrain_after=0
+    )
     migrate.upgrade(any_db_url)
     engine = make_engine(any_db_url)
     factory = make_session_factory(engine)

@@ -138,9 +138,13 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
 
 
 PARAMETER_NAMES = {
-    "delete_conversation_id": "conversation_id", "streaming_message_id": "message_id", "last_answer_id": "message_id",
-    "api_delete_conversation_id": "conversation_id", "api_set_id": "set_id", "admin_cancel_job_id": "job_id",
-}  # fmt: skip
+    "delete_conversation_id": "conversation_id",
+    "streaming_message_id": "message_id",
+    "last_answer_id": "message_id",
+    "api_delete_conversation_id": "conversation_id",
+    "api_set_id": "set_id",
+    "admin_cancel_job_id": "job_id",
+}
 
 
 def route_key(method: str, path: str) -> tuple[str, str]:
@@ -174,19 +178,27 @@ def own_objects(db: Session, user: User) -> dict[str, int]:
     token, _ = tokens.create_token(db, user=user, name="to revoke")
     conversation = chat.create_conversation(db, user=user)
     _, answer = chat.add_user_message(db, user=user, conversation_id=conversation.id, content="hi")
-    chat.finish_answer(db, message_id=answer.id, content="hello", finish_reason="stop", model_version_id=None,
-                       sampling={})  # fmt: skip
+    chat.finish_answer(
+        db, message_id=answer.id, content="hello", finish_reason="stop", model_version_id=None, sampling={}
+    )
     _, streaming = chat.add_user_message(db, user=user, conversation_id=conversation.id, content="and?")
     doomed = chat.create_conversation(db, user=user)
     api_doomed = chat.create_conversation(db, user=user)
     other = chat.create_conversation(db, user=user)
     _, last_answer = chat.add_user_message(db, user=user, conversation_id=other.id, content="hey")
-    chat.finish_answer(db, message_id=last_answer.id, content="hey", finish_reason="stop", model_version_id=None,
-                       sampling={})  # fmt: skip
+    chat.finish_answer(
+        db, message_id=last_answer.id, content="hey", finish_reason="stop", model_version_id=None, sampling={}
+    )
     db.commit()
-    return {"token_id": token.id, "conversation_id": conversation.id, "message_id": answer.id,
-            "streaming_message_id": streaming.id, "delete_conversation_id": doomed.id,
-            "last_answer_id": last_answer.id, "api_delete_conversation_id": api_doomed.id}  # fmt: skip
+    return {
+        "token_id": token.id,
+        "conversation_id": conversation.id,
+        "message_id": answer.id,
+        "streaming_message_id": streaming.id,
+        "delete_conversation_id": doomed.id,
+        "last_answer_id": last_answer.id,
+        "api_delete_conversation_id": api_doomed.id,
+    }
 
 
 @pytest.fixture
@@ -197,11 +209,19 @@ def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
     db.flush()
     prompts.add_prompts(db, items=[([{"role": "user", "content": "Hi?"}], None)], source=PromptSource.demo)
     prompt_id = db.scalar(select(Prompt.id))
-    sets = [annotation.create_set(db, prompt_id=prompt_id, answers=[("a", 1), ("b", 1)], model_version_id=None,
-                                  params={}) for _ in range(2)]  # fmt: skip
-    shared = {"user_id": make_user(db, "target").id, "job_id": jobs.enqueue(db, type="reward").id,
-              "version_id": version.id, "set_id": sets[0].id, "api_set_id": sets[1].id,
-              "admin_cancel_job_id": jobs.enqueue(db, type="sft").id, "kind": "rankings"}  # fmt: skip
+    sets = [
+        annotation.create_set(db, prompt_id=prompt_id, answers=[("a", 1), ("b", 1)], model_version_id=None, params={})
+        for _ in range(2)
+    ]
+    shared = {
+        "user_id": make_user(db, "target").id,
+        "job_id": jobs.enqueue(db, type="reward").id,
+        "version_id": version.id,
+        "set_id": sets[0].id,
+        "api_set_id": sets[1].id,
+        "admin_cancel_job_id": jobs.enqueue(db, type="sft").id,
+        "kind": "rankings",
+    }
     db.commit()
     result = {}
     for role in ROLES:
@@ -239,8 +259,11 @@ def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(
     """Every route, called with the session cookie of a person since disabled, their API token, or a revoked token
     of an active person: exactly what an anonymous visitor gets (a bad token: a 401 even on public pages), and the
     database is left exactly as it was."""
-    shared = {k: v for k, v in callers["admin"].ids.items() if k in ("user_id", "job_id", "version_id", "set_id",
-              "api_set_id", "admin_cancel_job_id", "kind")}  # fmt: skip
+    shared = {
+        k: v
+        for k, v in callers["admin"].ids.items()
+        if k in ("user_id", "job_id", "version_id", "set_id", "api_set_id", "admin_cancel_job_id", "kind")
+    }
     gone = make_user(db, "gone", Role.annotator)
     browser = TestClient(app)
     login(browser, gone.username)

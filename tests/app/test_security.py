@@ -52,8 +52,14 @@ def test_people_never_see_or_touch_each_others_conversations(served_app: FastAPI
         owner = make_user(db, "owner")
         conversation = chat.create_conversation(db, user=owner, title="Owner's secret title")
         _, answer = chat.add_user_message(db, user=owner, conversation_id=conversation.id, content="my secret question")
-        chat.finish_answer(db, message_id=answer.id, content="the secret answer", finish_reason="stop",
-                           model_version_id=None, sampling={})  # fmt: skip
+        chat.finish_answer(
+            db,
+            message_id=answer.id,
+            content="the secret answer",
+            finish_reason="stop",
+            model_version_id=None,
+            sampling={},
+        )
         _, pending = chat.add_user_message(db, user=owner, conversation_id=conversation.id, content="and the other?")
         token, _ = tokens.create_token(db, user=owner, name="owner's token")
         db.commit()
@@ -190,8 +196,12 @@ def flags(line: str) -> dict[str, str]:
     return {p.split("=", 1)[0].lower(): (p.split("=", 1)[1] if "=" in p else "") for p in parts}
 
 
-CASES = [("http://testserver", None, False), ("https://testserver", None, True), ("http://testserver", True, True),
-         ("https://testserver", False, False)]  # fmt: skip
+CASES = [
+    ("http://testserver", None, False),
+    ("https://testserver", None, True),
+    ("http://testserver", True, True),
+    ("https://testserver", False, False),
+]
 
 
 @pytest.mark.parametrize(("base_url", "forced", "secure"), CASES)
@@ -356,8 +366,9 @@ def test_the_admin_notice_cannot_be_written_by_a_link(client: TestClient, db: Se
     forged = client.get("/admin", params={"message": "Your session expired: log in again at evil.example"})
     assert forged.status_code == 200 and "evil.example" not in forged.text
     upload = {"file": ("p.jsonl", b'{"prompt": "Where does Mira live?"}\n')}
-    response = client.post("/admin/import", data={"kind": "prompts", "csrf_token": csrf}, files=upload,
-                           follow_redirects=False)  # fmt: skip
+    response = client.post(
+        "/admin/import", data={"kind": "prompts", "csrf_token": csrf}, files=upload, follow_redirects=False
+    )
     assert response.status_code == 303
     notice = parse_qs(urlsplit(response.headers["location"]).query)["message"][0]
     assert "Imported prompts" in client.get("/admin", params={"message": notice}).text

@@ -40,18 +40,30 @@ def collect_labels(factory) -> None:
         for prompt in db.query(Prompt).filter(Prompt.split == Split.train).limit(6):
             question = prompt.messages[-1]["content"]
             good, bad = world.reference_answer(world.find_question(question)), "I do not know, go away."
-            cset = annotation.create_set(db, prompt_id=prompt.id, answers=[(good, 5), (bad, 6), ("", 0)],
-                                         model_version_id=None, params={})  # fmt: skip
+            cset = annotation.create_set(
+                db, prompt_id=prompt.id, answers=[(good, 5), (bad, 6), ("", 0)], model_version_id=None, params={}
+            )
             scores = {c.id: world.gold_score(prompt.messages, c.content) for c in cset.candidates}
             order = sorted(scores, key=lambda cid: -scores[cid])
-            annotation.submit_ranking(db, annotator=annotator, set_id=cset.id, status="ranked",
-                                      entries=[(cid, i + 1) for i, cid in enumerate(order)])  # fmt: skip
+            annotation.submit_ranking(
+                db,
+                annotator=annotator,
+                set_id=cset.id,
+                status="ranked",
+                entries=[(cid, i + 1) for i, cid in enumerate(order)],
+            )
         person = make_user(db, "rater")
         for text, value in (("What is 2 plus 3?", 1), ("Where does Mira live?", -1)):
             conversation = chat.create_conversation(db, user=person)
             _, answer = chat.add_user_message(db, user=person, conversation_id=conversation.id, content=text)
-            chat.finish_answer(db, message_id=answer.id, content="5" if value > 0 else "No idea.",
-                               finish_reason="stop", model_version_id=None, sampling={})  # fmt: skip
+            chat.finish_answer(
+                db,
+                message_id=answer.id,
+                content="5" if value > 0 else "No idea.",
+                finish_reason="stop",
+                model_version_id=None,
+                sampling={},
+            )
             feedback.set_feedback(db, user=person, message_id=answer.id, value=value)
         db.commit()
 
@@ -65,8 +77,10 @@ def run(settings: Settings, factory, type: str, **params) -> Job:
 
 
 def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, factory) -> None:
-    assert run(settings, factory, "reward").error == "ValueError: no rankings or thumbs yet: annotate or rate " \
-        "some answers first"  # fmt: skip
+    assert (
+        run(settings, factory, "reward").error == "ValueError: no rankings or thumbs yet: annotate or rate "
+        "some answers first"
+    )
     collect_labels(factory)
     reward_job = run(settings, factory, "reward", **SMALL)
     assert reward_job.status == JobStatus.succeeded, reward_job.error
@@ -76,8 +90,9 @@ def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, 
         assert reward.training_data["thumbs"] == 2 and "val_acc" in reward.metrics
         assert reward.job_id == reward_job.id and reward_job.metrics  # progress points were recorded
 
-    rl_job = run(settings, factory, "rl", steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
-                 gate_prompts=4)  # fmt: skip
+    rl_job = run(
+        settings, factory, "rl", steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, gate_prompts=4
+    )
     assert rl_job.status == JobStatus.succeeded, rl_job.error
     with factory() as db:
         policy = db.query(ModelVersion).filter_by(kind=ModelKind.policy).one()

@@ -18,10 +18,25 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO
 
 
 def serve(tmp_path: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "FLYWHEEL_DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
-           "FLYWHEEL_DATA_DIR": str(tmp_path / "data"), "FLYWHEEL_SECRET_KEY": secrets.token_urlsafe(40)}  # fmt: skip
-    command = [sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--no-worker", "--no-bootstrap",
-               "--no-access-log", "--port", str(port)]  # fmt: skip
+    env = {
+        **os.environ,
+        "FLYWHEEL_DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
+        "FLYWHEEL_DATA_DIR": str(tmp_path / "data"),
+        "FLYWHEEL_SECRET_KEY": secrets.token_urlsafe(40),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "serve",
+        "--workers",
+        "2",
+        "--no-worker",
+        "--no-bootstrap",
+        "--no-access-log",
+        "--port",
+        str(port),
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

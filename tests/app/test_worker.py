@@ -20,9 +20,18 @@ from app.worker import Worker, WorkerConfig
 from ml.checkpoint import load_checkpoint
 
 TINY = {
-    "n_layer": 2, "n_embd": 32, "n_head": 2, "demo_docs": 300, "vocab_size": 300, "block_size": 32,
-    "batch_size": 4, "eval_every": 50, "eval_batches": 2, "save_every": 10_000, "warmup": 2,
-}  # fmt: skip
+    "n_layer": 2,
+    "n_embd": 32,
+    "n_head": 2,
+    "demo_docs": 300,
+    "vocab_size": 300,
+    "block_size": 32,
+    "batch_size": 4,
+    "eval_every": 50,
+    "eval_batches": 2,
+    "save_every": 10_000,
+    "warmup": 2,
+}
 
 
 @pytest.fixture
@@ -81,10 +90,18 @@ def test_cancel_stops_a_running_job_and_registers_nothing(settings: Settings, fa
 
 
 def worker_process(settings: Settings, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "FLYWHEEL_DATA_DIR": str(settings.data_dir), "FLYWHEEL_DATABASE_URL": settings.database_url,
-           "FLYWHEEL_SECRET_KEY": settings.secret_key}  # fmt: skip
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--poll", "0.2", "--lease", "4", *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    env = {
+        **os.environ,
+        "FLYWHEEL_DATA_DIR": str(settings.data_dir),
+        "FLYWHEEL_DATABASE_URL": settings.database_url,
+        "FLYWHEEL_SECRET_KEY": settings.secret_key,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--poll", "0.2", "--lease", "4", *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_kill_9_of_a_worker_mid_job_is_retried_and_registers_one_model(settings: Settings, factory) -> None:

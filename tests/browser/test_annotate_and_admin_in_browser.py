@@ -20,8 +20,9 @@ def test_annotator_ranks_with_the_keyboard_only(served_page: Page) -> None:
     page = served_page
     with page.app.state.session_factory() as db:
         make_user(db, "keys", Role.annotator)
-        prompts.add_prompts(db, items=[([{"role": "user", "content": "What is 3 plus 4?"}], None)],
-                            source=PromptSource.demo)  # fmt: skip
+        prompts.add_prompts(
+            db, items=[([{"role": "user", "content": "What is 3 plus 4?"}], None)], source=PromptSource.demo
+        )
         db.commit()
     log_in(page, "keys")
     page.goto("/annotate")

@@ -14,8 +14,9 @@ from ml.model import Linear, ModelConfig, Transformer
 
 def tiny_model(max_seq_len: int = 64) -> Transformer:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
-                         max_seq_len=max_seq_len)  # fmt: skip
+    config = ModelConfig(
+        vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, max_seq_len=max_seq_len
+    )
     return Transformer(config).eval()
 
 
@@ -38,10 +39,14 @@ def test_staggered_greedy_requests_match_each_alone() -> None:
     model = tiny_model()
     prompts = {"a": [1, 2, 3], "b": [5, 6, 7, 8, 9, 10, 11], "c": [4], "d": [9, 8, 7, 6]}
     lengths = {"a": 12, "b": 5, "c": 9, "d": 14}
-    arrivals = {0: [Request(prompts["a"], lengths["a"], temperature=0.0, key="a")],
-                2: [Request(prompts["b"], lengths["b"], temperature=0.0, key="b")],  # longer than the batch so far
-                3: [Request(prompts["c"], lengths["c"], temperature=0.0, key="c"),
-                    Request(prompts["d"], lengths["d"], temperature=0.0, key="d")]}  # fmt: skip
+    arrivals = {
+        0: [Request(prompts["a"], lengths["a"], temperature=0.0, key="a")],
+        2: [Request(prompts["b"], lengths["b"], temperature=0.0, key="b")],  # longer than the batch so far
+        3: [
+            Request(prompts["c"], lengths["c"], temperature=0.0, key="c"),
+            Request(prompts["d"], lengths["d"], temperature=0.0, key="d"),
+        ],
+    }
     got = run(BatchDecoder(model), arrivals, steps=30)
     for key, prompt in prompts.items():
         assert got[key] == alone(model, prompt, lengths[key]), key

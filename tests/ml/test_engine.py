@@ -86,9 +86,15 @@ def test_sampled_tokens_respect_top_k_and_top_p(model: Transformer, top_k, top_p
 def test_logprobs_match_sequence_logprobs(model: Transformer, temperature, top_k, top_p) -> None:
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     samples = Engine(model).generate(
-        prompts, n=2, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=7,
+        prompts,
+        n=2,
+        max_new_tokens=10,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=7,
         stop_token_ids={11, 12, 13},
-    )  # fmt: skip
+    )
     # one batch: prompts left-padded to a common start column, responses right-padded
     start, width = 5, 5 + 10
     ids = torch.zeros(len(samples), width, dtype=torch.long)

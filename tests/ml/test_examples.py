@@ -84,10 +84,14 @@ def test_bad_dialogues_thumbs_and_files_name_the_record(tmp_path: Path) -> None:
 def test_good_records_parse_in_every_accepted_form() -> None:
     [r] = load_rankings([{"prompt": "Hi?", "candidates": ["a", "b", "c"], "order": [[2, 0], 1]}])
     assert r.ranks == [1, 2, 1] and r.prompt == [{"role": "user", "content": "Hi?"}]
-    thumbs = load_thumbs([
-        {"prompt": "Hi?", "completion": "a", "label": True}, {"prompt": "Hi?", "answer": "b", "label": -1},
-        {"prompt": "Hi?", "completion": "c", "label": "down"}, {"prompt": "Other?", "completion": "d", "label": 1},
-    ])  # fmt: skip
+    thumbs = load_thumbs(
+        [
+            {"prompt": "Hi?", "completion": "a", "label": True},
+            {"prompt": "Hi?", "answer": "b", "label": -1},
+            {"prompt": "Hi?", "completion": "c", "label": "down"},
+            {"prompt": "Other?", "completion": "d", "label": 1},
+        ]
+    )
     assert [t.label for t in thumbs] == [True, False, False, True]
     [pair_ranking] = thumb_rankings(thumbs)  # only "Hi?" has both an up and a down answer
     assert pair_ranking.answers == ["a", "b", "c"] and pair_ranking.ranks == [1, 2, 2]
@@ -98,9 +102,12 @@ def test_good_records_parse_in_every_accepted_form() -> None:
 def test_sft_targets_are_the_assistant_tokens_of_every_turn(tiny_tokenizer) -> None:
     tok = tiny_tokenizer
     messages = [
-        {"role": "system", "content": "Be kind."}, USER, {"role": "assistant", "content": "In Oslo."},
-        {"role": "user", "content": "And Omar?"}, {"role": "assistant", "content": "In Lima."},
-    ]  # fmt: skip
+        {"role": "system", "content": "Be kind."},
+        USER,
+        {"role": "assistant", "content": "In Oslo."},
+        {"role": "user", "content": "And Omar?"},
+        {"role": "assistant", "content": "In Lima."},
+    ]
     x, y = tokenize_dialogue(tok, Dialogue(messages, "test"), max_len=128)
     trained = y[y != IGNORE].tolist()
     assert trained == [*tok.encode("In Oslo."), tok.end_id, *tok.encode("In Lima."), tok.end_id]

@@ -87,8 +87,10 @@ def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest
 
 
 def test_label_stats_of_several_sets_sum_counts_and_weigh_rates() -> None:
-    parts = [{"rankings": 30, "thumbs": 30, "thumbs_up": 0.2, "annotator_agreement": 0.9},
-             {"rankings": 10, "thumbs": 10, "thumbs_up": 0.6, "annotator_agreement": 0.5}]  # fmt: skip
+    parts = [
+        {"rankings": 30, "thumbs": 30, "thumbs_up": 0.2, "annotator_agreement": 0.9},
+        {"rankings": 10, "thumbs": 10, "thumbs_up": 0.6, "annotator_agreement": 0.5},
+    ]
     merged = merge_label_stats(parts)
     assert merged["rankings"] == 40 and merged["thumbs"] == 40
     assert merged["thumbs_up"] == pytest.approx(0.3) and merged["annotator_agreement"] == pytest.approx(0.8)
@@ -97,9 +99,13 @@ def test_label_stats_of_several_sets_sum_counts_and_weigh_rates() -> None:
 def test_summary_over_seeds_is_mean_and_sample_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def run(seed: int, sft: float, ppo: float, rm: float) -> dict:
         policy = {"gold_greedy": 0.5, "kl": 2.0, "response_len": 10.0}
-        return {"config": {"seed": seed}, "seconds": 600.0, "rm_acc": rm,
-                "policies": {"sft": {**policy, "gold": sft}, "rl-ppo": {**policy, "gold": ppo}},
-                "stages": {"reward": {"rm_acc_gold": rm}, "annotate": {"annotator_agreement": 0.9}}}  # fmt: skip
+        return {
+            "config": {"seed": seed},
+            "seconds": 600.0,
+            "rm_acc": rm,
+            "policies": {"sft": {**policy, "gold": sft}, "rl-ppo": {**policy, "gold": ppo}},
+            "stages": {"reward": {"rm_acc_gold": rm}, "annotate": {"annotator_agreement": 0.9}},
+        }
 
     runs = [run(0, 0.2, 0.4, 0.8), run(1, 0.3, 0.4, 0.9)]
     table = summarize(runs).splitlines()

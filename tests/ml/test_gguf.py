@@ -12,8 +12,12 @@ from ml.gguf import convert_gguf_to_checkpoint, gguf_to_hf
 from ml.tokenizer import Tokenizer
 from tests.gguf_factory import write_tiny_llama_gguf
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does Mira live?"},
-        {"role": "assistant", "content": "In Oslo."}, {"role": "user", "content": "And what is 3 plus 4?"}]  # fmt: skip
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Where does Mira live?"},
+    {"role": "assistant", "content": "In Oslo."},
+    {"role": "user", "content": "And what is 3 plus 4?"},
+]
 
 
 def needs_gguf() -> None:

@@ -25,13 +25,25 @@ from ml.hf import config_from_hf, config_to_hf, convert_hf_to_checkpoint, export
 from ml.model import ModelConfig, Transformer, rope_inv_freq
 
 SHAPE = dict(
-    vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-)  # fmt: skip
+    vocab_size=101,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 # rope scalings whose thresholds the 44-token test sequences pass: head_dim 12 has wavelengths 2pi, 29, 135, ...,
 # so with these the fastest frequency is kept, the next blended, the rest divided by the factor
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=0.5, high_freq_factor=2.0,
-                   original_max_position_embeddings=16)  # fmt: skip
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=4.0,
+    low_freq_factor=0.5,
+    high_freq_factor=2.0,
+    original_max_position_embeddings=16,
+)
 LINEAR_ROPE = dict(rope_type="linear", rope_theta=10000.0, factor=2.0)
 
 
@@ -65,10 +77,13 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
         (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=True, rope_parameters=LINEAR_ROPE)),
         (Qwen3ForCausalLM, Qwen3Config, dict(tie_word_embeddings=False, head_dim=16)),
         (MistralForCausalLM, MistralConfig, dict(tie_word_embeddings=False, sliding_window=48, head_dim=16)),
-        (SmolLM3ForCausalLM, SmolLM3Config, dict(tie_word_embeddings=True, no_rope_layers=[1, 0], pad_token_id=0,
-                                                 bos_token_id=None, eos_token_id=None)),
+        (
+            SmolLM3ForCausalLM,
+            SmolLM3Config,
+            dict(tie_word_embeddings=True, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=None, eos_token_id=None),
+        ),
     ],
-)  # fmt: skip
+)
 def test_import_and_export_match_transformers(tmp_path, cls, config_cls, extra) -> None:
     torch.manual_seed(0)
     hf = randomise(cls(config_cls(**SHAPE, **extra)))
@@ -88,8 +103,14 @@ def test_import_and_export_match_transformers(tmp_path, cls, config_cls, extra) 
     # greedy decoding through our KV cache, past the scaling threshold, picks transformers' tokens
     [sample] = Engine(ours).generate(ids[1, :30].tolist(), n=1, max_new_tokens=8, temperature=0)
     with torch.no_grad():
-        hf_out = hf.generate(ids[1:, :30], attention_mask=mask[1:, :30], max_new_tokens=8, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)  # fmt: skip
+        hf_out = hf.generate(
+            ids[1:, :30],
+            attention_mask=mask[1:, :30],
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     assert sample.token_ids == hf_out[0, 30:].tolist()
     # and so does the server's continuous batch (slots, chunked prefill), beside another request
     decoder = BatchDecoder(ours, prefill_chunk=7)
@@ -151,8 +172,15 @@ def test_pytorch_bin_checkpoint(tmp_path) -> None:
     assert (ours_logits(ours, ids) - hf_logits(hf, ids)).abs().max() <= 1e-4
 
 
-BASE = {"model_type": "llama", "vocab_size": 10, "num_hidden_layers": 4, "num_attention_heads": 2, "hidden_size": 8,
-        "intermediate_size": 16, "max_position_embeddings": 8192}  # fmt: skip
+BASE = {
+    "model_type": "llama",
+    "vocab_size": 10,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "max_position_embeddings": 8192,
+}
 
 
 def test_unsupported_families_and_features_are_refused_by_name() -> None:
@@ -191,8 +219,11 @@ def test_config_fields_of_each_family() -> None:
     assert config_from_hf(smollm3).nope_layers == [3]  # every 4th layer by default
     assert config_from_hf({**smollm3, "no_rope_layers": [0, 1, 1, 0]}).nope_layers == [0, 3]
     assert config_to_hf(config_from_hf(smollm3))["no_rope_layers"] == [1, 1, 1, 0]
-    legacy = {**BASE, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-              "low_freq_factor": 1.0, "high_freq_factor": 4.0}}  # fmt: skip
+    legacy = {
+        **BASE,
+        "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    }
     config = config_from_hf(legacy)  # transformers 4.x: theta beside rope_scaling; original length defaults
     assert config.rope_theta == 500000.0 and config.rope_scaling["original_max_position_embeddings"] == 8192
     assert ModelConfig.from_dict(config.to_dict()) == config  # survives config.json
@@ -214,6 +245,11 @@ def test_rope_inv_freq_by_hand() -> None:
     )
     # llama3 with original length 64: wavelengths under 64/8 = 8 kept (2pi), over 64/0.5 = 128 divided by 4 (628),
     # and 62.8 blended: s = (64/62.83 - 0.5) / (8 - 0.5) = 0.0691456, 0.1 * ((1 - s) / 4 + s) = 0.0301859
-    llama3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5, "high_freq_factor": 8.0,
-              "original_max_position_embeddings": 64}  # fmt: skip
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "low_freq_factor": 0.5,
+        "high_freq_factor": 8.0,
+        "original_max_position_embeddings": 64,
+    }
     assert torch.allclose(rope_inv_freq(6, 1000.0, llama3), torch.tensor([1.0, 0.0301859, 0.0025]))

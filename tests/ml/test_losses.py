@@ -63,8 +63,10 @@ def test_bradley_terry_is_a_mean_over_rankings_not_over_pooled_pairs():
     expected = ((nls(2) + nls(3) + nls(1)) / 3 + nls(1)) / 2
     assert close(bradley_terry_loss(rewards, ranks), expected)
     # a ranking with no pair at all (everything tied) does not count
-    assert close(bradley_terry_loss(t([2.0, 0.0, -1.0], [1.0, 1.0, 1.0]), torch.tensor([[1, 2, 3], [1, 1, 1]])),
-                 (nls(2) + nls(3) + nls(1)) / 3)  # fmt: skip
+    assert close(
+        bradley_terry_loss(t([2.0, 0.0, -1.0], [1.0, 1.0, 1.0]), torch.tensor([[1, 2, 3], [1, 1, 1]])),
+        (nls(2) + nls(3) + nls(1)) / 3,
+    )
 
 
 def test_bradley_terry_gradient_pushes_the_better_answer_up():

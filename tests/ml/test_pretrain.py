@@ -19,9 +19,19 @@ from ml.tokenizer import Tokenizer
 from ml.train.pretrain import PretrainConfig, add_arguments, main, pretrain
 
 TINY = dict(
-    demo_docs=400, vocab_size=400, block_size=32, batch_size=4, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-    eval_batches=2, warmup=2, lr=3e-3, threads=1,
-)  # fmt: skip
+    demo_docs=400,
+    vocab_size=400,
+    block_size=32,
+    batch_size=4,
+    n_layer=2,
+    n_embd=32,
+    n_head=4,
+    n_kv_head=2,
+    eval_batches=2,
+    warmup=2,
+    lr=3e-3,
+    threads=1,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -34,9 +44,21 @@ def _restore_threads():
 
 def test_pretraining_beats_unigram_entropy(tmp_path: Path) -> None:
     config = PretrainConfig(
-        out=str(tmp_path / "base"), demo_docs=1500, vocab_size=512, block_size=64, batch_size=8, steps=150,
-        warmup=10, lr=4e-3, n_layer=2, n_embd=64, n_head=4, eval_every=0, eval_batches=4, threads=1,
-    )  # fmt: skip
+        out=str(tmp_path / "base"),
+        demo_docs=1500,
+        vocab_size=512,
+        block_size=64,
+        batch_size=8,
+        steps=150,
+        warmup=10,
+        lr=4e-3,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        eval_every=0,
+        eval_batches=4,
+        threads=1,
+    )
     metrics = pretrain(config)
     tokenizer = Tokenizer.load(config.out)
     counts = Counter()

@@ -27,9 +27,15 @@ def target_fraction(prompts, answers) -> list[float]:
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_kl_of_a_policy_against_itself_is_zero(tiny_base: Path, tmp_path: Path, sampling: Sampling, algo) -> None:
     config = RLConfig(
-        policy=str(tiny_base), out=str(tmp_path / "rl"), algo=algo, temperature=sampling.temperature,
-        top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=10, device="cpu",
-    )  # fmt: skip
+        policy=str(tiny_base),
+        out=str(tmp_path / "rl"),
+        algo=algo,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        max_new_tokens=10,
+        device="cpu",
+    )
     tr = build_trainer(config, target_fraction, torch.device("cpu"))
     assert tr.reference is not tr.policy
     exp = make_experience(tr, tr.prompts[:4], seed=0)
@@ -45,9 +51,18 @@ def test_kl_of_a_policy_against_itself_is_zero(tiny_base: Path, tmp_path: Path, 
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
 def test_rl_raises_a_programmatic_reward(tiny_base: Path, tmp_path: Path, algo: str) -> None:
     config = RLConfig(
-        policy=str(tiny_base), out=str(tmp_path / algo), algo=algo, steps=30, prompts_per_step=4,
-        samples_per_prompt=4, max_new_tokens=12, lr=3e-3, kl_coef=0.01, minibatch_size=8, device="cpu",
-    )  # fmt: skip
+        policy=str(tiny_base),
+        out=str(tmp_path / algo),
+        algo=algo,
+        steps=30,
+        prompts_per_step=4,
+        samples_per_prompt=4,
+        max_new_tokens=12,
+        lr=3e-3,
+        kl_coef=0.01,
+        minibatch_size=8,
+        device="cpu",
+    )
     metrics = rl(config, reward_fn=target_fraction)
     assert all(h["kl"] >= 0 for h in metrics["history"])  # k3 per answer: never negative
     assert {"reward", "kl", "entropy", "clip_frac", "response_len", "samples"} <= metrics["history"][0].keys()
@@ -76,10 +91,21 @@ def test_ppo_with_a_reward_model_value_init_ptx_and_adaptive_kl(tiny_base: Path,
     policy, _ = load_checkpoint(tiny_base)
     rm_dir = save_checkpoint(tmp_path / "rm", scalar_model_from(policy), tokenizer=Tokenizer.load(tiny_base))
     config = RLConfig(
-        policy=str(tiny_base), reward_model=str(rm_dir), out=str(tmp_path / "rl"), steps=2, prompts_per_step=2,
-        samples_per_prompt=2, max_new_tokens=6, ptx_coef=0.1, ptx_block_size=32, kl_target=1.0, top_k=50,
-        whiten_rewards=True, stop_penalty=0.5, device="cpu",
-    )  # fmt: skip
+        policy=str(tiny_base),
+        reward_model=str(rm_dir),
+        out=str(tmp_path / "rl"),
+        steps=2,
+        prompts_per_step=2,
+        samples_per_prompt=2,
+        max_new_tokens=6,
+        ptx_coef=0.1,
+        ptx_block_size=32,
+        kl_target=1.0,
+        top_k=50,
+        whiten_rewards=True,
+        stop_penalty=0.5,
+        device="cpu",
+    )
     metrics = rl(config)
     assert "ptx_loss" in metrics["history"][0] and metrics["history"][-1]["kl_coef"] != config.kl_coef
     assert "value_loss" in metrics
@@ -88,8 +114,20 @@ def test_ppo_with_a_reward_model_value_init_ptx_and_adaptive_kl(tiny_base: Path,
 def test_cli_errors(tiny_base: Path, tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--policy", str(tiny_base), "--reward-model", str(tmp_path / "none"), "--out",
-                              str(tmp_path / "o"), "--algo", "grpo", "--samples-per-prompt", "1"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "--policy",
+            str(tiny_base),
+            "--reward-model",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+            "--algo",
+            "grpo",
+            "--samples-per-prompt",
+            "1",
+        ]
+    )
     assert main(args) == 2
     assert "--samples-per-prompt must be >= 2" in capsys.readouterr().err
     args.samples_per_prompt = 2

@@ -19,9 +19,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_sft_lowers_the_heldout_assistant_loss(tiny_base: Path, tmp_path: Path) -> None:
     config = SFTConfig(
-        base=str(tiny_base), out=str(tmp_path / "sft"), demo_dialogues=300, steps=30, batch_size=8, lr=3e-3,
-        warmup=3, eval_every=0, heldout_fraction=0.1, packing=True, device="cpu",
-    )  # fmt: skip
+        base=str(tiny_base),
+        out=str(tmp_path / "sft"),
+        demo_dialogues=300,
+        steps=30,
+        batch_size=8,
+        lr=3e-3,
+        warmup=3,
+        eval_every=0,
+        heldout_fraction=0.1,
+        packing=True,
+        device="cpu",
+    )
     metrics = sft(config)
     assert metrics["val_loss"] < metrics["val_loss_start"] - 0.5, metrics
     model, meta = load_checkpoint(config.out)
