@@ -1,4 +1,4 @@
-"""One pool of threads for the database work of async routes, entered with a plain `run_in_executor`.
+"""The one way async code hops to a thread (database work, loading a model): one pool, a plain `run_in_executor`.
 
 A request's database work must not run on the event loop, but the hop to a thread is paid on every request:
 Starlette's `run_in_threadpool` (anyio: capacity limiter, cancel scope, run-vars) costs ~160 µs of CPU a hop on the

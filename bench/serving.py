@@ -34,8 +34,8 @@ def free_port() -> int:
 def prepare(data_dir: Path, model: str | None) -> str:
     """Register a model as the served one (training a short demo model unless one is given); returns a token."""
     from app import migrate
-    from app.bootstrap import bootstrap_demo_model
     from app.db import make_engine, make_session_factory, transaction
+    from app.jobs.bootstrap import bootstrap_demo_model
     from app.models import ModelKind, ModelStatus, ModelVersion, Role
     from app.services import tokens, users
     from app.settings import Settings

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from app import migrate
 from app.db import normalise_url
-from app.main import create_app
 from app.settings import Settings
+from app.web.main import create_app
 
 POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

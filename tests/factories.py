@@ -89,7 +89,7 @@ def app_with_active_model(settings, model_dir):
     """A migrated app whose active model is `model_dir`; its watcher loads it once the lifespan runs (a
     TestClient), polling fast so tests do not wait (see wait_for_model)."""
     from app import migrate
-    from app.main import create_app
+    from app.web.main import create_app
 
     settings.model_poll_s = 0.1
     migrate.upgrade(settings.resolved_database_url)

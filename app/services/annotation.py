@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Candidate, CandidateSet, Prompt, Ranking, RankingEntry, RankingStatus, User, utcnow
-from app.text import clean, clean_optional
+from app.services.text import clean, clean_optional
 
 MAX_FLAG_REASON = 200
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000

@@ -5,7 +5,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Conversation, Message, MessageRole, User, utcnow
-from app.text import clean
+from app.services.text import clean
 
 MAX_MESSAGE_CHARS = 8000
 MAX_TITLE_CHARS = 200

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, Invalid
 from app.models import Feedback, MessageRole, User, utcnow
 from app.services.chat import STREAMING, owned_message
-from app.text import clean
+from app.services.text import clean
 
 REASONS = ("correct", "helpful", "concise", "wrong", "unhelpful", "rambling", "rude", "unsafe", "other")
 MAX_COMMENT_CHARS = 2000

@@ -1,8 +1,8 @@
 """A model version's lineage in words, for the admin page: its ancestors, the data it saw, and the gate's verdict.
 
 Training jobs record lineage as raw watermarks (`ranking_id: 57` = every ranking up to row 57 that the export kept),
-counts and file names (app/training.py); an admin wants to read "6 rankings (ids up to 57)" and click through to the
-parent and to the reward model that judged it, so this module turns those records into labelled lines.
+counts and file names (app/jobs/handlers.py); an admin wants to read "6 rankings (ids up to 57)" and click through to
+the parent and to the reward model that judged it, so this module turns those records into labelled lines.
 """
 
 from dataclasses import dataclass

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.errors import Invalid
 from app.models import Conversation, Message, MessageRole, Prompt, PromptSource, Split
 from app.services.chat import STREAMING, visible_thread
-from app.text import clean as clean_text
+from app.services.text import clean as clean_text
 
 MAX_PROMPT_MESSAGES = 50
 ROLES = {"system", "user", "assistant"}

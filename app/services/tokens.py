@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from app.auth import new_api_token, sha256_hex
 from app.errors import Invalid, NotFound
 from app.models import ApiToken, User, utcnow
-from app.text import clean
+from app.services.text import clean
 
 MAX_TOKEN_DAYS = 3650
 LAST_USED_GRANULARITY = timedelta(minutes=1)  # fewer writes: last use is recorded to the minute

@@ -35,8 +35,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import migrate
+from app.cli.demo_flywheel import free_port
 from app.db import make_engine, make_session_factory, transaction
-from app.demo_flywheel import free_port
 from app.models import (
     Candidate,
     Conversation,

@@ -6,9 +6,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.auth import SESSION_COOKIE
-from app.main import create_app
 from app.models import ApiToken, Role, UserSession, utcnow
 from app.settings import Settings, SignupMode
+from app.web.main import create_app
 from tests.factories import PASSWORD, csrf_from, db_snapshot, login, make_user, user_named
 
 

@@ -17,10 +17,10 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, settings
 from sqlalchemy import select, update
 
-from app.main import create_app
 from app.models import Prompt, PromptSource, Role, User
 from app.services import annotation, chat, prompts, tokens
 from app.settings import Settings
+from app.web.main import create_app
 from tests.conftest import serving
 from tests.factories import app_with_active_model, make_user, wait_for_model
 

@@ -1,8 +1,8 @@
 """First start: the demo model is trained and registered once, and the prompt pool is filled, so chat works."""
 
 from app import migrate
-from app.bootstrap import bootstrap_demo_model, seed_demo_prompts
 from app.db import make_engine, make_session_factory
+from app.jobs.bootstrap import bootstrap_demo_model, seed_demo_prompts
 from app.models import ModelKind, Prompt, PromptSource
 from app.services.model_versions import served_version
 from app.settings import Settings

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import TRAINERS, build_parser, main
+from app.cli import build_parser, main
+from app.cli.training import TRAINERS
 
 EXE = [sys.executable, "-m", "app.cli"]
 

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import migrate
 from app.db import make_engine, make_session_factory, transaction
+from app.jobs.worker import Worker, WorkerConfig
 from app.models import Job, JobStatus, ModelVersion
 from app.services import jobs
 from app.settings import Settings
-from app.worker import Worker, WorkerConfig
 from ml.checkpoint import load_checkpoint
 from tests.app.test_worker import TINY, wait_for
 
@@ -107,11 +107,11 @@ def broken_trainer(config: dict, on_progress=None) -> dict:
 
 
 def probe(fail: str) -> None:
-    import app.distributed
+    import app.jobs.ranks
 
-    app.distributed.STALL_GRACE_S = 1.0
+    app.jobs.ranks.STALL_GRACE_S = 1.0
     try:
-        app.distributed.run_ranks(
+        app.jobs.ranks.run_ranks(
             broken_trainer,
             {"fail": fail},
             nproc=2,

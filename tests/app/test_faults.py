@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.handlers import DATABASE_DOWN
+from app.web.errors import DATABASE_DOWN
 from tests.app.faults import (
     Load,
     ServerProcess,

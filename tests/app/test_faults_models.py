@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 
 from app import migrate
 from app.db import make_engine, make_session_factory, transaction
-from app.main import create_app
+from app.jobs.worker import Worker, WorkerConfig
 from app.models import Job, JobStatus, ModelKind, ModelVersion, Role
 from app.services import jobs, tokens
 from app.settings import Settings
-from app.worker import Worker, WorkerConfig
+from app.web.main import create_app
 from tests.app.faults import bearer, wait_for
 from tests.factories import make_tiny_model_dir, make_user, register_active_model
 

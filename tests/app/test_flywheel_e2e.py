@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bootstrap import FLYWHEEL_DEMO_MODEL, train_demo_model
+from app.jobs.bootstrap import FLYWHEEL_DEMO_MODEL, train_demo_model
 
 LOOP = [
     "--turns",

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from sqlalchemy import delete, select, text
 
 from app import migrate
-from app.main import create_app
 from app.models import Candidate, Feedback, PromptSource, Ranking, RankingEntry, Role
 from app.services import annotation, chat, prompts, tokens
 from app.services.feedback import REASONS
 from app.settings import Settings
+from app.web.main import create_app
 from tests.factories import make_user
 
 FUZZ = settings(

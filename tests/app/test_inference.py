@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from app.errors import ServiceError
-from app.services.inference import InferenceService, Limits, SamplingParams
-from app.text import clean
+from app.services.text import clean
+from app.serving.inference import InferenceService, Limits, SamplingParams
 from ml.checkpoint import save_checkpoint
 from ml.engine import Engine
 from ml.model import ModelConfig, Transformer

@@ -9,11 +9,11 @@ from sqlalchemy.orm import Session
 
 from app import migrate
 from app.db import make_engine, make_session_factory, transaction
-from app.main import create_app
+from app.jobs.worker import Worker
 from app.models import AppSetting, Job, JobStatus, Role
 from app.services import annotation, app_settings, prompts, tokens
 from app.settings import Settings
-from app.worker import Worker
+from app.web.main import create_app
 from tests.factories import login, make_user
 
 

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from app import migrate
 from app.auth import CSRF_COOKIE, SESSION_COOKIE, LoginRateLimiter
-from app.main import create_app
 from app.models import Role
 from app.services import chat, tokens
 from app.settings import Settings
+from app.web.main import create_app
 from tests.app.test_role_matrix import MATRIX, Caller, callers  # noqa: F401 (callers: a fixture used below)
 from tests.factories import (
     PASSWORD,

@@ -10,14 +10,14 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import migrate
-from app.bootstrap import bootstrap_demo_model, seed_demo_prompts
 from app.db import make_engine, make_session_factory, transaction
-from app.gate import REFERENCE_DIALOGUES, decide
+from app.jobs.bootstrap import bootstrap_demo_model, seed_demo_prompts
+from app.jobs.gate import REFERENCE_DIALOGUES, decide
+from app.jobs.handlers import reference_dialogues
+from app.jobs.worker import Worker, WorkerConfig
 from app.models import CandidateSet, Job, JobStatus, ModelKind, ModelStatus, ModelVersion, Prompt, Role, Split
 from app.services import annotation, chat, feedback, jobs
 from app.settings import Settings
-from app.training import reference_dialogues
-from app.worker import Worker, WorkerConfig
 from ml.demo import World, split_of
 from tests.factories import make_user
 

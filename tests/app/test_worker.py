@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import migrate
 from app.db import make_engine, make_session_factory, transaction
+from app.jobs.worker import Worker, WorkerConfig
 from app.models import Job, JobStatus, ModelVersion
 from app.services import jobs
 from app.settings import Settings
-from app.worker import Worker, WorkerConfig
 from ml.checkpoint import load_checkpoint
 
 TINY = {

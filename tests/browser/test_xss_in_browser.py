@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from app.models import Job, ModelKind, ModelVersion, Ranking
-from app.services.inference import Delta
+from app.serving.inference import Delta
 from tests.browser.conftest import screenshot, sign_up
 
 PAYLOAD = (

@@ -1,0 +1,369 @@
+"""What each job type does, run inside the worker's child process: build inputs, call an `ml/` trainer, report.
+
+A handler takes a JobContext and returns a JobOutput naming the model directory it wrote; the worker (the parent
+process) registers that directory as a model version only after the handler returned, so a crash or a cancel never
+leaves a half-written model registered.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.db import make_engine, make_session_factory
+from app.jobs import gate
+from app.models import ModelKind, ModelVersion, Split
+from app.services import datasets, model_versions
+
+
+@dataclass
+class JobContext:
+    job_id: int
+    params: dict[str, Any]
+    data_dir: Path
+    database_url: str
+    report: Callable[..., None]  # report(progress=None, metrics=None, log=None)
+    nproc: int = 1  # processes to train with (`flywheel worker --nproc`): local DDP ranks, this process is rank 0
+
+    def session(self) -> Session:
+        """A database session of the child's own (a forked connection pool must not be shared)."""
+        if not hasattr(self, "_factory"):
+            self._factory = make_session_factory(make_engine(self.database_url))
+        return self._factory()
+
+    def model_dir(self, kind: str) -> Path:
+        return self.data_dir / "models" / f"{kind}-job{self.job_id}"
+
+    def train(self, trainer: Callable[..., dict[str, Any]], config: Any) -> dict[str, Any]:
+        """Run an ml/ trainer on `nproc` processes (app/jobs/ranks.py). The config is built once, here, so every rank
+        trains on the same rows even while new labels arrive; each progress point says how many ranks trained."""
+        from app.jobs.ranks import run_ranks
+
+        return run_ranks(
+            trainer, config, nproc=self.nproc, on_progress=self.on_progress, log=lambda line: self.report(log=line)
+        )
+
+    def on_progress(self, info: dict[str, Any]) -> None:
+        """Adapter for ml/ trainers' progress callbacks: step/max_steps → progress, the rest → a metric point."""
+        step, total = info.get("step"), info.get("max_steps")
+        progress = step / total if isinstance(step, int) and isinstance(total, int) and total > 0 else None
+        point = {k: v for k, v in info.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self.report(progress=progress, metrics=point)
+
+
+@dataclass
+class JobOutput:
+    model_kind: str | None = None
+    model_dir: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parent_id: int | None = None
+    training_data: dict[str, Any] = field(default_factory=dict)
+    promote: bool = False  # make the new version the active one of its kind (after the gate, for policies)
+
+
+def _params(ctx: JobContext, allowed: set[str]) -> dict[str, Any]:
+    unknown = set(ctx.params) - allowed
+    if unknown:
+        raise ValueError(f"unknown parameters for this job: {', '.join(sorted(unknown))}")
+    return dict(ctx.params)
+
+
+def run_pretrain(ctx: JobContext) -> JobOutput:
+    """Pretrain a base model on the demo corpus (or files on the server) with ml.train.pretrain."""
+    from ml.train.pretrain import PretrainConfig, pretrain
+
+    allowed = {f.name for f in fields(PretrainConfig)} - {"out", "resume", "progress"}
+    out = ctx.model_dir("base")
+    config = PretrainConfig(out=str(out), **_params(ctx, allowed))
+    metrics = ctx.train(pretrain, config)
+    return JobOutput(
+        model_kind="base", model_dir=str(out), metrics=_plain(metrics), training_data={"data": config.data}
+    )
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
+
+
+def _version(session: Session, params: dict[str, Any], key: str, kinds: tuple[ModelKind, ...]) -> ModelVersion:
+    """The version named by params[key], else the active one of the first kind that has one."""
+    if params.get(key) is not None:
+        return model_versions.get_version(session, version_id=int(params.pop(key)))
+    params.pop(key, None)
+    for kind in kinds:
+        version = model_versions.active(session, kind=kind)
+        if version is not None:
+            return version
+    raise ValueError(f"no active {' or '.join(k.value for k in kinds)} model: train or promote one first")
+
+
+def _trainer_params(params: dict[str, Any], config_type: type, fixed: set[str]) -> dict[str, Any]:
+    allowed = {f.name for f in fields(config_type)} - fixed
+    unknown = set(params) - allowed - set(gate.GATE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown parameters for this job: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in params.items() if k in allowed}
+
+
+def _thumb_records(export: datasets.Export) -> list[dict[str, Any]]:
+    return [
+        {"prompt": r["prompt"], "completion": r["completion"][0]["content"], "label": r["label"]}
+        for r in export.records
+    ]
+
+
+def _dialogue_files(ctx: JobContext) -> list[str]:
+    folder = ctx.data_dir / "datasets" / "dialogues"
+    return sorted(str(p) for p in folder.iterdir() if not p.name.endswith(".tmp")) if folder.exists() else []
+
+
+def run_sft(ctx: JobContext) -> JobOutput:
+    """Fine-tune the active base model on chats that allow training, imported dialogues and (optionally) the demo's."""
+    from ml.train.sft import SFTConfig, demo_dialogues, sft
+
+    params = dict(ctx.params)
+    include_demo = bool(params.pop("include_demo", True))
+    with ctx.session() as session:
+        base = _version(session, params, "base_version_id", (ModelKind.base,))
+        chats = datasets.dialogues(session)
+    files = _dialogue_files(ctx)
+    collected = files + chats.records
+    if not collected and not include_demo:
+        raise ValueError("no dialogues to train on: import some or allow the demo data")
+    out = ctx.model_dir("sft")
+    config = SFTConfig(
+        base=base.path,
+        out=str(out),
+        data=["demo"],
+        **_trainer_params(params, SFTConfig, {"base", "out", "data", "resume", "progress"}),
+    )
+    if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
+        config.data = (demo_dialogues(config) if include_demo else []) + collected
+    metrics = ctx.train(sft, config)
+    lineage = {
+        **chats.watermark,
+        "dialogues": len(chats.records),
+        "files": files,
+        "demo": include_demo,
+        "demo_seed": config.demo_seed,
+    }
+    return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
+
+
+def run_reward(ctx: JobContext) -> JobOutput:
+    """Train a reward model from every ranking and thumb in the database; the newest becomes the active one."""
+    from ml.train.reward import RewardConfig, train_reward
+
+    params = dict(ctx.params)
+    with ctx.session() as session:
+        sft_version = _version(session, params, "sft_version_id", (ModelKind.sft,))
+        rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
+    if not rankings.records and not thumbs.records:
+        raise ValueError("no rankings or thumbs yet: annotate or rate some answers first")
+    out = ctx.model_dir("reward")
+    config = RewardConfig(
+        sft=sft_version.path,
+        out=str(out),
+        rankings=rankings.records,
+        thumbs=_thumb_records(thumbs),
+        **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
+    )
+    metrics = ctx.train(train_reward, config)
+    lineage = {
+        **rankings.watermark,
+        **thumbs.watermark,
+        "rankings": len(rankings.records),
+        "thumbs": len(thumbs.records),
+    }
+    return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
+
+
+def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
+    """What the gate measures perplexity on (its first REFERENCE_DIALOGUES): dialogues no policy wrote. The imported
+    dialogue `files` first, then, when the reference learned from the demo world, good answers to the demo's held-out
+    questions. Never users' chats: those are the active policy's own samples, on which any other policy looks worse,
+    so they would favour the incumbent."""
+    from ml.demo import World
+
+    data = reference.training_data or {}
+    demo = bool(data.get("demo")) or str(data.get("data", "")).startswith("demo")
+    held_out = (
+        World(int(data.get("demo_seed", 0))).sft_dialogues(gate.REFERENCE_DIALOGUES, bad_fraction=0.0, split="heldout")
+        if demo
+        else []
+    )
+    return files + held_out
+
+
+def _gate(ctx: JobContext, out: Path, policy: ModelVersion, params: dict[str, Any]) -> gate.GateResult:
+    with ctx.session() as session:
+        reference = _version(session, {}, "", (ModelKind.sft,))
+        reward = _version(session, {}, "", (ModelKind.reward,))
+        heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records]
+    dialogues = reference_dialogues(reference, _dialogue_files(ctx))
+    if not heldout:
+        raise ValueError("no held-out prompts to evaluate the new policy on")
+    settings = {**gate.GATE_DEFAULTS, **{k: v for k, v in params.items() if k in gate.GATE_DEFAULTS}}
+    ctx.report(log="evaluating the candidate against the active policy on held-out prompts\n")
+    return gate.evaluate_candidate(str(out), policy.path, reference.path, reward.path, heldout, dialogues, settings)
+
+
+# The rl job's KL penalty when none is given (the automatic rule gives none). Stronger than the trainer's own 0.05: a
+# reward model trained on what people labelled so far is wrong off that data, and the demo experiment's sweep found
+# 0.5 best (README, "The demo experiment").
+RL_KL_COEF = 0.5
+
+
+def run_rl(ctx: JobContext) -> JobOutput:
+    """RL of the served policy against the active reward model, then the gate decides whether to promote it."""
+    from ml.train.rl import RLConfig, rl
+
+    params = {"kl_coef": RL_KL_COEF, **ctx.params}
+    with ctx.session() as session:
+        policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
+        reference = _version(session, params, "reference_version_id", (ModelKind.sft,))
+        reward = _version(session, params, "reward_version_id", (ModelKind.reward,))
+        train_prompts = datasets.prompt_records(session, Split.train)
+    if not train_prompts.records:
+        raise ValueError("no training prompts: import prompts or seed the demo pool")
+    out = ctx.model_dir("policy")
+    config = RLConfig(
+        policy=policy.path,
+        out=str(out),
+        reward_model=reward.path,
+        reference=reference.path,
+        prompts=train_prompts.records,
+        **_trainer_params(params, RLConfig, {"policy", "out", "reward_model", "reference", "prompts", "progress"}),
+    )
+    if ctx.nproc > 1:
+        ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
+    metrics = rl(config, on_progress=ctx.on_progress)
+    result = _gate(ctx, out, policy, ctx.params)
+    metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
+    lineage = {
+        **train_prompts.watermark,
+        "prompts": len(train_prompts.records),
+        "reward_version_id": reward.id,
+        "reference_version_id": reference.id,
+    }
+    return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
+
+
+def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
+    """Offline DPO (from ranking pairs) or KTO (from thumbs) of the served policy, then the gate."""
+    from ml.train.dpo import DPOConfig, train_preferences
+
+    params = dict(ctx.params)
+    with ctx.session() as session:
+        policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
+        rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
+    data = {"rankings": rankings.records} if algo == "dpo" else {"thumbs": _thumb_records(thumbs)}
+    if not next(iter(data.values())):
+        raise ValueError(f"no {'rankings' if algo == 'dpo' else 'thumbs'} to train {algo.upper()} on")
+    out = ctx.model_dir("policy")
+    config = DPOConfig(
+        policy=policy.path,
+        out=str(out),
+        algo=algo,
+        **data,
+        **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume", "progress"}),
+    )
+    metrics = ctx.train(train_preferences, config)
+    result = _gate(ctx, out, policy, ctx.params)
+    metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
+    used = (rankings, "rankings") if algo == "dpo" else (thumbs, "thumbs")
+    lineage = {**used[0].watermark, used[1]: len(used[0].records)}
+    return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
+
+
+HANDLERS: dict[str, Callable[[JobContext], JobOutput]] = {
+    "pretrain": run_pretrain,
+    "sft": run_sft,
+    "reward": run_reward,
+    "rl": run_rl,
+    "dpo": lambda ctx: run_preferences(ctx, "dpo"),
+    "kto": lambda ctx: run_preferences(ctx, "kto"),
+}
+
+
+def run_candidates(ctx: JobContext) -> JobOutput:
+    """Pre-sample candidate sets (K answers each) for prompts that have none, so annotators never wait."""
+    from sqlalchemy import select
+
+    from app.models import CandidateSet, Prompt
+    from app.services import annotation
+    from ml.checkpoint import load_checkpoint
+    from ml.engine import Engine
+    from ml.tokenizer import Tokenizer
+
+    params = dict(ctx.params)
+    sets, k = int(params.pop("sets", 20)), int(params.pop("k", 4))
+    max_new_tokens = int(params.pop("max_new_tokens", 96))
+    with ctx.session() as session:
+        policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
+        have = select(CandidateSet.prompt_id)
+        todo = [(p.id, p.messages) for p in session.scalars(select(Prompt).where(Prompt.id.not_in(have)).limit(sets))]
+    if params:
+        raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
+    model, _ = load_checkpoint(policy.path)
+    tokenizer = Tokenizer.load(policy.path)
+    engine, stops = Engine(model), set(tokenizer.stop_token_ids)
+    for i, (prompt_id, messages) in enumerate(todo):
+        samples = engine.generate(
+            tokenizer.render_prompt(messages),
+            n=k,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            top_p=0.95,
+            stop_token_ids=stops,
+            seed=ctx.job_id * 1000 + i,
+        )
+        answers = [(tokenizer.decode(s.token_ids, skip_special=True).strip(), len(s.token_ids)) for s in samples]
+        with ctx.session() as session, session.begin():
+            annotation.create_set(
+                session,
+                prompt_id=prompt_id,
+                answers=answers,
+                model_version_id=policy.id,
+                params={"temperature": 1.0, "top_p": 0.95, "max_tokens": max_new_tokens},
+            )
+        ctx.report(progress=(i + 1) / len(todo), metrics={"step": i + 1, "sets": i + 1})
+    return JobOutput(metrics={"sets": len(todo)})
+
+
+def run_evaluate(ctx: JobContext) -> JobOutput:
+    """Measure a policy (default: the served one) against the SFT reference under the active reward model."""
+    from ml.checkpoint import load_checkpoint
+    from ml.engine import Sampling
+    from ml.evaluate import policy_reward_and_kl
+    from ml.tokenizer import Tokenizer
+    from ml.train.reward import RewardModel
+
+    params = dict(ctx.params)
+    n_prompts = int(params.pop("prompts", 48))
+    with ctx.session() as session:
+        policy = _version(session, params, "version_id", (ModelKind.policy, ModelKind.sft))
+        reference = _version(session, params, "reference_version_id", (ModelKind.sft,))
+        reward = _version(session, params, "reward_version_id", (ModelKind.reward,))
+        heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records][:n_prompts]
+    if params:
+        raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
+    if not heldout:
+        raise ValueError("no held-out prompts to evaluate on")
+    model, _ = load_checkpoint(policy.path)
+    ref, _ = load_checkpoint(reference.path)
+    result = policy_reward_and_kl(
+        model,
+        ref,
+        Tokenizer.load(policy.path),
+        heldout,
+        RewardModel.load(reward.path),
+        sampling=Sampling(temperature=0.7),
+    )
+    ctx.report(progress=1.0, metrics={"step": 1, **result}, log=f"{policy.name}: {result}\n")
+    return JobOutput(metrics=result)
+
+
+HANDLERS.update({"candidates": run_candidates, "evaluate": run_evaluate})

@@ -1,0 +1,107 @@
+"""Generate the answer of a stored assistant message: stream it from the served model and save it when done.
+
+Used by the chat page (SSE), the REST API and regenerate. The answer is saved once, at the end, in one transaction,
+whether it finished, was stopped or the client went away (then with what was generated so far).
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+from fastapi import FastAPI
+
+from app.db import transaction
+from app.errors import Conflict
+from app.models import User
+from app.services import chat
+from app.serving.inference import Delta, InferenceService, ModelUnavailable, SamplingParams
+from app.threads import run_db
+
+
+def _prepare(app: FastAPI, user: User, message_id: int) -> list[dict[str, str]]:
+    with app.state.session_factory() as session:
+        message = chat.get_message(session, user=user, message_id=message_id)
+        if message.finish_reason != chat.STREAMING:
+            raise Conflict(f"message {message_id} is already answered")
+        conversation = chat.get_conversation(session, user=user, conversation_id=message.conversation_id)
+        return chat.history_for_model(chat.messages_of(session, conversation=conversation), upto=message)
+
+
+def _save(app: FastAPI, message_id: int, text: str, finish: str, version_id: int | None, sampling: dict) -> None:
+    with transaction(app.state.session_factory) as session:
+        chat.finish_answer(
+            session,
+            message_id=message_id,
+            content=text,
+            finish_reason=finish,
+            model_version_id=version_id,
+            sampling=sampling,
+        )
+
+
+async def answer(
+    app: FastAPI, *, user: User, message_id: int, params: SamplingParams | None = None
+) -> AsyncIterator[Delta]:
+    """Deltas of the answer; stops early when the Stop button sets the message's stop event."""
+    service: InferenceService = app.state.inference
+    params = params or SamplingParams(max_tokens=app.state.settings.max_new_tokens)
+    active: dict[int, asyncio.Event] = app.state.stop_requests
+    # Ownership first: someone else's message is a 404 whether or not it is streaming (no 409 that reveals it is).
+    history = await run_db(_prepare, app, user, message_id)
+    if message_id in active:  # checked and claimed with no await in between: two requests cannot both pass
+        raise Conflict(f"message {message_id} is already being answered")
+    stop = active[message_id] = asyncio.Event()
+    version_id = service.current.version_id if service.current else None
+    parts: list[str] = []
+    finish = "cancelled"
+    try:
+        async for delta in service.stream(history, params, user_id=user.id):
+            parts.append(delta.text)
+            if delta.finish_reason:
+                finish = delta.finish_reason
+            yield delta
+            if stop.is_set():
+                finish = "stopped"
+                break
+    finally:
+        active.pop(message_id, None)
+        await asyncio.shield(run_db(_save, app, message_id, "".join(parts), finish, version_id, asdict(params)))
+
+
+def require_model(app: FastAPI) -> None:
+    """Refuse a message before storing it when there is nothing to answer it."""
+    if app.state.inference.current is None:
+        raise ModelUnavailable("no model is being served yet; an admin must train or import one")
+
+
+def request_stop(app: FastAPI, message_id: int) -> bool:
+    event = app.state.stop_requests.get(message_id)
+    if event is None:
+        return False
+    event.set()
+    return True
+
+
+def sse(event: str, data: dict) -> str:
+    """One server-sent event with a JSON payload."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def answer_events(deltas: AsyncIterator[Delta], first: Delta | None = None) -> AsyncIterator[str]:
+    """`delta` {text} events as tokens arrive, then `done` {finish_reason}, sent only once the answer is saved
+    (so a client that fetches the message right after `done` finds it finished). `first`: a delta already read."""
+    finish = "stopped"
+    try:
+        delta = first if first is not None else await anext(deltas, None)
+        while delta is not None:
+            if delta.text:
+                yield sse("delta", {"text": delta.text})
+            if delta.finish_reason:
+                finish = delta.finish_reason
+                break
+            delta = await anext(deltas, None)
+        await deltas.aclose()  # runs answer()'s finally, which saves the answer
+        yield sse("done", {"finish_reason": finish})
+    finally:
+        await deltas.aclose()
