@@ -126,7 +126,9 @@ def free_port() -> int:
 def serve_given_model(factory, path: str) -> None:
     """Register a chat model trained on the demo world (e.g. a demo experiment's `sft`) as the active SFT model."""
     from app.db import transaction
-    from app.models import ModelKind, ModelStatus, ModelVersion
+    from app.models import ModelKind
+    from app.services import model_versions
+    from app.services.training_data import TrainingData
     from ml.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -134,12 +136,10 @@ def serve_given_model(factory, path: str) -> None:
     except (CheckpointError, OSError, ValueError) as exc:
         raise SystemExit(f"flywheel demo flywheel: error: --demo-model {path}: {exc}") from exc
     where = Path(path).resolve()
-    data = {"data": f"demo world model {where}", "demo": True, "demo_seed": 0}
+    data = TrainingData(demo=True, demo_seed=0, extra={"given": f"demo world model {where}"})
     with transaction(factory) as session:
-        session.add(
-            ModelVersion(
-                name=where.name, kind=ModelKind.sft, path=str(where), status=ModelStatus.active, training_data=data
-            )
+        model_versions.register(
+            session, name=where.name, kind=ModelKind.sft, path=str(where), training_data=data, activate=True
         )
 
 

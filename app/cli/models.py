@@ -4,8 +4,9 @@ import argparse
 
 from app.cli.common import CLIError, add, session_factory
 from app.db import transaction
-from app.models import ModelKind, ModelVersion
+from app.models import ModelKind
 from app.services import model_versions
+from app.services.training_data import TrainingData
 from app.settings import Settings
 
 
@@ -36,16 +37,14 @@ def cmd_model_import(args: argparse.Namespace, settings: Settings) -> None:
     except (ValueError, KeyError, OSError, NotImplementedError) as exc:  # NotImplemented: a GGUF quantization type
         raise CLIError(f"cannot import {src}: {exc}") from exc
     with transaction(session_factory(settings)) as session:
-        version = ModelVersion(
+        version = model_versions.register(
+            session,
             name=name,
             kind=ModelKind(args.kind),
             path=str(out.resolve()),
-            training_data={"imported_from": str(src.resolve())},
+            training_data=TrainingData(imported_from=str(src.resolve())),
+            activate=args.activate,
         )
-        session.add(version)
-        session.flush()
-        if args.activate:
-            model_versions.promote(session, version_id=version.id)
         print(f"imported {src} as model version {version.id} ({version.kind.value}, {version.status.value}) at {out}")
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from app.db import make_engine, make_session_factory, transaction
-from app.models import ModelKind, ModelStatus, ModelVersion, PromptSource, Split
-from app.services import prompts
+from app.models import ModelKind, PromptSource, Split
+from app.services import model_versions, prompts
 from app.services.model_versions import served_version
+from app.services.training_data import TrainingData
 from app.settings import Settings
 
 DEMO_PROMPTS = 600
@@ -111,31 +112,24 @@ def bootstrap_demo_model(settings: Settings, bad_fraction: float = 0.2, **recipe
     print("No model yet: training the demo model once (a few minutes on a laptop CPU).", file=sys.stderr)
     base_metrics, sft_metrics = train_demo_model(models, bad_fraction=bad_fraction, **recipe)
     with transaction(factory) as session:
-        parent = ModelVersion(
+        parent = model_versions.register(
+            session,
             name="demo-base",
             kind=ModelKind.base,
             path=str(models / "demo-base"),
-            status=ModelStatus.active,
             metrics=_numbers(base_metrics),
-            training_data={"data": "demo world, seed 0"},
+            training_data=TrainingData(corpus=["demo"], demo_seed=0),
+            activate=True,
         )
-        session.add(parent)
-        session.flush()
-        session.add(
-            ModelVersion(
-                name="demo-sft",
-                kind=ModelKind.sft,
-                path=str(models / "demo-sft"),
-                parent_id=parent.id,
-                status=ModelStatus.active,
-                metrics=_numbers(sft_metrics),
-                training_data={
-                    "data": "demo dialogues, seed 0",
-                    "demo": True,
-                    "demo_seed": 0,
-                    "bad_fraction": bad_fraction,
-                },
-            )
+        model_versions.register(
+            session,
+            name="demo-sft",
+            kind=ModelKind.sft,
+            path=str(models / "demo-sft"),
+            parent_id=parent.id,
+            metrics=_numbers(sft_metrics),
+            training_data=TrainingData(demo=True, demo_seed=0, extra={"bad_fraction": bad_fraction}),
+            activate=True,
         )
     print(f"Demo model ready: {models / 'demo-sft'}", file=sys.stderr)
     return True

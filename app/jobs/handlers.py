@@ -6,7 +6,7 @@ leaves a half-written model registered.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from app.db import make_engine, make_session_factory
 from app.jobs import gate
 from app.models import ModelKind, ModelVersion, Split
 from app.services import datasets, model_versions
+from app.services.training_data import TrainingData
 
 
 @dataclass
@@ -59,8 +60,12 @@ class JobOutput:
     model_dir: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     parent_id: int | None = None
-    training_data: dict[str, Any] = field(default_factory=dict)
+    training_data: TrainingData = field(default_factory=TrainingData)
     promote: bool = False  # make the new version the active one of its kind (after the gate, for policies)
+
+    def to_message(self) -> dict[str, Any]:
+        """What the child sends the worker (plain data through a pipe; the record as its stored JSON)."""
+        return {**asdict(self), "training_data": self.training_data.to_json()}
 
 
 def _params(ctx: JobContext, allowed: set[str]) -> dict[str, Any]:
@@ -79,7 +84,10 @@ def run_pretrain(ctx: JobContext) -> JobOutput:
     config = PretrainConfig(out=str(out), **_params(ctx, allowed))
     metrics = ctx.train(pretrain, config)
     return JobOutput(
-        model_kind="base", model_dir=str(out), metrics=_plain(metrics), training_data={"data": config.data}
+        model_kind="base",
+        model_dir=str(out),
+        metrics=_plain(metrics),
+        training_data=TrainingData(corpus=[str(d) for d in config.data]),
     )
 
 
@@ -142,13 +150,7 @@ def run_sft(ctx: JobContext) -> JobOutput:
     if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
         config.data = (demo_dialogues(config) if include_demo else []) + collected
     metrics = ctx.train(sft, config)
-    lineage = {
-        **chats.watermark,
-        "dialogues": len(chats.records),
-        "files": files,
-        "demo": include_demo,
-        "demo_seed": config.demo_seed,
-    }
+    lineage = TrainingData(dialogues=chats.rows(), files=files, demo=include_demo, demo_seed=config.demo_seed)
     return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
 
 
@@ -171,12 +173,7 @@ def run_reward(ctx: JobContext) -> JobOutput:
         **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
     )
     metrics = ctx.train(train_reward, config)
-    lineage = {
-        **rankings.watermark,
-        **thumbs.watermark,
-        "rankings": len(rankings.records),
-        "thumbs": len(thumbs.records),
-    }
+    lineage = TrainingData(rankings=rankings.rows(), thumbs=thumbs.rows())
     return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
 
 
@@ -187,11 +184,10 @@ def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
     so they would favour the incumbent."""
     from ml.demo import World
 
-    data = reference.training_data or {}
-    demo = bool(data.get("demo")) or str(data.get("data", "")).startswith("demo")
+    data = TrainingData.from_json(reference.training_data)
     held_out = (
-        World(int(data.get("demo_seed", 0))).sft_dialogues(gate.REFERENCE_DIALOGUES, bad_fraction=0.0, split="heldout")
-        if demo
+        World(data.demo_seed or 0).sft_dialogues(gate.REFERENCE_DIALOGUES, bad_fraction=0.0, split="heldout")
+        if data.learned_from_demo
         else []
     )
     return files + held_out
@@ -242,12 +238,7 @@ def run_rl(ctx: JobContext) -> JobOutput:
     metrics = rl(config, on_progress=ctx.on_progress)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
-    lineage = {
-        **train_prompts.watermark,
-        "prompts": len(train_prompts.records),
-        "reward_version_id": reward.id,
-        "reference_version_id": reference.id,
-    }
+    lineage = TrainingData(prompts=train_prompts.rows(), reward_version_id=reward.id, reference_version_id=reference.id)
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 
@@ -273,8 +264,7 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     metrics = ctx.train(train_preferences, config)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
-    used = (rankings, "rankings") if algo == "dpo" else (thumbs, "thumbs")
-    lineage = {**used[0].watermark, used[1]: len(used[0].records)}
+    lineage = TrainingData(rankings=rankings.rows()) if algo == "dpo" else TrainingData(thumbs=thumbs.rows())
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 

@@ -15,14 +15,15 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.db import make_engine, make_session_factory, transaction
 from app.jobs.child import die_with_parent
-from app.models import JobStatus, ModelVersion
+from app.models import JobStatus, ModelKind
 from app.services import app_settings, jobs, model_versions
+from app.services.training_data import TrainingData
 from app.settings import Settings
 
 log = logging.getLogger("flywheel.worker")
@@ -63,7 +64,7 @@ def child_main(
         if handler is None:
             raise ValueError(f"this worker cannot run {job_type!r} jobs yet")
         result = handler(JobContext(job_id, params, Path(data_dir), database_url, report, nproc=nproc))
-        out.put({"result": asdict(result)})
+        out.put({"result": result.to_message()})
     except BaseException as exc:  # everything the child hits must reach the job row
         out.put({"error": f"{type(exc).__name__}: {exc}", "log": traceback.format_exc(limit=8)})
 
@@ -202,19 +203,17 @@ class Worker:
             if not jobs.finish(session, job_id=job_id, worker_id=self.worker_id, status=JobStatus.succeeded):
                 return  # the job was taken away meanwhile: its output is not ours to register
             if result.get("model_dir"):
-                version = ModelVersion(
+                model_versions.register(
+                    session,
                     name=Path(result["model_dir"]).name,
-                    kind=result["model_kind"],
+                    kind=ModelKind(result["model_kind"]),
                     path=result["model_dir"],
                     parent_id=result.get("parent_id"),
                     metrics=result.get("metrics") or {},
-                    training_data=result.get("training_data") or {},
+                    training_data=TrainingData.from_json(result.get("training_data")),
                     job_id=job_id,
+                    activate=bool(result.get("promote")),
                 )
-                session.add(version)
-                session.flush()
-                if result.get("promote"):
-                    model_versions.promote(session, version_id=version.id)
         log.info("job %s succeeded", job_id)
 
     def _discard_outputs(self, job_id: int) -> None:

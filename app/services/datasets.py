@@ -6,7 +6,7 @@
 - thumbs (`prompt`/`completion`/`label`): each thumbs up/down with the context it answered, for KTO and the RM;
 - raw rankings: per-annotator records with ids, statuses and timing, for audits and agreement studies.
 
-Each export also returns a watermark (the highest row id it read), which model versions record as their lineage.
+Each export also returns the highest row id it read, which model versions record in their TrainingData.
 """
 
 import json
@@ -34,6 +34,7 @@ from app.models import (
     User,
 )
 from app.services.chat import STREAMING, visible_thread
+from app.services.training_data import Rows
 
 KINDS = ("dialogues", "rankings", "pairs", "thumbs", "raw-rankings", "prompts")
 
@@ -41,7 +42,10 @@ KINDS = ("dialogues", "rankings", "pairs", "thumbs", "raw-rankings", "prompts")
 @dataclass
 class Export:
     records: list[dict[str, Any]] = field(default_factory=list)
-    watermark: dict[str, int] = field(default_factory=dict)
+    last_id: int = 0  # the highest row id read: a version trained on these rows records it
+
+    def rows(self) -> Rows:
+        return Rows(self.last_id, len(self.records))
 
 
 def _conversation_messages(session: Session, conversation_id: int) -> list[Message]:
@@ -60,7 +64,7 @@ def dialogues(session: Session) -> Export:
         if any(m["role"] == "assistant" for m in messages):
             out.records.append({"messages": messages})
             last = max(last, conversation.id)
-    out.watermark = {"conversation_id": last}
+    out.last_id = last
     return out
 
 
@@ -102,14 +106,14 @@ def rankings(session: Session, split: Split | None = None) -> Export:
             {"prompt": prompt.messages, "answers": [c.content for c in kept], "ranking": [ranks[c.id] for c in kept]}
         )
         last = max(last, ranking.id)
-    out.watermark = {"ranking_id": last}
+    out.last_id = last
     return out
 
 
 def pairs(session: Session, split: Split | None = None) -> Export:
     """Every (better, worse) pair of every ranking, in TRL's conversational preference format."""
     base = rankings(session, split)
-    out = Export(watermark=base.watermark)
+    out = Export(last_id=base.last_id)
     for record in base.records:
         answers, ranks = record["answers"], record["ranking"]
         for i, a in enumerate(answers):
@@ -156,7 +160,7 @@ def thumbs(session: Session) -> Export:
             }
         )
         last = max(last, vote.id)
-    out.watermark = {"feedback_id": last}
+    out.last_id = last
     return out
 
 
@@ -181,7 +185,7 @@ def raw_rankings(session: Session) -> Export:
             }
         )
         last = max(last, ranking.id)
-    out.watermark = {"ranking_id": last}
+    out.last_id = last
     return out
 
 
@@ -193,7 +197,7 @@ def prompt_records(session: Session, split: Split | None = None) -> Export:
     for p in session.scalars(query):
         out.records.append({"messages": p.messages, "split": p.split.value})
         last = p.id
-    out.watermark = {"prompt_id": last}
+    out.last_id = last
     return out
 
 

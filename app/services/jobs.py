@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Job, JobStatus, utcnow
+from app.services.training_data import TrainingData
 
 JOB_TYPES = frozenset({"pretrain", "sft", "reward", "rl", "dpo", "kto", "evaluate", "candidates"})
 FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
@@ -186,9 +187,10 @@ def labels_since_last_reward_model(session: Session) -> int:
     newest = session.scalar(
         select(ModelVersion).where(ModelVersion.kind == ModelKind.reward).order_by(ModelVersion.id.desc()).limit(1)
     )
-    seen = newest.training_data if newest is not None else {}
-    rankings = session.scalar(select(func.count()).where(Ranking.id > int(seen.get("ranking_id", 0)))) or 0
-    thumbs = session.scalar(select(func.count()).where(Feedback.id > int(seen.get("feedback_id", 0)))) or 0
+    seen = TrainingData.from_json(newest.training_data if newest is not None else {})
+    last_ranking, last_thumb = (rows.last_id if rows else 0 for rows in (seen.rankings, seen.thumbs))
+    rankings = session.scalar(select(func.count()).where(Ranking.id > last_ranking)) or 0
+    thumbs = session.scalar(select(func.count()).where(Feedback.id > last_thumb)) or 0
     return rankings + thumbs
 
 

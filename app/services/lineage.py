@@ -1,7 +1,7 @@
 """A model version's lineage in words, for the admin page: its ancestors, the data it saw, and the gate's verdict.
 
-Training jobs record lineage as raw watermarks (`ranking_id: 57` = every ranking up to row 57 that the export kept),
-counts and file names (app/jobs/handlers.py); an admin wants to read "6 rankings (ids up to 57)" and click through to
+Training jobs record a TrainingData (app/services/training_data.py): rows up to a row id (every ranking up to row 57
+that the export kept), counts and file names; an admin wants to read "6 rankings (ids up to 57)" and click through to
 the parent and to the reward model that judged it, so this module turns those records into labelled lines.
 """
 
@@ -13,13 +13,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ModelVersion
+from app.services.training_data import Rows, TrainingData
 
-# watermark key → (count key, what the rows are)
-WATERMARKS = {
-    "ranking_id": ("rankings", "rankings"),
-    "feedback_id": ("thumbs", "thumbs up/down"),
-    "conversation_id": ("dialogues", "chats that allow training"),
-    "prompt_id": ("prompts", "train-split prompts"),
+# TrainingData's rows -> what they are, in words
+ROWS_SHOWN = {
+    "rankings": "rankings",
+    "thumbs": "thumbs up/down",
+    "dialogues": "chats that allow training",
+    "prompts": "train-split prompts",
 }
 VERSION_REFERENCES = {"reward_version_id": "judged by reward model", "reference_version_id": "KL reference"}
 GATE_NUMBERS = (
@@ -49,38 +50,35 @@ class GateVerdict:
     numbers: dict[str, float]
 
 
-def describe_training_data(training_data: dict[str, Any], names: dict[int, str] | None = None) -> list[LineageItem]:
-    """Readable lines for a version's `training_data`; `names` maps version ids to names for the linked lines."""
+def describe_training_data(
+    training_data: TrainingData | dict[str, Any], names: dict[int, str] | None = None
+) -> list[LineageItem]:
+    """Readable lines for a version's training data (the record, or its stored JSON); `names` maps version ids to
+    names for the linked lines."""
+    record = training_data if isinstance(training_data, TrainingData) else TrainingData.from_json(training_data)
     names = names or {}
     items: list[LineageItem] = []
-    seen: set[str] = set()
-    for key, (count_key, what) in WATERMARKS.items():
-        if key not in training_data:
+    for name, what in ROWS_SHOWN.items():
+        rows: Rows | None = getattr(record, name)
+        if rows is None:
             continue
-        seen |= {key, count_key}
-        last, count = training_data[key], training_data.get(count_key)
-        if not last:
-            items.append(LineageItem(what, "none"))
-            continue
-        amount = f"{count} " if isinstance(count, int) else "all "
-        items.append(LineageItem(what, f"{amount}{what} (row ids up to {last})"))
-    if "files" in training_data:
-        seen.add("files")
-        files = [PurePath(str(f)).name for f in training_data["files"] or []]
+        amount = f"{rows.count} " if rows.count is not None else "all "
+        items.append(LineageItem(what, f"{amount}{what} (row ids up to {rows.last_id})" if rows.last_id else "none"))
+    if record.files is not None:
+        files = [PurePath(str(f)).name for f in record.files]
         items.append(LineageItem("imported dialogue files", ", ".join(files) if files else "none"))
-    if "demo" in training_data:
-        seen.add("demo")
-        items.append(LineageItem("demo dialogues", "included" if training_data["demo"] else "left out"))
-    if "data" in training_data:
-        seen.add("data")
-        sources = ["the demo world's corpus" if d == "demo" else PurePath(str(d)).name for d in training_data["data"]]
+    if record.demo is not None:
+        items.append(LineageItem("demo dialogues", "included" if record.demo else "left out"))
+    if record.corpus is not None:
+        sources = ["the demo world's corpus" if d == "demo" else PurePath(d).name for d in record.corpus]
         items.append(LineageItem("corpus", ", ".join(sources) if sources else "none"))
     for key, label in VERSION_REFERENCES.items():
-        if training_data.get(key) is not None:
-            seen.add(key)
-            version_id = int(training_data[key])
-            items.append(LineageItem(label, names.get(version_id, f"version {version_id}"), version_id))
-    items += [LineageItem(key.replace("_", " "), str(value)) for key, value in training_data.items() if key not in seen]
+        version_id = getattr(record, key)
+        if version_id is not None:
+            items.append(LineageItem(label, names.get(int(version_id), f"version {version_id}"), int(version_id)))
+    plain = {"demo seed": record.demo_seed, "imported from": record.imported_from}
+    items += [LineageItem(label, str(value)) for label, value in plain.items() if value is not None]
+    items += [LineageItem(key.replace("_", " "), str(value)) for key, value in record.extra.items()]
     return items
 
 
@@ -115,3 +113,11 @@ def children(session: Session, version: ModelVersion) -> list[ModelVersion]:
 
 def version_names(versions: list[ModelVersion]) -> dict[int, str]:
     return {v.id: v.name for v in versions}
+
+
+def referenced_names(session: Session, record: TrainingData) -> dict[int, str]:
+    """Names of the reward model and the KL reference a record names, for their links (missing ones are left out)."""
+    ids = [i for i in (record.reward_version_id, record.reference_version_id) if i is not None]
+    if not ids:
+        return {}
+    return {v.id: v.name for v in session.scalars(select(ModelVersion).where(ModelVersion.id.in_(ids)))}

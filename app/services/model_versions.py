@@ -1,12 +1,43 @@
 """Model versions: which one is served, promotion (one active per kind) and roll-back."""
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
 from app.models import ModelKind, ModelStatus, ModelVersion, utcnow
+from app.services.training_data import TrainingData
 
 SERVED_KINDS = (ModelKind.policy, ModelKind.sft)  # chat is served by the active policy, else the active SFT model
+
+
+def register(
+    session: Session,
+    *,
+    name: str,
+    kind: ModelKind,
+    path: str,
+    training_data: TrainingData,
+    parent_id: int | None = None,
+    metrics: dict[str, Any] | None = None,
+    job_id: int | None = None,
+    activate: bool = False,
+) -> ModelVersion:
+    """The one way a model version comes to be: trained by a job, bootstrapped, imported or given to the demo. A
+    candidate until promoted (`activate=True`: at once, retiring the active one of its kind in the same transaction)."""
+    version = ModelVersion(
+        name=name,
+        kind=kind,
+        path=path,
+        parent_id=parent_id,
+        metrics=metrics or {},
+        training_data=training_data.to_json(),
+        job_id=job_id,
+    )
+    session.add(version)
+    session.flush()
+    return promote(session, version_id=version.id) if activate else version
 
 
 def get_version(session: Session, *, version_id: int) -> ModelVersion:

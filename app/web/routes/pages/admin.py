@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from sqlalchemy.orm import Session
 
 from app.errors import Invalid, ServiceError
-from app.models import ModelKind, ModelVersion, Role
+from app.models import ModelKind, Role
 from app.services import (
     annotation,
     app_settings,
@@ -21,6 +21,7 @@ from app.services import (
     tokens,
     users,
 )
+from app.services.training_data import TrainingData
 from app.web.charts import job_charts
 from app.web.deps import AdminUser, SessionDep
 from app.web.templating import is_htmx, render
@@ -101,16 +102,13 @@ def model_detail(request: Request, session: SessionDep, admin: AdminUser, versio
     version = model_versions.get_version(session, version_id=version_id)
     chain = lineage.ancestors(session, version)
     offspring = lineage.children(session, version)
-    names = lineage.version_names([version, *chain, *offspring])
-    for key in lineage.VERSION_REFERENCES:  # the reward model and reference it names, for their links
-        ref = version.training_data.get(key)
-        if isinstance(ref, int) and ref not in names and (other := session.get(ModelVersion, ref)) is not None:
-            names[ref] = other.name
+    record = TrainingData.from_json(version.training_data)
+    names = lineage.version_names([version, *chain, *offspring]) | lineage.referenced_names(session, record)
     context = {
         "version": version,
         "ancestors": chain,
         "children": offspring,
-        "trained_on": lineage.describe_training_data(version.training_data or {}, names),
+        "trained_on": lineage.describe_training_data(record, names),
         "gate": lineage.gate_verdict(version.metrics or {}),
         "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in ("gate", "promoted")},
     }
