@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from app.cli.common import add, read_password, session_factory
+from app.cli.common import add, group, read_password, session_factory
 from app.db import transaction
 from app.errors import NotFound
 from app.models import Role
@@ -66,9 +66,7 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def register(groups) -> None:
-    user_cmds = groups.add_parser("users", help="accounts", description="accounts").add_subparsers(
-        dest="users_command", required=True, metavar="ACTION"
-    )
+    user_cmds = group(groups, "users", "accounts")
     create = add(user_cmds, "create", cmd_users_create, "create an account (password from stdin or a prompt)")
     create.add_argument("name")
     create.add_argument("--role", choices=[r.value for r in Role], default=Role.user.value)
@@ -83,9 +81,7 @@ def register(groups) -> None:
     enable.add_argument("name")
     enable.set_defaults(enable=True)
 
-    token_cmds = groups.add_parser("tokens", help="API tokens", description="API tokens").add_subparsers(
-        dest="tokens_command", required=True, metavar="ACTION"
-    )
+    token_cmds = group(groups, "tokens", "API tokens")
     tcreate = add(token_cmds, "create", cmd_tokens_create, "create an API token for a user (printed once)")
     tcreate.add_argument("user")
     tcreate.add_argument("--name", required=True, help="what the token is for")

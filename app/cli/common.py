@@ -36,3 +36,9 @@ def add(sub, name: str, handler: Callable, help: str) -> argparse.ArgumentParser
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(handler=handler)
     return parser
+
+
+def group(groups, name: str, help: str):
+    """A command with actions under it (`flywheel NAME ACTION …`); the chosen one lands in `NAME_command`."""
+    parser = groups.add_parser(name, help=help, description=help)
+    return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")

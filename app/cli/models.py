@@ -2,7 +2,7 @@
 
 import argparse
 
-from app.cli.common import CLIError, add, session_factory
+from app.cli.common import CLIError, add, group, session_factory
 from app.db import transaction
 from app.models import ModelKind
 from app.services import model_versions
@@ -72,9 +72,7 @@ def cmd_model_promote(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def register(groups) -> None:
-    model_cmds = groups.add_parser("model", help="model versions", description="model versions").add_subparsers(
-        dest="model_command", required=True, metavar="ACTION"
-    )
+    model_cmds = group(groups, "model", "model versions")
     imp = add(model_cmds, "import-hf", cmd_model_import, "import a Hugging Face checkpoint directory or a .gguf file")
     imp.add_argument(
         "src",

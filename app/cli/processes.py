@@ -5,7 +5,7 @@ import os
 import sys
 
 from app import migrate
-from app.cli.common import CLIError, add
+from app.cli.common import CLIError, add, group
 from app.settings import Settings
 
 
@@ -131,8 +131,6 @@ def register(groups) -> None:
         "candidates run in one",
     )
 
-    db = groups.add_parser("db", help="database schema", description="database schema").add_subparsers(
-        dest="db_command", required=True, metavar="ACTION"
-    )
+    db = group(groups, "db", "database schema")
     add(db, "upgrade", cmd_db_upgrade, "upgrade the schema").add_argument("revision", nargs="?", default="head")
     add(db, "downgrade", cmd_db_downgrade, "downgrade the schema").add_argument("revision", help="e.g. -1 or base")

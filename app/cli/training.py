@@ -2,7 +2,7 @@
 
 import argparse
 
-from app.cli.common import CLIError
+from app.cli.common import CLIError, group
 from app.settings import Settings
 
 # `flywheel train NAME …` runs the trainer module's own command line (its add_arguments + main), imported only then.
@@ -51,8 +51,7 @@ def register(groups) -> None:
         stage.add_argument("rest", nargs=argparse.REMAINDER)
         stage.set_defaults(handler=cmd_train)
 
-    demo = groups.add_parser("demo", help="the built-in demo world", description="the built-in demo world")
-    demo_cmds = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    demo_cmds = group(groups, "demo", "the built-in demo world")
     experiment = demo_cmds.add_parser(
         "experiment", help="the whole pipeline on the demo world, with numbers", add_help=False, prefix_chars="\0"
     )
