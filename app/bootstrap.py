@@ -30,7 +30,7 @@ def _progress(stage: str):
 
 
 def seed_demo_prompts(settings: Settings, seed: int = 0) -> int:
-    from ml.demo import World
+    from ml.demo.world import World
 
     items = [(p.messages, Split(p.split)) for p in World(seed).prompts(DEMO_PROMPTS)]
     factory = make_session_factory(make_engine(settings.resolved_database_url))

@@ -185,7 +185,7 @@ def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
     dialogue `files` first, then, when the reference learned from the demo world, good answers to the demo's held-out
     questions. Never users' chats: those are the active policy's own samples, on which any other policy looks worse,
     so they would favour the incumbent."""
-    from ml.demo import World
+    from ml.demo.world import World
 
     data = reference.training_data or {}
     demo = bool(data.get("demo")) or str(data.get("data", "")).startswith("demo")

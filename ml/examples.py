@@ -226,7 +226,7 @@ def parse_thumb(obj: Any, where: str) -> Thumb:
 
 
 def parse_prompt(obj: Any, where: str) -> PromptExample:
-    if hasattr(obj, "messages") and not isinstance(obj, dict):  # e.g. ml.demo.Prompt
+    if hasattr(obj, "messages") and not isinstance(obj, dict):  # e.g. ml.demo.world.Prompt
         obj = {"messages": obj.messages}
     if isinstance(obj, list):
         obj = {"messages": obj}
@@ -456,7 +456,7 @@ def comparison_batch(
 
 
 if __name__ == "__main__":
-    from ml.demo import World
+    from ml.demo.world import World
 
     world = World(0)
     dialogues = load_dialogues(world.sft_dialogues(50))

@@ -1,6 +1,6 @@
 """Pretraining: next-token cross-entropy on raw text -> a base model directory (weights, config, tokenizer).
 
-The text is the demo world's corpus (ml/demo.py; the default) or the user's files: JSONL with {"text": ...} per
+The text is the demo world's corpus (ml/demo/world.py; the default) or the user's files: JSONL with {"text": ...} per
 line, or plain text files where each blank-line separated paragraph is a document. Unless --tokenizer names an
 existing one, a byte-level BPE tokenizer is trained on that text first. A share of the documents is held out to
 measure loss and perplexity; the unigram entropy of the training tokens is reported beside it as the baseline that
@@ -27,7 +27,7 @@ import torch.distributed as torch_dist
 
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.data import PackedTokens, read_documents
-from ml.demo import World
+from ml.demo.world import World
 from ml.model import ModelConfig, Transformer
 from ml.tokenizer import Tokenizer
 from ml.train import common

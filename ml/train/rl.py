@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.data import PackedTokens, read_documents
-from ml.demo import World
+from ml.demo.world import World
 from ml.engine import Sampling
 from ml.examples import Message, describe_sources, load_prompts
 from ml.model import Transformer, scalar_model_from

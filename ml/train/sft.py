@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ml.checkpoint import load_checkpoint, save_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.examples import IGNORE, SFTData, describe_sources, load_dialogues, pad_examples
 from ml.tokenizer import Tokenizer
 from ml.train import common

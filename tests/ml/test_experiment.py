@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.demo import SimulatedAnnotator, World
-from ml.examples import load_rankings, load_thumbs
-from ml.experiment import (
+from ml.demo.experiment import (
     ExperimentConfig,
     add_arguments,
     annotate,
@@ -21,6 +19,8 @@ from ml.experiment import (
     run_experiment,
     summarize,
 )
+from ml.demo.world import SimulatedAnnotator, World
+from ml.examples import load_rankings, load_thumbs
 from ml.train.reward import RewardConfig, train_reward
 
 

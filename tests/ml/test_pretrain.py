@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.tokenizer import Tokenizer
 from ml.train.pretrain import PretrainConfig, add_arguments, main, pretrain
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.evaluate import reward_accuracy
 from ml.examples import load_rankings
 from ml.train.reward import RewardConfig, RewardModel, train_reward

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.engine import Sampling
 from ml.evaluate import policy_reward_and_kl
 from ml.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.examples import IGNORE, SFTData, load_dialogues
 from ml.tokenizer import Tokenizer
 from ml.train.sft import SFTConfig, add_arguments, dialogue_loss, main, sft

@@ -16,9 +16,9 @@ The last line is `demo_flywheel: gold_sft=X gold_rl=Y rm_acc=Z kl=K seconds=S` (
 The rankings and thumbs are written as JSONL under --out and read back through ml/examples.py, so the experiment's
 data takes the same path (and the same checks, naming the bad record) as a user's.
 
-Run (CPU):  python -m ml.experiment --quick                       (about 5 minutes on 2 cores)
-            python -m ml.experiment --algo ppo rloo grpo --dpo --seed 1 --out /tmp/exp-s1   (README's table, per seed)
-            python -m ml.experiment --summarize /tmp/exp-s0 /tmp/exp-s1 /tmp/exp-s2  (mean ± std over the seeds)
+Run (CPU):  python -m ml.demo.experiment --quick                     (about 5 minutes on 2 cores)
+            python -m ml.demo.experiment --algo ppo rloo grpo --dpo --seed 1 --out /tmp/exp-s1  (README's table)
+            python -m ml.demo.experiment --summarize /tmp/exp-s0 /tmp/exp-s1 /tmp/exp-s2  (mean ± std over seeds)
             flywheel demo experiment --quick --out /tmp/fw-exp
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import Prompt, SimulatedAnnotator, World
+from ml.demo.world import Prompt, SimulatedAnnotator, World
 from ml.engine import Sampling
 from ml.evaluate import policy_reward_and_kl, reward_accuracy, sample_answers
 from ml.examples import load_rankings
@@ -678,7 +678,7 @@ def summarize(results: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `flywheel demo experiment` and `python -m ml.experiment`."""
+    """The flags of `flywheel demo experiment` and `python -m ml.demo.experiment`."""
     d = ExperimentConfig()
     add = parser.add_argument
     add("--out", default=None, metavar="DIR", help="an empty or new work directory (default: a new temporary one)")
@@ -757,6 +757,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ml.experiment", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ml.demo.experiment", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))
