@@ -107,13 +107,6 @@ def _trainer_params(params: dict[str, Any], config_type: type, fixed: set[str]) 
     return {k: v for k, v in params.items() if k in allowed}
 
 
-def _thumb_records(export: datasets.Export) -> list[dict[str, Any]]:
-    return [
-        {"prompt": r["prompt"], "completion": r["completion"][0]["content"], "label": r["label"]}
-        for r in export.records
-    ]
-
-
 def _dialogue_files(ctx: JobContext) -> list[str]:
     folder = ctx.data_dir / "datasets" / "dialogues"
     return sorted(str(p) for p in folder.iterdir() if not p.name.endswith(".tmp")) if folder.exists() else []
@@ -167,7 +160,7 @@ def run_reward(ctx: JobContext) -> JobOutput:
         sft=sft_version.path,
         out=str(out),
         rankings=rankings.records,
-        thumbs=_thumb_records(thumbs),
+        thumbs=thumbs.records,
         **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
     )
     metrics = ctx.train(train_reward, config)
@@ -259,7 +252,7 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     with ctx.session() as session:
         policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
         rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
-    data = {"rankings": rankings.records} if algo == "dpo" else {"thumbs": _thumb_records(thumbs)}
+    data = {"rankings": rankings.records} if algo == "dpo" else {"thumbs": thumbs.records}
     if not next(iter(data.values())):
         raise ValueError(f"no {'rankings' if algo == 'dpo' else 'thumbs'} to train {algo.upper()} on")
     out = ctx.model_dir("policy")
