@@ -67,11 +67,12 @@ def train_demo_model(
     sft_lr: float = 5e-4,
 ) -> tuple[dict, dict]:
     """Pretrain `models/demo-base` on the demo corpus, then SFT `models/demo-sft` on demo dialogues; their metrics."""
-    from ml.train.pretrain import PretrainConfig, pretrain
-    from ml.train.sft import SFTConfig, sft
+    from ml.train import pretrain, sft
+    from ml.train.pretrain import PretrainConfig
+    from ml.train.sft import SFTConfig
 
     base, chat = models / "demo-base", models / "demo-sft"
-    base_metrics = pretrain(
+    base_metrics = pretrain.train(
         PretrainConfig(
             out=str(base),
             steps=pretrain_steps,
@@ -94,7 +95,7 @@ def train_demo_model(
         warmup=min(20, sft_steps // 3),
         demo_bad_fraction=bad_fraction,
     )
-    sft_metrics = sft(sft_config, on_progress=_progress("sft"))
+    sft_metrics = sft.train(sft_config, on_progress=_progress("sft"))
     print(file=sys.stderr)
     return base_metrics, sft_metrics
 

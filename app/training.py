@@ -72,12 +72,13 @@ def _params(ctx: JobContext, allowed: set[str]) -> dict[str, Any]:
 
 def run_pretrain(ctx: JobContext) -> JobOutput:
     """Pretrain a base model on the demo corpus (or files on the server) with ml.train.pretrain."""
-    from ml.train.pretrain import PretrainConfig, pretrain
+    from ml.train import pretrain
+    from ml.train.pretrain import PretrainConfig
 
     allowed = {f.name for f in fields(PretrainConfig)} - {"out", "resume", "progress"}
     out = ctx.model_dir("base")
     config = PretrainConfig(out=str(out), **_params(ctx, allowed))
-    metrics = ctx.train(pretrain, config)
+    metrics = ctx.train(pretrain.train, config)
     return JobOutput(
         model_kind="base", model_dir=str(out), metrics=_plain(metrics), training_data={"data": config.data}
     )
@@ -114,7 +115,8 @@ def _dialogue_files(ctx: JobContext) -> list[str]:
 
 def run_sft(ctx: JobContext) -> JobOutput:
     """Fine-tune the active base model on chats that allow training, imported dialogues and (optionally) the demo's."""
-    from ml.train.sft import SFTConfig, demo_dialogues, sft
+    from ml.train import sft
+    from ml.train.sft import SFTConfig, demo_dialogues
 
     params = dict(ctx.params)
     include_demo = bool(params.pop("include_demo", True))
@@ -134,7 +136,7 @@ def run_sft(ctx: JobContext) -> JobOutput:
     )
     if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
         config.data = (demo_dialogues(config) if include_demo else []) + collected
-    metrics = ctx.train(sft, config)
+    metrics = ctx.train(sft.train, config)
     lineage = {
         **chats.watermark,
         "dialogues": len(chats.records),
@@ -147,7 +149,8 @@ def run_sft(ctx: JobContext) -> JobOutput:
 
 def run_reward(ctx: JobContext) -> JobOutput:
     """Train a reward model from every ranking and thumb in the database; the newest becomes the active one."""
-    from ml.train.reward import RewardConfig, train_reward
+    from ml.train import reward
+    from ml.train.reward import RewardConfig
 
     params = dict(ctx.params)
     with ctx.session() as session:
@@ -163,7 +166,7 @@ def run_reward(ctx: JobContext) -> JobOutput:
         thumbs=thumbs.records,
         **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
     )
-    metrics = ctx.train(train_reward, config)
+    metrics = ctx.train(reward.train, config)
     lineage = {
         **rankings.watermark,
         **thumbs.watermark,
@@ -211,7 +214,8 @@ RL_KL_COEF = 0.5
 
 def run_rl(ctx: JobContext) -> JobOutput:
     """RL of the served policy against the active reward model, then the gate decides whether to promote it."""
-    from ml.train.rl import RLConfig, rl
+    from ml.train import rl
+    from ml.train.rl import RLConfig
 
     params = {"kl_coef": RL_KL_COEF, **ctx.params}
     with ctx.session() as session:
@@ -232,7 +236,7 @@ def run_rl(ctx: JobContext) -> JobOutput:
     )
     if ctx.nproc > 1:
         ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
-    metrics = rl(config, on_progress=ctx.on_progress)
+    metrics = rl.train(config, on_progress=ctx.on_progress)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
     lineage = {
@@ -246,7 +250,8 @@ def run_rl(ctx: JobContext) -> JobOutput:
 
 def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     """Offline DPO (from ranking pairs) or KTO (from thumbs) of the served policy, then the gate."""
-    from ml.train.dpo import DPOConfig, train_preferences
+    from ml.train import dpo
+    from ml.train.dpo import DPOConfig
 
     params = dict(ctx.params)
     with ctx.session() as session:
@@ -263,7 +268,7 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
         **data,
         **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume", "progress"}),
     )
-    metrics = ctx.train(train_preferences, config)
+    metrics = ctx.train(dpo.train, config)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
     used = (rankings, "rankings") if algo == "dpo" else (thumbs, "thumbs")

@@ -43,11 +43,12 @@ from ml.engine import Sampling
 from ml.evaluate import policy_reward_and_kl, reward_accuracy, sample_answers
 from ml.examples import load_rankings
 from ml.tokenizer import Tokenizer
-from ml.train.dpo import DPOConfig, train_preferences
-from ml.train.pretrain import PretrainConfig, pretrain
-from ml.train.reward import RewardConfig, RewardModel, train_reward
-from ml.train.rl import ALGOS, RLConfig, rl
-from ml.train.sft import SFTConfig, sft
+from ml.train import dpo, pretrain, reward, rl, sft
+from ml.train.dpo import DPOConfig
+from ml.train.pretrain import PretrainConfig
+from ml.train.reward import RewardConfig, RewardModel
+from ml.train.rl import ALGOS, RLConfig
+from ml.train.sft import SFTConfig
 
 K = 4  # candidates per prompt
 Progress = Callable[[dict[str, Any]], None]
@@ -356,7 +357,7 @@ def evaluate_policy(
 
 
 def _pretrain_stage(config: ExperimentConfig, scale: Scale, out: Path, report: Progress) -> dict[str, Any]:
-    m = pretrain(
+    m = pretrain.train(
         PretrainConfig(
             out=str(out / "base"),
             steps=scale.pretrain_steps,
@@ -381,7 +382,7 @@ def _pretrain_stage(config: ExperimentConfig, scale: Scale, out: Path, report: P
 
 def _sft_stage(config: ExperimentConfig, world: World, scale: Scale, out: Path, report: Progress) -> dict[str, Any]:
     dialogues = world.sft_dialogues(scale.sft_dialogues, seed=config.seed, bad_fraction=config.bad_fraction)
-    m = sft(
+    m = sft.train(
         SFTConfig(
             base=str(out / "base"),
             out=str(out / "sft"),
@@ -412,7 +413,7 @@ def _reward_stage(
 ) -> dict[str, Any]:
     """A reward model `rm` from the SFT model on every ranking and thumb file so far; steps grow with the rounds."""
     rankings, thumbs, heldout = data
-    m = train_reward(
+    m = reward.train(
         RewardConfig(
             sft=str(out / "sft"),
             out=str(out / rm),
@@ -446,7 +447,7 @@ def _rl_stage(
     """RL from the SFT model against the reward model dirs[0], into dirs[1]: every round restarts from SFT, so a
     round's gain comes from its better reward model, not from more RL steps."""
     rm, policy = dirs
-    m = rl(
+    m = rl.train(
         RLConfig(
             policy=str(out / "sft"),
             out=str(out / policy),
@@ -466,7 +467,7 @@ def _rl_stage(
 
 
 def _dpo_stage(config: ExperimentConfig, scale: Scale, out: Path, rankings: list[Path], report: Progress):
-    m = train_preferences(
+    m = dpo.train(
         DPOConfig(
             policy=str(out / "sft"),
             out=str(out / "dpo"),
