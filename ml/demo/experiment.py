@@ -510,107 +510,142 @@ def _work_dir(out: str | None) -> Path:
     return path
 
 
-def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progress | None) -> dict[str, Any]:
-    started = time.perf_counter()
-    world = World(config.seed)
-    sinks = [s for s in (StageBar() if config.progress else None, on_progress) if s is not None]
-    stages: dict[str, dict[str, Any]] = {}
+@dataclass
+class _Run:
+    """One experiment under way: its settings, the world, and each finished stage's metrics and seconds."""
 
-    def stage(name: str, fn: Callable[[Progress], Any]) -> Any:
+    config: ExperimentConfig
+    scale: Scale
+    out: Path
+    world: World
+    sinks: list[Progress]
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def stage(self, name: str, fn: Callable[[Progress], Any]) -> Any:
         """Run one stage; its metrics (when it returns a dict) and its seconds go into the table."""
         t0 = time.perf_counter()
-        value = fn(_stage_progress(name, sinks))
+        value = fn(_stage_progress(name, self.sinks))
         if isinstance(value, dict) and name != "evaluate":
-            stages[name] = value
-        stages.setdefault(name, {})["seconds"] = round(time.perf_counter() - t0, 1)
+            self.stages[name] = value
+        self.stages.setdefault(name, {})["seconds"] = round(time.perf_counter() - t0, 1)
         return value
 
-    stage("pretrain", lambda r: _pretrain_stage(config, scale, out, r))
-    stage("sft", lambda r: _sft_stage(config, world, scale, out, r))
-    train = [p for p in world.prompts(10_000) if p.split == "train"]
-    heldout = _heldout_prompts(world, scale.eval_prompts)
+
+def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progress | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    sinks = [s for s in (StageBar() if config.progress else None, on_progress) if s is not None]
+    run = _Run(config, scale, out, World(config.seed), sinks)
+    run.stage("pretrain", lambda r: _pretrain_stage(config, scale, out, r))
+    run.stage("sft", lambda r: _sft_stage(config, run.world, scale, out, r))
+    train = [p for p in run.world.prompts(10_000) if p.split == "train"]
+    heldout = _heldout_prompts(run.world, scale.eval_prompts)
     annotated = train[: scale.annotated_prompts]  # every round ranks answers to the same train prompts
-
-    def sample(report: Progress) -> tuple[list, list]:
-        """`label_sets` candidate sets per annotated prompt (each its own ranking), and one per held-out prompt."""
-        n = len(annotated)
-        tick = _counter("sample", n * scale.label_sets + len(heldout), report)
-        train_sets, totals = [], {}
-        for i in range(scale.label_sets):
-            part, counts = sample_candidate_sets(
-                out / "sft",
-                annotated,
-                K,
-                scale.max_new_tokens,
-                config.seed + 50 * i,
-                lambda done, i=i: tick(n * i + done),
-            )
-            train_sets.append(part)
-            totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
-        b, held_counts = sample_candidate_sets(
-            out / "sft", heldout, K, scale.max_new_tokens, config.seed + 1, lambda d: tick(n * scale.label_sets + d)
-        )
-        stages["sample"] = {**totals, "heldout_sets": held_counts["sets"]}
-        return train_sets, b
-
-    train_sets, heldout_sets = stage("sample", sample)
-    labelled = [
-        annotate(world, sets, config, out / ("data" if i == 0 else f"data-{i + 1}"))
-        for i, sets in enumerate(train_sets)
-    ]
-    rankings, thumbs = [r for r, _, _ in labelled], [t for _, t, _ in labelled]
-    heldout_path = gold_rankings(world, heldout_sets, out / "data" / "heldout_gold_rankings.jsonl")
-    stages["annotate"] = merge_label_stats([stats for _, _, stats in labelled])
-    stage("reward", lambda r: _reward_stage(config, scale, out, "rm", (rankings, thumbs, heldout_path), r))
+    train_sets, heldout_sets = run.stage("sample", lambda r: _sample_stage(run, annotated, heldout, r))
+    files, heldout_path = _first_labels(run, train_sets, heldout_sets)
+    run.stage("reward", lambda r: _reward_stage(config, scale, out, "rm", (*files, heldout_path), r))
     policies, final_rm = ["sft"], {}
     for algo in config.algos:
-        stage(f"rl-{algo}", lambda r, a=algo: _rl_stage(config, a, scale, out, ("rm", f"rl-{a}"), train, r))
-        policies.append(f"rl-{algo}")
-        files = (rankings, thumbs)
-        for n in range(2, config.rounds + 1):
-            policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
-            seed = config.seed + 100 * n + ALGOS.index(algo)
-            new = stage(
-                f"annotate-{algo}-r{n}",
-                lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed: _next_round_data(
-                    config, world, scale, out, d, annotated, s, r
-                ),
-            )
-            stages[f"annotate-{algo}-r{n}"].update(new[2])
-            files = (files[0] + [new[0]], files[1] + [new[1]])
-            stage(
-                f"reward-{algo}-r{n}",
-                lambda r, m=rm, f=files: _reward_stage(config, scale, out, m, (f[0], f[1], heldout_path), r),
-            )
-            stage(policy, lambda r, a=algo, d=(rm, policy): _rl_stage(config, a, scale, out, d, train, r))
-            policies.append(policy)
-        final_rm[algo] = stages[f"reward-{algo}-r{config.rounds}" if config.rounds > 1 else "reward"]["rm_acc_gold"]
+        policies += _rl_rounds(run, algo, files, heldout_path, annotated, train)
+        final_rm[algo] = run.stages[f"reward-{algo}-r{config.rounds}" if config.rounds > 1 else "reward"]["rm_acc_gold"]
     if config.dpo:
-        stage("dpo", lambda r: _dpo_stage(config, scale, out, rankings, r))
+        run.stage("dpo", lambda r: _dpo_stage(config, scale, out, files[0], r))
         policies.append("dpo")
+    evaluation = run.stage("evaluate", lambda r: _evaluate_stage(run, policies, heldout, r))
+    return _results(run, evaluation, final_rm, time.perf_counter() - started)
 
-    def evaluate(report: Progress) -> dict[str, dict[str, float]]:
-        tick, results = _counter("evaluate", len(policies), report), {}
-        for i, name in enumerate(policies):
-            results[name] = evaluate_policy(world, out / name, out / "sft", heldout, scale, config.seed + 7)
-            tick(i + 1)
-        return results
 
-    evaluation = stage("evaluate", evaluate)
+def _sample_stage(run: _Run, annotated: list[Prompt], heldout: list[Prompt], report: Progress) -> tuple[list, list]:
+    """`label_sets` candidate sets per annotated prompt (each its own ranking), and one per held-out prompt."""
+    config, scale, sft_dir = run.config, run.scale, run.out / "sft"
+    n = len(annotated)
+    tick = _counter("sample", n * scale.label_sets + len(heldout), report)
+    train_sets, totals = [], {}
+    for i in range(scale.label_sets):
+        part, counts = sample_candidate_sets(
+            sft_dir, annotated, K, scale.max_new_tokens, config.seed + 50 * i, lambda done, i=i: tick(n * i + done)
+        )
+        train_sets.append(part)
+        totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
+    b, held_counts = sample_candidate_sets(
+        sft_dir, heldout, K, scale.max_new_tokens, config.seed + 1, lambda d: tick(n * scale.label_sets + d)
+    )
+    run.stages["sample"] = {**totals, "heldout_sets": held_counts["sets"]}
+    return train_sets, b
+
+
+def _first_labels(run: _Run, train_sets: list, heldout_sets: list) -> tuple[tuple[list[Path], list[Path]], Path]:
+    """Round one's labels: the simulated annotators' rankings and thumbs of each label set (one data folder each),
+    and the held-out sets ranked by gold. Returns (ranking files, thumb files), and the gold rankings' file."""
+    labelled = [
+        annotate(run.world, sets, run.config, run.out / ("data" if i == 0 else f"data-{i + 1}"))
+        for i, sets in enumerate(train_sets)
+    ]
+    heldout_path = gold_rankings(run.world, heldout_sets, run.out / "data" / "heldout_gold_rankings.jsonl")
+    run.stages["annotate"] = merge_label_stats([stats for _, _, stats in labelled])
+    return ([r for r, _, _ in labelled], [t for _, t, _ in labelled]), heldout_path
+
+
+def _rl_rounds(
+    run: _Run,
+    algo: str,
+    files: tuple[list[Path], list[Path]],
+    heldout_path: Path,
+    annotated: list[Prompt],
+    train: list[Prompt],
+) -> list[str]:
+    """RL with `algo` against the first reward model; then each further round annotates the last policy's answers,
+    retrains the reward model on every label so far and runs RL again. Returns the names of the policies made."""
+    config, scale, out = run.config, run.scale, run.out
+    run.stage(f"rl-{algo}", lambda r: _rl_stage(config, algo, scale, out, ("rm", f"rl-{algo}"), train, r))
+    policies = [f"rl-{algo}"]
+    for n in range(2, config.rounds + 1):
+        policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
+        seed = config.seed + 100 * n + ALGOS.index(algo)
+        new = run.stage(
+            f"annotate-{algo}-r{n}",
+            lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed: _next_round_data(
+                config, run.world, scale, out, d, annotated, s, r
+            ),
+        )
+        run.stages[f"annotate-{algo}-r{n}"].update(new[2])
+        files = (files[0] + [new[0]], files[1] + [new[1]])
+        run.stage(
+            f"reward-{algo}-r{n}",
+            lambda r, m=rm, f=files: _reward_stage(config, scale, out, m, (f[0], f[1], heldout_path), r),
+        )
+        run.stage(policy, lambda r, d=(rm, policy): _rl_stage(config, algo, scale, out, d, train, r))
+        policies.append(policy)
+    return policies
+
+
+def _evaluate_stage(run: _Run, policies: list[str], heldout: list[Prompt], report: Progress) -> dict[str, dict]:
+    tick, results = _counter("evaluate", len(policies), report), {}
+    for i, name in enumerate(policies):
+        results[name] = evaluate_policy(
+            run.world, run.out / name, run.out / "sft", heldout, run.scale, run.config.seed + 7
+        )
+        tick(i + 1)
+    return results
+
+
+def _results(run: _Run, evaluation: dict[str, dict], final_rm: dict[str, float], seconds: float) -> dict[str, Any]:
+    """The headline numbers (of the first --algo's last round), every policy's and stage's metrics; also written
+    to results.json."""
+    config = run.config
     first = f"rl-{config.algos[0]}" + (f"-r{config.rounds}" if config.rounds > 1 else "")
     result = {
         "gold_sft": evaluation["sft"]["gold"],
         "gold_rl": evaluation[first]["gold"],
         "rm_acc": final_rm[config.algos[0]],
         "kl": evaluation[first]["kl"],
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "policies": evaluation,
-        "stages": stages,
-        "out": str(out),
+        "stages": run.stages,
+        "out": str(run.out),
         "config": asdict(config),
-        "scale": asdict(scale),
+        "scale": asdict(run.scale),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    (run.out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return result
 
 
