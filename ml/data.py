@@ -125,7 +125,7 @@ def _read_jsonl(file: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    from ml.demo import World
+    from ml.demo.world import World
 
     docs = World(seed=0).pretraining_corpus(500)
     tok = Tokenizer.train(docs, vocab_size=512)

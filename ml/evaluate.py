@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.engine import Sampling
 from ml.examples import Dialogue, Message, Ranking, encode_ranking, tokenize_dialogue
 from ml.tokenizer import Tokenizer

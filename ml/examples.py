@@ -6,7 +6,9 @@ Four kinds of record, each read from JSONL files (one JSON object a line) or giv
     ranking   {"prompt": [...messages] or "text", "answers": ["A", "B", "C"], "ranking": [2, 1, 2]}
               ranking[i] is answer i's rank, 1 = best, equal ranks = a tie; or instead "order": [1, [0, 2]],
               the answers' indices best to worst, a nested list being a tie. Every answer must be placed once.
-    thumb     {"prompt": [...] or "text", "completion": "Hello!", "label": true}  (true/false, 1/-1, "up"/"down")
+    thumb     {"prompt": [...] or "text", "completion": "Hello!", "label": true}  (true/false, 1/-1, "up"/"down");
+              the completion may also be one assistant message, [{"role": "assistant", "content": "Hello!"}]
+              (TRL's conversational format, which `flywheel export thumbs` writes)
     prompt    {"prompt": [...] or "text"} or {"messages": [...]}: a conversation ending with a user turn, for RL
 
 A bad record is an error naming it (`file.jsonl:12: ...` or `ranking #3: ...`): nothing is skipped silently, since
@@ -212,9 +214,9 @@ def _order(order: Any, k: int, where: str) -> list[int]:
 def parse_thumb(obj: Any, where: str) -> Thumb:
     obj = _object(obj, where, "thumb")
     prompt = _prompt(obj, where)
-    completion = obj.get("completion", obj.get("answer"))
+    completion = _answer_text(obj.get("completion", obj.get("answer")))
     if not isinstance(completion, str) or not completion.strip():
-        raise ValueError(f"{where}: 'completion' is empty or not a string")
+        raise ValueError(f"{where}: 'completion' is empty or not a string (or one assistant message)")
     label = obj.get("label")
     if isinstance(label, bool):
         up = label
@@ -225,8 +227,14 @@ def parse_thumb(obj: Any, where: str) -> Thumb:
     return Thumb(prompt, completion, up, where)
 
 
+def _answer_text(value: Any) -> Any:
+    """A completion given as one assistant message -> its content; anything else as it is (checked by the caller)."""
+    one_message = isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+    return value[0].get("content") if one_message and value[0].get("role") == "assistant" else value
+
+
 def parse_prompt(obj: Any, where: str) -> PromptExample:
-    if hasattr(obj, "messages") and not isinstance(obj, dict):  # e.g. ml.demo.Prompt
+    if hasattr(obj, "messages") and not isinstance(obj, dict):  # e.g. ml.demo.world.Prompt
         obj = {"messages": obj.messages}
     if isinstance(obj, list):
         obj = {"messages": obj}
@@ -456,7 +464,7 @@ def comparison_batch(
 
 
 if __name__ == "__main__":
-    from ml.demo import World
+    from ml.demo.world import World
 
     world = World(0)
     dialogues = load_dialogues(world.sft_dialogues(50))

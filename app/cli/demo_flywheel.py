@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from app.jobs.bootstrap import FLYWHEEL_DEMO_MODEL, bootstrap_demo_model, seed_demo_prompts
-from ml.demo import SimulatedAnnotator, World
+from ml.demo.world import SimulatedAnnotator, World
 
 # The flags that size the demo model this command trains when --demo-model is not given (with --bad-fraction).
 SIZE_FLAGS = ("pretrain_steps", "sft_steps", "demo_docs", "n_layer", "n_embd")

@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo_experiment(args: argparse.Namespace, settings: Settings) -> int:
-    return run_module_cli("ml.experiment", "flywheel demo experiment", args.rest)
+    return run_module_cli("ml.demo.experiment", "flywheel demo experiment", args.rest)
 
 
 def cmd_demo_flywheel(args: argparse.Namespace, settings: Settings) -> int:

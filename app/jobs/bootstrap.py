@@ -31,7 +31,7 @@ def _progress(stage: str):
 
 
 def seed_demo_prompts(settings: Settings, seed: int = 0) -> int:
-    from ml.demo import World
+    from ml.demo.world import World
 
     items = [(p.messages, Split(p.split)) for p in World(seed).prompts(DEMO_PROMPTS)]
     factory = make_session_factory(make_engine(settings.resolved_database_url))
@@ -68,11 +68,12 @@ def train_demo_model(
     sft_lr: float = 5e-4,
 ) -> tuple[dict, dict]:
     """Pretrain `models/demo-base` on the demo corpus, then SFT `models/demo-sft` on demo dialogues; their metrics."""
-    from ml.train.pretrain import PretrainConfig, pretrain
-    from ml.train.sft import SFTConfig, sft
+    from ml.train import pretrain, sft
+    from ml.train.pretrain import PretrainConfig
+    from ml.train.sft import SFTConfig
 
     base, chat = models / "demo-base", models / "demo-sft"
-    base_metrics = pretrain(
+    base_metrics = pretrain.train(
         PretrainConfig(
             out=str(base),
             steps=pretrain_steps,
@@ -95,7 +96,7 @@ def train_demo_model(
         warmup=min(20, sft_steps // 3),
         demo_bad_fraction=bad_fraction,
     )
-    sft_metrics = sft(sft_config, on_progress=_progress("sft"))
+    sft_metrics = sft.train(sft_config, on_progress=_progress("sft"))
     print(file=sys.stderr)
     return base_metrics, sft_metrics
 

@@ -77,12 +77,13 @@ def _params(ctx: JobContext, allowed: set[str]) -> dict[str, Any]:
 
 def run_pretrain(ctx: JobContext) -> JobOutput:
     """Pretrain a base model on the demo corpus (or files on the server) with ml.train.pretrain."""
-    from ml.train.pretrain import PretrainConfig, pretrain
+    from ml.train import pretrain
+    from ml.train.pretrain import PretrainConfig
 
     allowed = {f.name for f in fields(PretrainConfig)} - {"out", "resume", "progress"}
     out = ctx.model_dir("base")
     config = PretrainConfig(out=str(out), **_params(ctx, allowed))
-    metrics = ctx.train(pretrain, config)
+    metrics = ctx.train(pretrain.train, config)
     return JobOutput(
         model_kind="base",
         model_dir=str(out),
@@ -115,13 +116,6 @@ def _trainer_params(params: dict[str, Any], config_type: type, fixed: set[str]) 
     return {k: v for k, v in params.items() if k in allowed}
 
 
-def _thumb_records(export: datasets.Export) -> list[dict[str, Any]]:
-    return [
-        {"prompt": r["prompt"], "completion": r["completion"][0]["content"], "label": r["label"]}
-        for r in export.records
-    ]
-
-
 def _dialogue_files(ctx: JobContext) -> list[str]:
     folder = ctx.data_dir / "datasets" / "dialogues"
     return sorted(str(p) for p in folder.iterdir() if not p.name.endswith(".tmp")) if folder.exists() else []
@@ -129,7 +123,8 @@ def _dialogue_files(ctx: JobContext) -> list[str]:
 
 def run_sft(ctx: JobContext) -> JobOutput:
     """Fine-tune the active base model on chats that allow training, imported dialogues and (optionally) the demo's."""
-    from ml.train.sft import SFTConfig, demo_dialogues, sft
+    from ml.train import sft
+    from ml.train.sft import SFTConfig, demo_dialogues
 
     params = dict(ctx.params)
     include_demo = bool(params.pop("include_demo", True))
@@ -149,14 +144,15 @@ def run_sft(ctx: JobContext) -> JobOutput:
     )
     if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
         config.data = (demo_dialogues(config) if include_demo else []) + collected
-    metrics = ctx.train(sft, config)
+    metrics = ctx.train(sft.train, config)
     lineage = TrainingData(dialogues=chats.rows(), files=files, demo=include_demo, demo_seed=config.demo_seed)
     return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
 
 
 def run_reward(ctx: JobContext) -> JobOutput:
     """Train a reward model from every ranking and thumb in the database; the newest becomes the active one."""
-    from ml.train.reward import RewardConfig, train_reward
+    from ml.train import reward
+    from ml.train.reward import RewardConfig
 
     params = dict(ctx.params)
     with ctx.session() as session:
@@ -169,10 +165,10 @@ def run_reward(ctx: JobContext) -> JobOutput:
         sft=sft_version.path,
         out=str(out),
         rankings=rankings.records,
-        thumbs=_thumb_records(thumbs),
+        thumbs=thumbs.records,
         **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
     )
-    metrics = ctx.train(train_reward, config)
+    metrics = ctx.train(reward.train, config)
     lineage = TrainingData(rankings=rankings.rows(), thumbs=thumbs.rows())
     return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
 
@@ -182,7 +178,7 @@ def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
     dialogue `files` first, then, when the reference learned from the demo world, good answers to the demo's held-out
     questions. Never users' chats: those are the active policy's own samples, on which any other policy looks worse,
     so they would favour the incumbent."""
-    from ml.demo import World
+    from ml.demo.world import World
 
     data = TrainingData.from_json(reference.training_data)
     held_out = (
@@ -214,7 +210,8 @@ RL_KL_COEF = 0.5
 
 def run_rl(ctx: JobContext) -> JobOutput:
     """RL of the served policy against the active reward model, then the gate decides whether to promote it."""
-    from ml.train.rl import RLConfig, rl
+    from ml.train import rl
+    from ml.train.rl import RLConfig
 
     params = {"kl_coef": RL_KL_COEF, **ctx.params}
     with ctx.session() as session:
@@ -235,7 +232,7 @@ def run_rl(ctx: JobContext) -> JobOutput:
     )
     if ctx.nproc > 1:
         ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
-    metrics = rl(config, on_progress=ctx.on_progress)
+    metrics = rl.train(config, on_progress=ctx.on_progress)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
     lineage = TrainingData(prompts=train_prompts.rows(), reward_version_id=reward.id, reference_version_id=reference.id)
@@ -244,13 +241,14 @@ def run_rl(ctx: JobContext) -> JobOutput:
 
 def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     """Offline DPO (from ranking pairs) or KTO (from thumbs) of the served policy, then the gate."""
-    from ml.train.dpo import DPOConfig, train_preferences
+    from ml.train import dpo
+    from ml.train.dpo import DPOConfig
 
     params = dict(ctx.params)
     with ctx.session() as session:
         policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
         rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
-    data = {"rankings": rankings.records} if algo == "dpo" else {"thumbs": _thumb_records(thumbs)}
+    data = {"rankings": rankings.records} if algo == "dpo" else {"thumbs": thumbs.records}
     if not next(iter(data.values())):
         raise ValueError(f"no {'rankings' if algo == 'dpo' else 'thumbs'} to train {algo.upper()} on")
     out = ctx.model_dir("policy")
@@ -261,7 +259,7 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
         **data,
         **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume", "progress"}),
     )
-    metrics = ctx.train(train_preferences, config)
+    metrics = ctx.train(dpo.train, config)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
     lineage = TrainingData(rankings=rankings.rows()) if algo == "dpo" else TrainingData(thumbs=thumbs.rows())

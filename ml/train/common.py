@@ -1,5 +1,6 @@
-"""The pieces every trainer shares: devices and DDP, the lr schedule, one optimizer step, evaluation,
-exact checkpoint/resume, and progress reporting. Trainers (pretrain.py, sft.py, ...) wire them into `train_loop`.
+"""The pieces every trainer shares: the flags (`TrainConfig`, `LoopTrainConfig`), devices and DDP, the lr schedule,
+one optimizer step, evaluation, exact checkpoint/resume, progress reporting and the command line (`run_cli`).
+Trainers (pretrain.py, sft.py, ...) wire them into `train_loop` (or, for RL, a loop of their own).
 
 Distributed data parallel comes through torchrun: with WORLD_SIZE > 1 in the environment, `init_distributed` joins the
 process group (`gloo` on CPU, `nccl` on CUDA). Every rank draws the same global batch and keeps its own rows, so N
@@ -13,6 +14,7 @@ Run (CPU, 2 processes): torchrun --nproc_per_node 2 -m ml.train.pretrain --out /
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -20,14 +22,16 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from ml.checkpoint import save_checkpoint
 
 TRAIN_STATE = "train_state.pt"
 Batch = Any  # whatever a trainer's loss_fn takes: (x, y) for pretraining, with masks for SFT, pairs for rewards
@@ -39,6 +43,75 @@ class ProgressCallback(Protocol):
     saved checkpoint stays resumable."""
 
     def __call__(self, info: dict[str, Any]) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The flags every trainer has: where the model goes, how long and how fast it trains, where it runs. Each
+    trainer's config inherits them and sets its own defaults; keyword-only, so that its own fields may follow."""
+
+    out: str  # the model directory to write
+    steps: int = 200
+    lr: float = 1e-4  # peak learning rate
+    warmup: int = 10  # linear warm-up steps
+    grad_clip: float = 1.0  # 0: no clipping
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
+    progress: bool = False  # draw progress on stderr
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad flag; each trainer checks its own."""
+
+    def require_at_least_one(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+@dataclass(kw_only=True)
+class LoopTrainConfig(TrainConfig):
+    """And the flags of the trainers that run `train_loop` (all but RL): batches, the lr decay, held-out
+    evaluation, checkpoints and exact resume."""
+
+    batch_size: int = 8  # rows per micro-step, over all processes
+    grad_accum: int = 1
+    min_lr: float | None = None  # None: lr / 10
+    weight_decay: float = 0.0
+    heldout_fraction: float = 0.1
+    eval_every: int = 50  # 0: at the end only
+    save_every: int = 0  # 0: at the end only
+    resume: bool = False
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.out) / TRAIN_STATE
+
+    def check_out(self) -> None:
+        """A run writes a fresh --out, or continues the one there with --resume."""
+        if not self.resume and (self.state_path.exists() or (Path(self.out) / "config.json").exists()):
+            raise ValueError(
+                f"{self.out} already holds a checkpoint: pass --resume to continue it, or choose another --out"
+            )
+
+    def loop(self, tokens_per_row: int = 0) -> LoopConfig:
+        return LoopConfig(
+            max_steps=self.steps,
+            lr=self.lr,
+            min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
+            warmup=self.warmup,
+            grad_accum=self.grad_accum,
+            grad_clip=self.grad_clip,
+            eval_every=self.eval_every,
+            save_every=self.save_every,
+            tokens_per_step=self.batch_size * self.grad_accum * tokens_per_row,
+        )
+
+
+Config = TypeVar("Config", bound=TrainConfig)
 
 
 # ------------------------------------------------------------------------------------------- devices and DDP
@@ -99,6 +172,28 @@ def init_distributed(device: str = "auto") -> Distributed:
 def close_distributed(dist: Distributed) -> None:
     if dist.owns_group and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def use_threads(threads: int) -> None:
+    """--threads: torch's CPU threads for this process (0 leaves torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def run_distributed(
+    config: Config,
+    run: Callable[[Config, Distributed, ProgressCallback | None], dict[str, Any]],
+    on_progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """Check the config, then `run(config, dist, on_progress)` as this process's rank (one process, or a rank of a
+    torchrun job), leaving the process group however it ends."""
+    config.validate()
+    use_threads(config.threads)
+    dist = init_distributed(config.device)
+    try:
+        return run(config, dist, on_progress)
+    finally:
+        close_distributed(dist)
 
 
 def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
@@ -247,6 +342,29 @@ def _as_python_rng_state(state: Any) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+@dataclass
+class Training:
+    """What `fit` trains: the model (unwrapped), its optimizer, the data order's generator, the step to start at."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    start_step: int
+
+
+def start_training(model: nn.Module, config: LoopTrainConfig) -> Training:
+    """AdamW (betas 0.9, 0.95), the data order's generator and step 0; or with --resume, all of them restored from
+    the train_state.pt in --out."""
+    optimizer = model.configure_optimizer(weight_decay=config.weight_decay, lr=config.lr, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(config.seed)
+    start_step = 0
+    if config.resume:
+        start_step, _ = load_train_state(config.state_path, model, optimizer, generator)
+        if start_step >= config.steps:
+            raise ValueError(f"{config.out} has already trained {start_step} steps; pass a larger --steps to continue")
+    return Training(model, optimizer, generator, start_step)
+
+
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
@@ -305,6 +423,45 @@ def train_loop(
         if on_progress is not None and dist.is_main:
             on_progress(info)
     return losses
+
+
+def fit(
+    training: Training,
+    config: LoopTrainConfig,
+    dist: Distributed,
+    metrics: dict[str, Any],
+    *,
+    next_batch: Callable[[], Batch],
+    loss_fn: Callable[[nn.Module, Batch], Tensor],
+    evaluate: Callable[[], dict[str, float]],
+    on_progress: ProgressCallback | None,
+    checkpoint: Callable[[int], dict[str, Any]] | None = None,
+    tokenizer: Any = None,
+    state_extra: dict[str, Any] | None = None,
+    tokens_per_row: int = 0,
+    unrecorded: tuple[str, ...] = ("lr", "grad_norm"),
+) -> dict[str, Any]:
+    """`train_loop` as every trainer but RL runs it: DDP-wrapped, reporting to the progress bar (--progress) and
+    `on_progress`, the last step's numbers but `unrecorded` kept in `metrics`. Each save writes train_state.pt (with
+    `state_extra`) and, given `checkpoint` (step -> the model's metadata), the model and `tokenizer` to --out.
+    Returns the metrics, the per-step `losses`, out, rank and world_size."""
+    model, optimizer = training.model, training.optimizer
+    trained = wrap_ddp(model, dist)
+
+    def save(step: int) -> None:
+        if dist.is_main:
+            if checkpoint is not None:
+                save_checkpoint(config.out, model, tokenizer=tokenizer, extra=checkpoint(step))
+            save_train_state(config.state_path, model, optimizer, step, training.generator, extra=state_extra)
+        dist.barrier()
+
+    def record(info: dict[str, Any]) -> None:
+        metrics.update({k: v for k, v in info.items() if k not in unrecorded})
+
+    progress = chain(record, ProgressBar() if config.progress else None, on_progress)
+    hooks = dict(next_batch=next_batch, loss_fn=loss_fn, evaluate=evaluate, save=save, on_progress=progress)
+    losses = train_loop(trained, optimizer, config.loop(tokens_per_row), dist, start_step=training.start_step, **hooks)
+    return {**metrics, "losses": losses, "out": str(Path(config.out)), "rank": dist.rank, "world_size": dist.world_size}
 
 
 def _due(step: int, every: int) -> bool:
@@ -379,21 +536,91 @@ def iterate(fn: Callable[[], Batch], n: int) -> Iterator[Batch]:
     return (fn() for _ in range(n))
 
 
-def add_loop_arguments(parser: Any, defaults: Any, *, batch: str, heldout: str, eval_every: str) -> None:
-    """The optimisation flags that every fine-tuning stage shares; `defaults` is the stage's config dataclass."""
+# --------------------------------------------------------------------------------------------- command line
+
+RUN_HELP = {
+    "steps": "total optimizer steps (default %(default)s)",
+    "lr": "peak learning rate (default %(default)s)",
+    "warmup": "linear warm-up steps (default %(default)s)",
+    "grad_clip": "clip the gradient norm to this; 0 disables",
+    "seed": "seed for initialisation, data order and the held-out split",
+    "device": "auto, cpu, cuda or cuda:N (default %(default)s)",
+    "threads": "CPU threads for torch (default: one per core; 1 on a busy machine)",
+    "progress": "draw a progress line on stderr",
+}
+LOOP_HELP = {
+    "batch_size": "rows per micro-step, over all processes",
+    "grad_accum": "micro-steps per optimizer step (default %(default)s)",
+    "min_lr": "learning rate at the end of the cosine decay (default lr/10)",
+    "weight_decay": "AdamW weight decay on matrices",
+    "heldout_fraction": "share of the data (documents, dialogues, rankings/thumbs) held out",
+    "eval_every": "held-out loss (and metrics) every N steps; 0: at the end only",
+    "save_every": "checkpoint every N steps; 0: at the end only",
+    "resume": "continue the run in --out from its train_state.pt",
+}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig, **help: str) -> None:
+    """The flags of TrainConfig but --out (each trainer says what it writes); `help` rewords any of them."""
+    h = {**RUN_HELP, **help}
     add = parser.add_argument
-    add("--steps", type=int, default=defaults.steps, help="total optimizer steps (default %(default)s)")
-    add("--batch-size", type=int, default=defaults.batch_size, help=batch)
-    add("--grad-accum", type=int, default=defaults.grad_accum, help="micro-steps per optimizer step")
-    add("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
-    add("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay (default lr/10)")
-    add("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps (default %(default)s)")
-    add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay on matrices")
-    add("--grad-clip", type=float, default=defaults.grad_clip, help="clip the gradient norm to this; 0 disables")
-    add("--heldout-fraction", type=float, default=defaults.heldout_fraction, help=heldout)
-    add("--eval-every", type=int, default=defaults.eval_every, help=eval_every)
-    add("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps; 0: at the end only")
-    add("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
-    add("--seed", type=int, default=defaults.seed, help="seed for data order and the held-out split")
-    add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
-    add("--progress", action="store_true", help="draw a progress line on stderr")
+    add("--steps", type=int, default=defaults.steps, help=h["steps"])
+    add("--lr", type=float, default=defaults.lr, help=h["lr"])
+    add("--warmup", type=int, default=defaults.warmup, help=h["warmup"])
+    add("--grad-clip", type=float, default=defaults.grad_clip, help=h["grad_clip"])
+    add("--seed", type=int, default=defaults.seed, help=h["seed"])
+    add("--device", default=defaults.device, help=h["device"])
+    add("--threads", type=int, default=defaults.threads, help=h["threads"])
+    add("--progress", action="store_true", help=h["progress"])
+
+
+def add_loop_arguments(parser: argparse.ArgumentParser, defaults: LoopTrainConfig, **help: str) -> None:
+    """The flags of LoopTrainConfig but --out; `help` rewords any of them."""
+    add_run_arguments(parser, defaults, **help)
+    h = {**LOOP_HELP, **help}
+    add = parser.add_argument
+    add("--batch-size", type=int, default=defaults.batch_size, help=h["batch_size"])
+    add("--grad-accum", type=int, default=defaults.grad_accum, help=h["grad_accum"])
+    add("--min-lr", type=float, default=defaults.min_lr, help=h["min_lr"])
+    add("--weight-decay", type=float, default=defaults.weight_decay, help=h["weight_decay"])
+    add("--heldout-fraction", type=float, default=defaults.heldout_fraction, help=h["heldout_fraction"])
+    add("--eval-every", type=int, default=defaults.eval_every, help=h["eval_every"])
+    add("--save-every", type=int, default=defaults.save_every, help=h["save_every"])
+    add("--resume", action="store_true", help=h["resume"])
+
+
+def config_from_args(config_type: type[Config], args: argparse.Namespace) -> Config:
+    """The config of parsed flags (flags that are not its fields, such as a subcommand's, are left out)."""
+    names = {f.name for f in fields(config_type)}
+    return config_type(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_cli(
+    config_type: type[Config],
+    train: Callable[[Config], dict[str, Any]],
+    args: argparse.Namespace,
+    name: str,
+    summary: Callable[[dict[str, Any]], str],
+) -> int:
+    """A trainer run from parsed flags: `summary(metrics)` on stdout (rank 0 only) and exit status 0; a one-line
+    error on stderr and exit status 2 for bad input; 130 when interrupted, saying how to continue if it can."""
+    try:
+        metrics = train(config_from_args(config_type, args))
+    except (ValueError, OSError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        resumable = any(f.name == "resume" for f in fields(config_type))
+        hint = f"; continue with --resume --out {args.out}" if resumable else ""
+        print(f"{name}: interrupted{hint}", file=sys.stderr)
+        return 130
+    if metrics.get("rank", 0) == 0:
+        print(summary(metrics))
+    return 0
+
+
+def command(module: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], None], main: Any) -> int:
+    """`python -m ml.train.NAME`: parse the flags that `add_arguments` declares and run `main` on them."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    return main(parser.parse_args())

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml.checkpoint import load_checkpoint
 from ml.examples import (
     Message,
     SequenceBatch,
@@ -39,9 +38,10 @@ from ml.examples import (
     split_heldout,
     thumb_rankings,
 )
+from ml.model import Transformer
 from ml.tokenizer import Tokenizer
 from ml.train import common
-from ml.train.common import Distributed, LoopConfig, ProgressCallback
+from ml.train.common import Distributed, ProgressCallback
 from ml.train.losses import dpo_loss, kto_loss
 
 Example = tuple[list[Message], str]  # (prompt, answer)
@@ -54,12 +54,12 @@ def answer_logprobs(model: nn.Module, batch: SequenceBatch) -> Tensor:
     return (logp * batch.answer_mask[:, 1:]).sum(dim=1)
 
 
-@dataclass
-class DPOConfig:
-    """Flags of an offline run. rankings / thumbs: JSONL paths or record objects (from Python)."""
+@dataclass(kw_only=True)
+class DPOConfig(common.LoopTrainConfig):
+    """Flags of an offline run. rankings / thumbs: JSONL paths or record objects (from Python). batch_size counts
+    pairs (DPO) or examples (KTO) per micro-step, over all processes."""
 
     policy: str
-    out: str
     algo: str = "dpo"
     rankings: list[Any] = field(default_factory=list)
     thumbs: list[Any] = field(default_factory=list)
@@ -67,22 +67,7 @@ class DPOConfig:
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    steps: int = 200
-    batch_size: int = 8  # pairs (DPO) or examples (KTO) per micro-step, over all processes
-    grad_accum: int = 1
     max_len: int | None = None
-    lr: float = 1e-4
-    min_lr: float | None = None
-    warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    heldout_fraction: float = 0.1
-    eval_every: int = 50
-    save_every: int = 0
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = False
 
     def validate(self) -> None:
         if self.algo not in ("dpo", "kto"):
@@ -216,96 +201,75 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch.to(device) if isinstance(batch, SequenceBatch) else (batch[0].to(device), batch[1].to(device))
 
 
-def train_preferences(config: DPOConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+def train(config: DPOConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run DPO or KTO from config.policy into config.out; returns metrics (val_margin_start, val_margin, ...)."""
-    config.validate()
-    dist = common.init_distributed(config.device)
-    try:
-        return _run(config, dist, on_progress)
-    finally:
-        common.close_distributed(dist)
+    return common.run_distributed(config, _run, on_progress)
 
 
 def _run(config: DPOConfig, dist: Distributed, on_progress: ProgressCallback | None) -> dict[str, Any]:
-    out = Path(config.out)
-    state_path = out / common.TRAIN_STATE
-    if not config.resume and (state_path.exists() or (out / "config.json").exists()):
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    model, _ = load_checkpoint(config.policy, device=dist.device)
-    reference, _ = load_checkpoint(config.reference or config.policy, device=dist.device)
-    if model.scalar_head or reference.scalar_head:
-        raise ValueError("DPO/KTO optimise a language model; the policy and reference may not be reward models")
-    reference.requires_grad_(False)
-    tokenizer = Tokenizer.load(config.policy)
+    config.check_out()
+    model, reference, tokenizer = _models(config, dist.device)
     max_len = min(config.max_len or model.config.max_seq_len, model.config.max_seq_len)
     data = build_offline_data(config)
     torch.manual_seed(config.seed)
     model.train()
-    optimizer = model.configure_optimizer(weight_decay=config.weight_decay, lr=config.lr, betas=(0.9, 0.95))
-    generator = torch.Generator().manual_seed(config.seed)
-    start_step = 0
+    training = common.start_training(model, config)
     heldout = data.heldout or data.train[: config.batch_size]  # no held-out split: report on a train slice
     metrics: dict[str, Any] = {"train_items": len(data.train), "heldout_items": len(data.heldout)}
-    if config.resume:
-        start_step, _ = common.load_train_state(state_path, model, optimizer, generator)
-    else:
+    if not config.resume:
         start = evaluate_preferences(model, reference, tokenizer, heldout, config, max_len)
         metrics.update({f"{k}_start": v for k, v in start.items()})
-    trained = common.wrap_ddp(model, dist)
     rows = dist.rows(config.batch_size)
 
     def next_batch() -> Any:
-        picks = torch.randint(0, len(data.train), (config.batch_size,), generator=generator)[rows].tolist()
+        picks = torch.randint(0, len(data.train), (config.batch_size,), generator=training.generator)[rows].tolist()
         return _to(_batch(tokenizer, [data.train[i] for i in picks], max_len, config.algo), dist.device)
 
-    def loss_fn(m: nn.Module, batch: Any) -> Tensor:
-        return preference_loss(m, reference, batch, config)[0]
-
-    def save(step: int) -> None:
-        if dist.is_main:
-            record = {**asdict(config), **{k: describe_sources(getattr(config, k)) for k in ("rankings", "thumbs")}}
-            extra = {
-                "kind": "policy",
-                "parent": config.policy,
-                "reference": config.reference or config.policy,
-                "method": config.algo,
-                "step": step,
-                "dpo": record,
-            }
-            save_checkpoint(out, model, tokenizer=tokenizer, extra=extra)
-            common.save_train_state(state_path, model, optimizer, step, generator)
-        dist.barrier()
-
-    def record(info: dict[str, Any]) -> None:
-        metrics.update({k: v for k, v in info.items() if k not in ("lr", "grad_norm")})
-
-    loop = LoopConfig(
-        max_steps=config.steps,
-        lr=config.lr,
-        min_lr=config.lr / 10 if config.min_lr is None else config.min_lr,
-        warmup=config.warmup,
-        grad_accum=config.grad_accum,
-        grad_clip=config.grad_clip,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-    )
-    progress = common.chain(record, common.ProgressBar() if config.progress else None, on_progress)
-    losses = common.train_loop(
-        trained,
-        optimizer,
-        loop,
+    return common.fit(
+        training,
+        config,
         dist,
-        start_step=start_step,
+        metrics,
         next_batch=next_batch,
-        loss_fn=loss_fn,
-        evaluate=lambda: evaluate_preferences(trained, reference, tokenizer, heldout, config, max_len),
-        save=save,
-        on_progress=progress,
+        loss_fn=lambda m, batch: preference_loss(m, reference, batch, config)[0],
+        evaluate=lambda: evaluate_preferences(model, reference, tokenizer, heldout, config, max_len),
+        on_progress=on_progress,
+        checkpoint=lambda step: _metadata(config, step),
+        tokenizer=tokenizer,
     )
-    return {**metrics, "losses": losses, "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
+
+
+def _models(config: DPOConfig, device: torch.device) -> tuple[Transformer, Transformer, Tokenizer]:
+    """The policy to train, its frozen reference, and their tokenizer."""
+    model, _ = load_checkpoint(config.policy, device=device)
+    reference, _ = load_checkpoint(config.reference or config.policy, device=device)
+    if model.scalar_head or reference.scalar_head:
+        raise ValueError("DPO/KTO optimise a language model; the policy and reference may not be reward models")
+    reference.requires_grad_(False)
+    return model, reference, Tokenizer.load(config.policy)
+
+
+def _metadata(config: DPOConfig, step: int) -> dict[str, Any]:
+    """How the saved policy was made, for its config.json."""
+    record = {**asdict(config), **{k: describe_sources(getattr(config, k)) for k in ("rankings", "thumbs")}}
+    return {
+        "kind": "policy",
+        "parent": config.policy,
+        "reference": config.reference or config.policy,
+        "method": config.algo,
+        "step": step,
+        "dpo": record,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    return (
+        f"saved {metrics['out']}: held-out margin {metrics.get('val_margin_start', 0.0):+.4f} -> "
+        f"{metrics['val_margin']:+.4f}, positive on {metrics['val_acc']:.1%}, {metrics['elapsed_s']:.0f} s"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser, algo: str | None = None) -> None:
@@ -325,35 +289,12 @@ def add_arguments(parser: argparse.ArgumentParser, algo: str | None = None) -> N
     add("--desirable-weight", type=float, default=d.desirable_weight, help="KTO: weight of desirable answers")
     add("--undesirable-weight", type=float, default=d.undesirable_weight, help="KTO: weight of undesirable answers")
     add("--max-len", type=int, default=None, help="longest prompt + answer in tokens (default: the model's)")
-    common.add_loop_arguments(
-        parser,
-        d,
-        batch="pairs (DPO) or examples (KTO) per micro-step",
-        heldout="share of rankings/thumbs held out",
-        eval_every="held-out metrics every N steps; 0: at the end",
-    )
+    common.add_loop_arguments(parser, d, batch_size="pairs (DPO) or examples (KTO) per micro-step")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        metrics = train_preferences(
-            DPOConfig(**{k: v for k, v in vars(args).items() if k in DPOConfig.__dataclass_fields__})
-        )
-    except (ValueError, OSError) as e:
-        print(f"{getattr(args, 'algo', 'dpo')}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{getattr(args, 'algo', 'dpo')}: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
-        return 130
-    if metrics["rank"] == 0:
-        print(
-            f"saved {metrics['out']}: held-out margin {metrics.get('val_margin_start', 0.0):+.4f} -> "
-            f"{metrics['val_margin']:+.4f}, positive on {metrics['val_acc']:.1%}, {metrics['elapsed_s']:.0f} s"
-        )
-    return 0
+    return common.run_cli(DPOConfig, train, args, getattr(args, "algo", "dpo"), _summary)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ml.train.dpo", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(common.command("ml.train.dpo", __doc__, add_arguments, main))

@@ -46,7 +46,7 @@ from ml.examples import (
 from ml.model import Transformer, scalar_model_from
 from ml.tokenizer import Tokenizer
 from ml.train import common
-from ml.train.common import Distributed, LoopConfig, ProgressCallback
+from ml.train.common import Distributed, ProgressCallback
 from ml.train.losses import bradley_terry_loss, logistic_loss, pairwise_accuracy
 
 
@@ -108,39 +108,23 @@ class RewardModel:
         return float(self.score([prompt], [answer])[0])
 
 
-@dataclass
-class RewardConfig:
-    """Flags of a reward-model run. rankings / thumbs / reference: JSONL paths or record objects (from Python)."""
+@dataclass(kw_only=True)
+class RewardConfig(common.LoopTrainConfig):
+    """Flags of a reward-model run. rankings / thumbs / reference: JSONL paths or record objects (from Python).
+    batch_size counts rankings (and as many thumbs) per micro-step, over all processes."""
 
     sft: str
-    out: str
     rankings: list[Any] = field(default_factory=list)
     thumbs: list[Any] = field(default_factory=list)
     reference: list[Any] = field(default_factory=list)  # dialogues; empty: every answer in the training data
-    steps: int = 200
-    batch_size: int = 8  # rankings (and as many thumbs) per micro-step, over all processes
-    grad_accum: int = 1
     max_len: int | None = None
-    lr: float = 3e-4
-    min_lr: float | None = None
-    warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     thumb_weight: float = 1.0
-    heldout_fraction: float = 0.1
-    eval_every: int = 50
-    save_every: int = 0
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = False
+    lr: float = 3e-4
 
     def validate(self) -> None:
         if not self.rankings and not self.thumbs:
             raise ValueError("give --rankings and/or --thumbs to train a reward model on")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        self.require_at_least_one("steps", "batch_size", "grad_accum")
         if self.lr <= 0 or not 0 <= self.heldout_fraction < 1:
             raise ValueError("--lr must be positive and the held-out fraction in [0, 1)")
 
@@ -246,40 +230,23 @@ def normalise(model: Transformer, reference: list[tuple[list[int], list[int]]], 
     return offset
 
 
-def train_reward(config: RewardConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+def train(config: RewardConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Train a reward model into config.out; returns metrics (val_acc, val_loss, reward_mean, reward_std, ...)."""
-    config.validate()
-    dist = common.init_distributed(config.device)
-    try:
-        return _run(config, dist, on_progress)
-    finally:
-        common.close_distributed(dist)
+    return common.run_distributed(config, _run, on_progress)
 
 
 def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback | None) -> dict[str, Any]:
-    out = Path(config.out)
-    state_path = out / common.TRAIN_STATE
-    if not config.resume and (state_path.exists() or (out / "config.json").exists()):
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    lm, _ = load_checkpoint(config.sft, device=dist.device)
-    torch.manual_seed(config.seed)  # the new score head's initialisation
-    model = lm if lm.scalar_head else scalar_model_from(lm)  # a reward model continues; an LM gives its trunk
-    del lm
-    tokenizer = Tokenizer.load(config.sft)
+    config.check_out()
+    model, tokenizer = _reward_model(config, dist.device)
     max_len = min(config.max_len or model.config.max_seq_len, model.config.max_seq_len)
     data = build_reward_data(config, tokenizer, max_len)
     model.train()
-    optimizer = model.configure_optimizer(weight_decay=config.weight_decay, lr=config.lr, betas=(0.9, 0.95))
-    generator = torch.Generator().manual_seed(config.seed)
-    start_step = 0
-    if config.resume:
-        start_step, _ = common.load_train_state(state_path, model, optimizer, generator)
-    trained = common.wrap_ddp(model, dist)
+    training = common.start_training(model, config)
     rows = dist.rows(config.batch_size)
     n_r, n_t = len(data.rankings["train"]), len(data.thumbs["train"])
 
     def pick(n: int) -> list[int]:
-        return torch.randint(0, n, (config.batch_size,), generator=generator)[rows].tolist() if n else []
+        return torch.randint(0, n, (config.batch_size,), generator=training.generator)[rows].tolist() if n else []
 
     def next_batch() -> tuple[ComparisonBatch, Tensor]:
         cb, labels = data.batch("train", pick(n_r), pick(n_t))
@@ -287,42 +254,25 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
 
     metrics: dict[str, Any] = {"train_rankings": n_r, "train_thumbs": n_t}
     metrics.update(heldout_rankings=len(data.rankings["heldout"]), heldout_thumbs=len(data.thumbs["heldout"]))
-
-    def save(step: int) -> None:
-        if dist.is_main:
-            common.save_train_state(state_path, model, optimizer, step, generator)
-        dist.barrier()
-
-    loop = LoopConfig(
-        max_steps=config.steps,
-        lr=config.lr,
-        min_lr=config.lr / 10 if config.min_lr is None else config.min_lr,
-        warmup=config.warmup,
-        grad_accum=config.grad_accum,
-        grad_clip=config.grad_clip,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        tokens_per_step=0,
-    )
-
-    def record(info: dict[str, Any]) -> None:
-        metrics.update({k: v for k, v in info.items() if k not in ("lr", "grad_norm")})
-
-    progress = common.chain(record, common.ProgressBar() if config.progress else None, on_progress)
-    losses = common.train_loop(
-        trained,
-        optimizer,
-        loop,
+    result = common.fit(  # saves only the train state: the model is saved at the end, with its offset
+        training,
+        config,
         dist,
-        start_step=start_step,
+        metrics,
         next_batch=next_batch,
         loss_fn=lambda m, b: reward_loss(m, b, config.thumb_weight),
-        evaluate=lambda: evaluate_rewards(trained, data),
-        save=save,
-        on_progress=progress,
+        evaluate=lambda: evaluate_rewards(model, data),
+        on_progress=on_progress,
     )
-    metrics.update(_finish(config, model, tokenizer, data, dist))
-    return {**metrics, "losses": losses, "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
+    return {**result, **_finish(config, model, tokenizer, data, dist)}
+
+
+def _reward_model(config: RewardConfig, device: torch.device) -> tuple[Transformer, Tokenizer]:
+    """The model to train: a reward model continues; a language model gives its trunk to a new score head."""
+    lm, _ = load_checkpoint(config.sft, device=device)
+    torch.manual_seed(config.seed)  # the new score head's initialisation
+    model = lm if lm.scalar_head else scalar_model_from(lm)
+    return model, Tokenizer.load(config.sft)
 
 
 def _finish(
@@ -347,6 +297,14 @@ def _finish(
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
+def _summary(metrics: dict[str, Any]) -> str:
+    acc = f"held-out pairwise accuracy {metrics['val_acc']:.3f}, " if "val_acc" in metrics else ""
+    return (
+        f"saved {metrics['out']}: {acc}reward mean {metrics['reward_mean']:+.3f} std {metrics['reward_std']:.3f} "
+        f"(reference answers at 0), {metrics['elapsed_s']:.0f} s"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `flywheel train reward` and `python -m ml.train.reward`."""
     d = RewardConfig(sft="", out="")
@@ -364,35 +322,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-len", type=int, default=None, help="longest prompt + answer in tokens (default: the model's)")
     add("--thumb-weight", type=float, default=d.thumb_weight, help="weight of the thumbs' logistic loss")
-    common.add_loop_arguments(
-        parser,
-        d,
-        batch="rankings (and thumbs) per micro-step",
-        heldout="share of rankings/thumbs held out",
-        eval_every="held-out accuracy every N steps; 0: at the end",
-    )
+    common.add_loop_arguments(parser, d, batch_size="rankings (and thumbs) per micro-step")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = RewardConfig(**{k: v for k, v in vars(args).items() if k in RewardConfig.__dataclass_fields__})
-        metrics = train_reward(config)
-    except (ValueError, OSError) as e:
-        print(f"reward: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("reward: interrupted", file=sys.stderr)
-        return 130
-    if metrics["rank"] == 0:
-        acc = f"held-out pairwise accuracy {metrics['val_acc']:.3f}, " if "val_acc" in metrics else ""
-        print(
-            f"saved {metrics['out']}: {acc}reward mean {metrics['reward_mean']:+.3f} std {metrics['reward_std']:.3f} "
-            f"(reference answers at 0), {metrics['elapsed_s']:.0f} s"
-        )
-    return 0
+    return common.run_cli(RewardConfig, train, args, "reward", _summary)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ml.train.reward", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(common.command("ml.train.reward", __doc__, add_arguments, main))

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.data import PackedTokens, read_documents
-from ml.demo import World
+from ml.demo.world import World
 from ml.engine import Sampling
 from ml.examples import Message, describe_sources, load_prompts
 from ml.model import Transformer, scalar_model_from
@@ -65,26 +65,23 @@ RewardFn = Callable[[list[list[Message]], list[list[int]]], Sequence[float] | Te
 ALGOS = ("ppo", "grpo", "rloo")
 
 
-@dataclass
-class RLConfig:
-    """Flags of an RL run. `prompts` holds 'demo' (the demo world's train-split prompts), JSONL paths, or objects."""
+@dataclass(kw_only=True)
+class RLConfig(common.TrainConfig):
+    """Flags of an RL run. `prompts` holds 'demo' (the demo world's train-split prompts), JSONL paths, or objects.
+    lr is the policy's; steps count rollout + update steps."""
 
     policy: str  # the SFT model: the starting policy and, unless --reference, the frozen reference
-    out: str
     reward_model: str | None = None  # a reward model directory; from Python a reward_fn may be passed instead
     reference: str | None = None
     prompts: list[Any] = field(default_factory=lambda: ["demo"])
     algo: str = "ppo"
-    steps: int = 100
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    lr: float = 1e-4
     value_lr: float | None = None  # None: 2 * lr
-    warmup: int = 0
     ppo_epochs: int = 2
     minibatch_size: int = 16
     clip: float = 0.2
@@ -104,21 +101,18 @@ class RLConfig:
     ptx_data: list[str] = field(default_factory=lambda: ["demo"])
     ptx_batch_size: int = 8
     ptx_block_size: int = 64
-    grad_clip: float = 1.0
     log_samples: int = 2
     demo_seed: int = 0
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = False
+    # the run's defaults for RL
+    steps: int = 100
+    warmup: int = 0
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"--algo must be one of {ALGOS}, got {self.algo!r}")
         if self.algo != "ppo" and self.samples_per_prompt < 2:
             raise ValueError(f"--algo {self.algo} compares answers to one prompt: --samples-per-prompt must be >= 2")
-        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        self.require_at_least_one("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs")
         if self.kl_estimator not in ("k1", "k2", "k3") or self.value_init not in (None, "reward", "policy"):
             raise ValueError("--kl-estimator must be k1, k2 or k3 and --value-init reward or policy")
         if self.kl_target is not None and self.kl_target <= 0:
@@ -366,7 +360,9 @@ def _prompts(config: RLConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[l
 # ---------------------------------------------------------------------------------------------------- loop
 
 
-def rl(config: RLConfig, reward_fn: RewardFn | None = None, on_progress: ProgressCallback | None = None) -> dict:
+def train(
+    config: RLConfig, on_progress: ProgressCallback | None = None, *, reward_fn: RewardFn | None = None
+) -> dict[str, Any]:
     """Train config.policy against the reward model (or `reward_fn`) into config.out; returns the metrics and the
     per-step history. One process (RL does not use DDP)."""
     config.validate()
@@ -375,8 +371,9 @@ def rl(config: RLConfig, reward_fn: RewardFn | None = None, on_progress: Progres
     out = config.out
     if (Path(out) / "config.json").exists():
         raise ValueError(f"{out} already holds a checkpoint; choose another --out")
+    common.use_threads(config.threads)
     tr = build_trainer(config, reward_fn, common.pick_device(config.device))
-    history = train(tr, common.chain(RLProgress() if config.progress else None, on_progress))
+    history = train_steps(tr, common.chain(RLProgress() if config.progress else None, on_progress))
     record = {**asdict(config), "prompts": describe_sources(config.prompts)}
     last = history[-min(5, len(history)) :]
     metrics = {
@@ -397,7 +394,7 @@ def rl(config: RLConfig, reward_fn: RewardFn | None = None, on_progress: Progres
     return {**metrics, "history": history, "out": str(out)}
 
 
-def train(tr: Trainer, on_progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
+def train_steps(tr: Trainer, on_progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
     """config.steps of sample -> score -> update; returns each step's logged statistics."""
     c = tr.config
     history: list[dict[str, Any]] = []
@@ -452,6 +449,13 @@ class RLProgress:
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
+def _summary(metrics: dict[str, Any]) -> str:
+    return (
+        f"saved {metrics['out']}: reward {metrics['reward_first']:+.4f} -> {metrics['reward_last']:+.4f}, "
+        f"KL {metrics['kl_last']:.4f}, {metrics['elapsed_s']:.0f} s"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `flywheel train rl` and `python -m ml.train.rl`."""
     d = RLConfig(policy="", out="")
@@ -462,16 +466,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--reference", default=None, metavar="DIR", help="frozen KL reference (default: --policy)")
     add("--prompts", nargs="+", default=d.prompts, metavar="demo|FILE", help="'demo' or JSONL files of prompts")
     add("--algo", choices=ALGOS, default=d.algo, help="ppo (value model + GAE), grpo or rloo (critic-free)")
-    add("--steps", type=int, default=d.steps, help="rollout + update steps (default %(default)s)")
     add("--prompts-per-step", type=int, default=d.prompts_per_step, help="prompts sampled per step")
     add("--samples-per-prompt", type=int, default=d.samples_per_prompt, help="answers per prompt (n)")
     add("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest answer in tokens")
     add("--temperature", type=float, default=d.temperature, help="sampling temperature (log-probs use the same)")
     add("--top-k", type=int, default=None, help="sample from the k likeliest tokens (log-probs use the same)")
     add("--top-p", type=float, default=None, help="nucleus sampling (log-probs use the same)")
-    add("--lr", type=float, default=d.lr, help="policy learning rate (default %(default)s)")
     add("--value-lr", type=float, default=None, help="value model learning rate (default 2 * lr)")
-    add("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     add("--ppo-epochs", type=int, default=d.ppo_epochs, help="passes over each batch of rollouts")
     add("--minibatch-size", type=int, default=d.minibatch_size, help="answers per gradient step")
     add("--clip", type=float, default=d.clip, help="policy ratio clip range")
@@ -489,31 +490,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--value-init", choices=("reward", "policy"), default=None, help="initialise the value model from")
     add("--ptx-coef", type=float, default=d.ptx_coef, help="PPO-ptx: weight of the pretraining loss (0: off)")
     add("--ptx-data", nargs="+", default=d.ptx_data, metavar="demo|PATH", help="pretraining text for PPO-ptx")
-    add("--grad-clip", type=float, default=d.grad_clip, help="clip each model's gradient norm; 0 disables")
     add("--log-samples", type=int, default=d.log_samples, help="sample answers logged per step")
     add("--demo-seed", type=int, default=d.demo_seed, help="seed of the demo world")
-    add("--seed", type=int, default=d.seed, help="seed for prompts, sampling and minibatches")
-    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    add("--progress", action="store_true", help="print one line per step on stderr")
+    common.add_run_arguments(
+        parser,
+        d,
+        steps="rollout + update steps (default %(default)s)",
+        lr="policy learning rate (default %(default)s)",
+        grad_clip="clip each model's gradient norm; 0 disables",
+        seed="seed for prompts, sampling and minibatches",
+        progress="print one line per step on stderr",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        metrics = rl(RLConfig(**{k: v for k, v in vars(args).items() if k in RLConfig.__dataclass_fields__}))
-    except (ValueError, OSError) as e:
-        print(f"rl: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rl: interrupted", file=sys.stderr)
-        return 130
-    print(
-        f"saved {metrics['out']}: reward {metrics['reward_first']:+.4f} -> {metrics['reward_last']:+.4f}, "
-        f"KL {metrics['kl_last']:.4f}, {metrics['elapsed_s']:.0f} s"
-    )
-    return 0
+    return common.run_cli(RLConfig, train, args, "rl", _summary)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ml.train.rl", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(common.command("ml.train.rl", __doc__, add_arguments, main))

@@ -135,7 +135,7 @@ def values(value_model: nn.Module, rollout: Rollout) -> Tensor:
 
 
 if __name__ == "__main__":
-    from ml.demo import World
+    from ml.demo.world import World
     from ml.model import ModelConfig, Transformer
 
     world = World(0)

@@ -18,7 +18,7 @@ from app.jobs.worker import Worker, WorkerConfig
 from app.models import CandidateSet, Job, JobStatus, ModelKind, ModelStatus, ModelVersion, Prompt, Role, Split
 from app.services import annotation, chat, feedback, jobs
 from app.settings import Settings
-from ml.demo import World, split_of
+from ml.demo.world import World, split_of
 from tests.factories import make_user
 
 SMALL = {"steps": 3, "batch_size": 4}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ml.checkpoint import save_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.model import ModelConfig, Transformer
 from ml.tokenizer import Tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ml.data import PackedTokens, read_documents
-from ml.demo import World
+from ml.demo.world import World
 from ml.tokenizer import Tokenizer
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ml.demo import HELDOUT_PERCENT, QUALITIES, SimulatedAnnotator, World, split_of
+from ml.demo.world import HELDOUT_PERCENT, QUALITIES, SimulatedAnnotator, World, split_of
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.engine import Sampling
 from ml.evaluate import dialogue_perplexity, policy_reward_and_kl, text_perplexity, win_rate
 from ml.examples import load_dialogues

@@ -163,3 +163,12 @@ def test_comparison_batch_scores_the_last_token_and_returns_to_the_slots(tiny_to
     assert all(seqs.input_ids[i, seqs.last_index[i]] == tok.end_id for i in range(5))
     grid = batch.grid(torch.arange(1.0, 6.0))
     assert grid.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]
+
+
+def test_thumbs_read_the_exported_format_with_the_answer_as_one_assistant_message() -> None:
+    exported = {"prompt": [USER], "completion": [{"role": "assistant", "content": "In Oslo."}], "label": False}
+    [thumb] = load_thumbs([exported])
+    assert (thumb.prompt, thumb.completion, thumb.label) == ([USER], "In Oslo.", False)
+    for completion in ([], [{"role": "user", "content": "x"}], [{"role": "assistant", "content": " "}]):
+        with pytest.raises(ValueError, match=r"thumb #0: 'completion' is empty or not a string"):
+            load_thumbs([{**exported, "completion": completion}])

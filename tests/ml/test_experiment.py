@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.demo import SimulatedAnnotator, World
-from ml.examples import load_rankings, load_thumbs
-from ml.experiment import (
+from ml.demo.experiment import (
     ExperimentConfig,
     add_arguments,
     annotate,
@@ -21,7 +19,10 @@ from ml.experiment import (
     run_experiment,
     summarize,
 )
-from ml.train.reward import RewardConfig, train_reward
+from ml.demo.world import SimulatedAnnotator, World
+from ml.examples import load_rankings, load_thumbs
+from ml.train import reward
+from ml.train.reward import RewardConfig
 
 
 def test_tiny_experiment_raises_gold_and_reward_model_beats_chance(tmp_path: Path) -> None:
@@ -57,7 +58,7 @@ def test_a_bad_ranking_line_stops_the_reward_stage_naming_it(tmp_path: Path, tin
     path = tmp_path / "rankings.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     with pytest.raises(ValueError, match=r"rankings\.jsonl:2: answer 1 is empty"):
-        train_reward(RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=[path], steps=1))
+        reward.train(RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=[path], steps=1))
 
 
 def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.tokenizer import Tokenizer
-from ml.train.pretrain import PretrainConfig, add_arguments, main, pretrain
+from ml.train.pretrain import PretrainConfig, add_arguments, main, train
 
 TINY = dict(
     demo_docs=400,
@@ -59,7 +59,7 @@ def test_pretraining_beats_unigram_entropy(tmp_path: Path) -> None:
         eval_batches=4,
         threads=1,
     )
-    metrics = pretrain(config)
+    metrics = train(config)
     tokenizer = Tokenizer.load(config.out)
     counts = Counter()
     for doc in World(config.demo_seed).pretraining_corpus(config.demo_docs):
@@ -79,24 +79,24 @@ class Crash(Exception):
 
 def test_resume_repeats_the_uninterrupted_losses_exactly(tmp_path: Path) -> None:
     base = dict(TINY, steps=8, save_every=4, eval_every=4)
-    whole = pretrain(PretrainConfig(out=str(tmp_path / "whole"), **base))["losses"]
+    whole = train(PretrainConfig(out=str(tmp_path / "whole"), **base))["losses"]
 
     def crash_after_the_save_at_step_4(info: dict) -> None:
         if info["step"] == 5:
             raise Crash
 
     with pytest.raises(Crash):
-        pretrain(PretrainConfig(out=str(tmp_path / "cut"), **base), on_progress=crash_after_the_save_at_step_4)
-    resumed = pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
+        train(PretrainConfig(out=str(tmp_path / "cut"), **base), on_progress=crash_after_the_save_at_step_4)
+    resumed = train(PretrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
     assert len(whole) == 8 and resumed["losses"] == whole[4:]  # exact equality, not approximate
     with pytest.raises(ValueError, match="already holds a checkpoint"):
-        pretrain(PretrainConfig(out=str(tmp_path / "cut"), **base))
+        train(PretrainConfig(out=str(tmp_path / "cut"), **base))
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, config: dict, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ["WORLD_SIZE"] = str(world_size)
-    metrics = pretrain(PretrainConfig(**config))
+    metrics = train(PretrainConfig(**config))
     if rank == 0:
         Path(result).write_text(json.dumps({"losses": metrics["losses"], "val_loss": metrics["val_loss"]}))
 
@@ -109,7 +109,7 @@ def _free_port() -> int:
 
 def test_two_ddp_processes_match_one(tmp_path: Path) -> None:
     config = dict(TINY, steps=4, grad_accum=2, eval_every=0, device="cpu")
-    single = pretrain(PretrainConfig(out=str(tmp_path / "one"), **config))
+    single = train(PretrainConfig(out=str(tmp_path / "one"), **config))
     result = tmp_path / "ddp.json"
     args = (2, _free_port(), dict(config, out=str(tmp_path / "two")), str(result))
     mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.evaluate import reward_accuracy
 from ml.examples import load_rankings
-from ml.train.reward import RewardConfig, RewardModel, train_reward
+from ml.train.reward import RewardConfig, RewardModel, train
 
 FAST = dict(steps=40, batch_size=8, lr=3e-3, warmup=4, eval_every=0, device="cpu")
 
@@ -21,7 +21,7 @@ def trained_rm(
     make_rankings, one_thread, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("rm") / "rm"
-    metrics = train_reward(RewardConfig(sft=str(tiny_base), out=str(out), rankings=make_rankings(240, 0), **FAST))
+    metrics = train(RewardConfig(sft=str(tiny_base), out=str(out), rankings=make_rankings(240, 0), **FAST))
     return out, metrics
 
 
@@ -55,6 +55,6 @@ def test_reward_model_from_thumbs(make_rankings, tiny_base: Path, tmp_path: Path
         for a, rank in zip(r["answers"], r["ranking"], strict=True)
     ]
     config = RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), thumbs=thumbs, **{**FAST, "steps": 60})
-    metrics = train_reward(config)
+    metrics = train(config)
     assert metrics["val_thumb_acc"] >= 0.85, metrics  # the sign of the reward (measured: 0.95)
     assert metrics["heldout_rankings"] > 0 and metrics["val_acc"] >= 0.8  # a prompt with an up and a down: a pair

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.engine import Sampling
 from ml.evaluate import policy_reward_and_kl
 from ml.tokenizer import Tokenizer
-from ml.train.rl import RLConfig, add_arguments, build_trainer, main, make_experience, rl, step_stats
+from ml.train.rl import RLConfig, add_arguments, build_trainer, main, make_experience, step_stats, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGET = set(range(100, 140))  # 40 of the 400 token ids
@@ -63,7 +63,7 @@ def test_rl_raises_a_programmatic_reward(tiny_base: Path, tmp_path: Path, algo: 
         minibatch_size=8,
         device="cpu",
     )
-    metrics = rl(config, reward_fn=target_fraction)
+    metrics = train(config, reward_fn=target_fraction)
     assert all(h["kl"] >= 0 for h in metrics["history"])  # k3 per answer: never negative
     assert {"reward", "kl", "entropy", "clip_frac", "response_len", "samples"} <= metrics["history"][0].keys()
     assert ("value_loss" in metrics["history"][0]) == (algo == "ppo")
@@ -106,7 +106,7 @@ def test_ppo_with_a_reward_model_value_init_ptx_and_adaptive_kl(tiny_base: Path,
         stop_penalty=0.5,
         device="cpu",
     )
-    metrics = rl(config)
+    metrics = train(config)
     assert "ptx_loss" in metrics["history"][0] and metrics["history"][-1]["kl_coef"] != config.kl_coef
     assert "value_loss" in metrics
 

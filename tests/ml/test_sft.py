@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import World
+from ml.demo.world import World
 from ml.examples import IGNORE, SFTData, load_dialogues
 from ml.tokenizer import Tokenizer
-from ml.train.sft import SFTConfig, add_arguments, dialogue_loss, main, sft
+from ml.train.sft import SFTConfig, add_arguments, dialogue_loss, main, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,7 @@ def test_sft_lowers_the_heldout_assistant_loss(tiny_base: Path, tmp_path: Path) 
         packing=True,
         device="cpu",
     )
-    metrics = sft(config)
+    metrics = train(config)
     assert metrics["val_loss"] < metrics["val_loss_start"] - 0.5, metrics
     model, meta = load_checkpoint(config.out)
     assert meta["kind"] == "sft" and meta["sft"]["data"] == ["demo"] and not model.scalar_head
@@ -83,13 +83,13 @@ class Crash(Exception):
 
 def test_resume_repeats_the_uninterrupted_losses(tiny_base: Path, tmp_path: Path) -> None:
     run = dict(base=str(tiny_base), demo_dialogues=60, steps=6, batch_size=4, save_every=3, eval_every=3, device="cpu")
-    whole = sft(SFTConfig(out=str(tmp_path / "whole"), **run))["losses"]
+    whole = train(SFTConfig(out=str(tmp_path / "whole"), **run))["losses"]
 
     def crash_after_step_4(info: dict) -> None:
         if info["step"] == 4:
             raise Crash
 
     with pytest.raises(Crash):
-        sft(SFTConfig(out=str(tmp_path / "cut"), **run), on_progress=crash_after_step_4)
-    resumed = sft(SFTConfig(out=str(tmp_path / "cut"), resume=True, **run))["losses"]
+        train(SFTConfig(out=str(tmp_path / "cut"), **run), on_progress=crash_after_step_4)
+    resumed = train(SFTConfig(out=str(tmp_path / "cut"), resume=True, **run))["losses"]
     assert resumed == whole[3:]

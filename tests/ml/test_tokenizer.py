@@ -8,7 +8,7 @@ from jinja2.exceptions import SecurityError
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from ml.demo import World
+from ml.demo.world import World
 from ml.tokenizer import END, Tokenizer
 
 TEXTS = [

@@ -16,9 +16,9 @@ The last line is `demo_flywheel: gold_sft=X gold_rl=Y rm_acc=Z kl=K seconds=S` (
 The rankings and thumbs are written as JSONL under --out and read back through ml/examples.py, so the experiment's
 data takes the same path (and the same checks, naming the bad record) as a user's.
 
-Run (CPU):  python -m ml.experiment --quick                       (about 5 minutes on 2 cores)
-            python -m ml.experiment --algo ppo rloo grpo --dpo --seed 1 --out /tmp/exp-s1   (README's table, per seed)
-            python -m ml.experiment --summarize /tmp/exp-s0 /tmp/exp-s1 /tmp/exp-s2  (mean ± std over the seeds)
+Run (CPU):  python -m ml.demo.experiment --quick                     (about 5 minutes on 2 cores)
+            python -m ml.demo.experiment --algo ppo rloo grpo --dpo --seed 1 --out /tmp/exp-s1  (README's table)
+            python -m ml.demo.experiment --summarize /tmp/exp-s0 /tmp/exp-s1 /tmp/exp-s2  (mean ± std over seeds)
             flywheel demo experiment --quick --out /tmp/fw-exp
 """
 
@@ -38,16 +38,17 @@ from typing import Any
 import torch
 
 from ml.checkpoint import load_checkpoint
-from ml.demo import Prompt, SimulatedAnnotator, World
+from ml.demo.world import Prompt, SimulatedAnnotator, World
 from ml.engine import Sampling
 from ml.evaluate import policy_reward_and_kl, reward_accuracy, sample_answers
 from ml.examples import load_rankings
 from ml.tokenizer import Tokenizer
-from ml.train.dpo import DPOConfig, train_preferences
-from ml.train.pretrain import PretrainConfig, pretrain
-from ml.train.reward import RewardConfig, RewardModel, train_reward
-from ml.train.rl import ALGOS, RLConfig, rl
-from ml.train.sft import SFTConfig, sft
+from ml.train import dpo, pretrain, reward, rl, sft
+from ml.train.dpo import DPOConfig
+from ml.train.pretrain import PretrainConfig
+from ml.train.reward import RewardConfig, RewardModel
+from ml.train.rl import ALGOS, RLConfig
+from ml.train.sft import SFTConfig
 
 K = 4  # candidates per prompt
 Progress = Callable[[dict[str, Any]], None]
@@ -356,7 +357,7 @@ def evaluate_policy(
 
 
 def _pretrain_stage(config: ExperimentConfig, scale: Scale, out: Path, report: Progress) -> dict[str, Any]:
-    m = pretrain(
+    m = pretrain.train(
         PretrainConfig(
             out=str(out / "base"),
             steps=scale.pretrain_steps,
@@ -381,7 +382,7 @@ def _pretrain_stage(config: ExperimentConfig, scale: Scale, out: Path, report: P
 
 def _sft_stage(config: ExperimentConfig, world: World, scale: Scale, out: Path, report: Progress) -> dict[str, Any]:
     dialogues = world.sft_dialogues(scale.sft_dialogues, seed=config.seed, bad_fraction=config.bad_fraction)
-    m = sft(
+    m = sft.train(
         SFTConfig(
             base=str(out / "base"),
             out=str(out / "sft"),
@@ -412,7 +413,7 @@ def _reward_stage(
 ) -> dict[str, Any]:
     """A reward model `rm` from the SFT model on every ranking and thumb file so far; steps grow with the rounds."""
     rankings, thumbs, heldout = data
-    m = train_reward(
+    m = reward.train(
         RewardConfig(
             sft=str(out / "sft"),
             out=str(out / rm),
@@ -446,7 +447,7 @@ def _rl_stage(
     """RL from the SFT model against the reward model dirs[0], into dirs[1]: every round restarts from SFT, so a
     round's gain comes from its better reward model, not from more RL steps."""
     rm, policy = dirs
-    m = rl(
+    m = rl.train(
         RLConfig(
             policy=str(out / "sft"),
             out=str(out / policy),
@@ -466,7 +467,7 @@ def _rl_stage(
 
 
 def _dpo_stage(config: ExperimentConfig, scale: Scale, out: Path, rankings: list[Path], report: Progress):
-    m = train_preferences(
+    m = dpo.train(
         DPOConfig(
             policy=str(out / "sft"),
             out=str(out / "dpo"),
@@ -509,107 +510,142 @@ def _work_dir(out: str | None) -> Path:
     return path
 
 
-def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progress | None) -> dict[str, Any]:
-    started = time.perf_counter()
-    world = World(config.seed)
-    sinks = [s for s in (StageBar() if config.progress else None, on_progress) if s is not None]
-    stages: dict[str, dict[str, Any]] = {}
+@dataclass
+class _Run:
+    """One experiment under way: its settings, the world, and each finished stage's metrics and seconds."""
 
-    def stage(name: str, fn: Callable[[Progress], Any]) -> Any:
+    config: ExperimentConfig
+    scale: Scale
+    out: Path
+    world: World
+    sinks: list[Progress]
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def stage(self, name: str, fn: Callable[[Progress], Any]) -> Any:
         """Run one stage; its metrics (when it returns a dict) and its seconds go into the table."""
         t0 = time.perf_counter()
-        value = fn(_stage_progress(name, sinks))
+        value = fn(_stage_progress(name, self.sinks))
         if isinstance(value, dict) and name != "evaluate":
-            stages[name] = value
-        stages.setdefault(name, {})["seconds"] = round(time.perf_counter() - t0, 1)
+            self.stages[name] = value
+        self.stages.setdefault(name, {})["seconds"] = round(time.perf_counter() - t0, 1)
         return value
 
-    stage("pretrain", lambda r: _pretrain_stage(config, scale, out, r))
-    stage("sft", lambda r: _sft_stage(config, world, scale, out, r))
-    train = [p for p in world.prompts(10_000) if p.split == "train"]
-    heldout = _heldout_prompts(world, scale.eval_prompts)
+
+def _run(config: ExperimentConfig, scale: Scale, out: Path, on_progress: Progress | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    sinks = [s for s in (StageBar() if config.progress else None, on_progress) if s is not None]
+    run = _Run(config, scale, out, World(config.seed), sinks)
+    run.stage("pretrain", lambda r: _pretrain_stage(config, scale, out, r))
+    run.stage("sft", lambda r: _sft_stage(config, run.world, scale, out, r))
+    train = [p for p in run.world.prompts(10_000) if p.split == "train"]
+    heldout = _heldout_prompts(run.world, scale.eval_prompts)
     annotated = train[: scale.annotated_prompts]  # every round ranks answers to the same train prompts
-
-    def sample(report: Progress) -> tuple[list, list]:
-        """`label_sets` candidate sets per annotated prompt (each its own ranking), and one per held-out prompt."""
-        n = len(annotated)
-        tick = _counter("sample", n * scale.label_sets + len(heldout), report)
-        train_sets, totals = [], {}
-        for i in range(scale.label_sets):
-            part, counts = sample_candidate_sets(
-                out / "sft",
-                annotated,
-                K,
-                scale.max_new_tokens,
-                config.seed + 50 * i,
-                lambda done, i=i: tick(n * i + done),
-            )
-            train_sets.append(part)
-            totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
-        b, held_counts = sample_candidate_sets(
-            out / "sft", heldout, K, scale.max_new_tokens, config.seed + 1, lambda d: tick(n * scale.label_sets + d)
-        )
-        stages["sample"] = {**totals, "heldout_sets": held_counts["sets"]}
-        return train_sets, b
-
-    train_sets, heldout_sets = stage("sample", sample)
-    labelled = [
-        annotate(world, sets, config, out / ("data" if i == 0 else f"data-{i + 1}"))
-        for i, sets in enumerate(train_sets)
-    ]
-    rankings, thumbs = [r for r, _, _ in labelled], [t for _, t, _ in labelled]
-    heldout_path = gold_rankings(world, heldout_sets, out / "data" / "heldout_gold_rankings.jsonl")
-    stages["annotate"] = merge_label_stats([stats for _, _, stats in labelled])
-    stage("reward", lambda r: _reward_stage(config, scale, out, "rm", (rankings, thumbs, heldout_path), r))
+    train_sets, heldout_sets = run.stage("sample", lambda r: _sample_stage(run, annotated, heldout, r))
+    files, heldout_path = _first_labels(run, train_sets, heldout_sets)
+    run.stage("reward", lambda r: _reward_stage(config, scale, out, "rm", (*files, heldout_path), r))
     policies, final_rm = ["sft"], {}
     for algo in config.algos:
-        stage(f"rl-{algo}", lambda r, a=algo: _rl_stage(config, a, scale, out, ("rm", f"rl-{a}"), train, r))
-        policies.append(f"rl-{algo}")
-        files = (rankings, thumbs)
-        for n in range(2, config.rounds + 1):
-            policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
-            seed = config.seed + 100 * n + ALGOS.index(algo)
-            new = stage(
-                f"annotate-{algo}-r{n}",
-                lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed: _next_round_data(
-                    config, world, scale, out, d, annotated, s, r
-                ),
-            )
-            stages[f"annotate-{algo}-r{n}"].update(new[2])
-            files = (files[0] + [new[0]], files[1] + [new[1]])
-            stage(
-                f"reward-{algo}-r{n}",
-                lambda r, m=rm, f=files: _reward_stage(config, scale, out, m, (f[0], f[1], heldout_path), r),
-            )
-            stage(policy, lambda r, a=algo, d=(rm, policy): _rl_stage(config, a, scale, out, d, train, r))
-            policies.append(policy)
-        final_rm[algo] = stages[f"reward-{algo}-r{config.rounds}" if config.rounds > 1 else "reward"]["rm_acc_gold"]
+        policies += _rl_rounds(run, algo, files, heldout_path, annotated, train)
+        final_rm[algo] = run.stages[f"reward-{algo}-r{config.rounds}" if config.rounds > 1 else "reward"]["rm_acc_gold"]
     if config.dpo:
-        stage("dpo", lambda r: _dpo_stage(config, scale, out, rankings, r))
+        run.stage("dpo", lambda r: _dpo_stage(config, scale, out, files[0], r))
         policies.append("dpo")
+    evaluation = run.stage("evaluate", lambda r: _evaluate_stage(run, policies, heldout, r))
+    return _results(run, evaluation, final_rm, time.perf_counter() - started)
 
-    def evaluate(report: Progress) -> dict[str, dict[str, float]]:
-        tick, results = _counter("evaluate", len(policies), report), {}
-        for i, name in enumerate(policies):
-            results[name] = evaluate_policy(world, out / name, out / "sft", heldout, scale, config.seed + 7)
-            tick(i + 1)
-        return results
 
-    evaluation = stage("evaluate", evaluate)
+def _sample_stage(run: _Run, annotated: list[Prompt], heldout: list[Prompt], report: Progress) -> tuple[list, list]:
+    """`label_sets` candidate sets per annotated prompt (each its own ranking), and one per held-out prompt."""
+    config, scale, sft_dir = run.config, run.scale, run.out / "sft"
+    n = len(annotated)
+    tick = _counter("sample", n * scale.label_sets + len(heldout), report)
+    train_sets, totals = [], {}
+    for i in range(scale.label_sets):
+        part, counts = sample_candidate_sets(
+            sft_dir, annotated, K, scale.max_new_tokens, config.seed + 50 * i, lambda done, i=i: tick(n * i + done)
+        )
+        train_sets.append(part)
+        totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
+    b, held_counts = sample_candidate_sets(
+        sft_dir, heldout, K, scale.max_new_tokens, config.seed + 1, lambda d: tick(n * scale.label_sets + d)
+    )
+    run.stages["sample"] = {**totals, "heldout_sets": held_counts["sets"]}
+    return train_sets, b
+
+
+def _first_labels(run: _Run, train_sets: list, heldout_sets: list) -> tuple[tuple[list[Path], list[Path]], Path]:
+    """Round one's labels: the simulated annotators' rankings and thumbs of each label set (one data folder each),
+    and the held-out sets ranked by gold. Returns (ranking files, thumb files), and the gold rankings' file."""
+    labelled = [
+        annotate(run.world, sets, run.config, run.out / ("data" if i == 0 else f"data-{i + 1}"))
+        for i, sets in enumerate(train_sets)
+    ]
+    heldout_path = gold_rankings(run.world, heldout_sets, run.out / "data" / "heldout_gold_rankings.jsonl")
+    run.stages["annotate"] = merge_label_stats([stats for _, _, stats in labelled])
+    return ([r for r, _, _ in labelled], [t for _, t, _ in labelled]), heldout_path
+
+
+def _rl_rounds(
+    run: _Run,
+    algo: str,
+    files: tuple[list[Path], list[Path]],
+    heldout_path: Path,
+    annotated: list[Prompt],
+    train: list[Prompt],
+) -> list[str]:
+    """RL with `algo` against the first reward model; then each further round annotates the last policy's answers,
+    retrains the reward model on every label so far and runs RL again. Returns the names of the policies made."""
+    config, scale, out = run.config, run.scale, run.out
+    run.stage(f"rl-{algo}", lambda r: _rl_stage(config, algo, scale, out, ("rm", f"rl-{algo}"), train, r))
+    policies = [f"rl-{algo}"]
+    for n in range(2, config.rounds + 1):
+        policy, rm = f"rl-{algo}-r{n}", f"rm-{algo}-r{n}"
+        seed = config.seed + 100 * n + ALGOS.index(algo)
+        new = run.stage(
+            f"annotate-{algo}-r{n}",
+            lambda r, d=(policies[-1], f"data-{algo}-r{n}"), s=seed: _next_round_data(
+                config, run.world, scale, out, d, annotated, s, r
+            ),
+        )
+        run.stages[f"annotate-{algo}-r{n}"].update(new[2])
+        files = (files[0] + [new[0]], files[1] + [new[1]])
+        run.stage(
+            f"reward-{algo}-r{n}",
+            lambda r, m=rm, f=files: _reward_stage(config, scale, out, m, (f[0], f[1], heldout_path), r),
+        )
+        run.stage(policy, lambda r, d=(rm, policy): _rl_stage(config, algo, scale, out, d, train, r))
+        policies.append(policy)
+    return policies
+
+
+def _evaluate_stage(run: _Run, policies: list[str], heldout: list[Prompt], report: Progress) -> dict[str, dict]:
+    tick, results = _counter("evaluate", len(policies), report), {}
+    for i, name in enumerate(policies):
+        results[name] = evaluate_policy(
+            run.world, run.out / name, run.out / "sft", heldout, run.scale, run.config.seed + 7
+        )
+        tick(i + 1)
+    return results
+
+
+def _results(run: _Run, evaluation: dict[str, dict], final_rm: dict[str, float], seconds: float) -> dict[str, Any]:
+    """The headline numbers (of the first --algo's last round), every policy's and stage's metrics; also written
+    to results.json."""
+    config = run.config
     first = f"rl-{config.algos[0]}" + (f"-r{config.rounds}" if config.rounds > 1 else "")
     result = {
         "gold_sft": evaluation["sft"]["gold"],
         "gold_rl": evaluation[first]["gold"],
         "rm_acc": final_rm[config.algos[0]],
         "kl": evaluation[first]["kl"],
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "policies": evaluation,
-        "stages": stages,
-        "out": str(out),
+        "stages": run.stages,
+        "out": str(run.out),
         "config": asdict(config),
-        "scale": asdict(scale),
+        "scale": asdict(run.scale),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    (run.out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return result
 
 
@@ -678,7 +714,7 @@ def summarize(results: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `flywheel demo experiment` and `python -m ml.experiment`."""
+    """The flags of `flywheel demo experiment` and `python -m ml.demo.experiment`."""
     d = ExperimentConfig()
     add = parser.add_argument
     add("--out", default=None, metavar="DIR", help="an empty or new work directory (default: a new temporary one)")
@@ -757,6 +793,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ml.experiment", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ml.demo.experiment", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

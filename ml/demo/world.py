@@ -11,7 +11,7 @@ deterministically from a seed:
   annotators and the evaluation of RL can be measured against the truth;
 - `SimulatedAnnotator`: ranks K candidate answers and gives thumbs by the gold score plus per-annotator noise.
 
-Run (CPU, instant): python -m ml.demo
+Run (CPU, instant): python -m ml.demo.world
 """
 
 from __future__ import annotations
