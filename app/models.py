@@ -196,6 +196,8 @@ class Message(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
     sampling_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
+    # When Stop was last asked while the answer streamed: the process streaming it may not be the one asked.
+    stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = created_at_column()
 
 

@@ -1,5 +1,7 @@
 """Conversations and messages, always scoped to their owner (another user's chat looks like it does not exist)."""
 
+from datetime import datetime
+
 from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.orm import Session
 
@@ -185,6 +187,25 @@ def finish_answer(
     message.finish_reason = finish_reason
     message.model_version_id = model_version_id
     message.sampling_params = sampling
+
+
+def request_stop(session: Session, *, user: User, message_id: int) -> bool:
+    """Record a Stop on the user's answer if it is still streaming (whichever web process streams it reads it from
+    here: `stop_requests`); False when it is already answered. Someone else's message is a 404."""
+    message = get_message(session, user=user, message_id=message_id)
+    if message.finish_reason != STREAMING:
+        return False
+    message.stop_requested_at = utcnow()
+    session.flush()
+    return True
+
+
+def stop_requests(session: Session, *, message_ids: list[int]) -> dict[int, datetime]:
+    """When Stop was last asked for each of these messages that has one: one query for all of a process's streams."""
+    query = select(Message.id, Message.stop_requested_at).where(
+        Message.id.in_(message_ids), Message.stop_requested_at.is_not(None)
+    )
+    return {row.id: row.stop_requested_at for row in session.execute(query)}
 
 
 class PayloadTooLargeError(Invalid):

@@ -2,34 +2,47 @@
 
 Used by the chat page (SSE), the REST API and regenerate. The answer is saved once, at the end, in one transaction,
 whether it finished, was stopped or the client went away (then with what was generated so far).
+
+Stop works whatever web process receives it (`serve --workers N`): it is recorded on the message in the database,
+and the process streaming the answer hears it there (`process_state.LiveAnswers`), or at once when it is that process.
 """
 
 import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from datetime import datetime
 
 from fastapi import FastAPI
 
 from app.db import transaction
 from app.errors import Conflict
-from app.models import User
+from app.models import Message, User
 from app.services import chat
 from app.serving.inference import Delta, InferenceService, ModelUnavailable, SamplingParams
+from app.serving.process_state import process_state
 from app.threads import run_db
 
 
-def _prepare(app: FastAPI, user: User, message_id: int) -> list[dict[str, str]]:
+def _prepare(app: FastAPI, user: User, message_id: int) -> tuple[list[dict[str, str]], datetime | None]:
+    """The history the model answers, and the Stop already recorded on the message (one from before this stream
+    started is not for it)."""
     with app.state.session_factory() as session:
         message = chat.get_message(session, user=user, message_id=message_id)
         if message.finish_reason != chat.STREAMING:
             raise Conflict(f"message {message_id} is already answered")
         conversation = chat.get_conversation(session, user=user, conversation_id=message.conversation_id)
-        return chat.history_for_model(chat.messages_of(session, conversation=conversation), upto=message)
+        history = chat.history_for_model(chat.messages_of(session, conversation=conversation), upto=message)
+        return history, message.stop_requested_at
 
 
-def _save(app: FastAPI, message_id: int, text: str, finish: str, version_id: int | None, sampling: dict) -> None:
+def _save(
+    app: FastAPI, message_id: int, text: str, finish: str, version_id: int | None, sampling: dict, seen: datetime | None
+) -> None:
     with transaction(app.state.session_factory) as session:
+        message = session.get(Message, message_id)
+        if finish == "cancelled" and message is not None and message.stop_requested_at != seen:
+            finish = "stopped"  # Stop came, then the client went away before it was heard (the page closes its stream)
         chat.finish_answer(
             session,
             message_id=message_id,
@@ -43,15 +56,13 @@ def _save(app: FastAPI, message_id: int, text: str, finish: str, version_id: int
 async def answer(
     app: FastAPI, *, user: User, message_id: int, params: SamplingParams | None = None
 ) -> AsyncIterator[Delta]:
-    """Deltas of the answer; stops early when the Stop button sets the message's stop event."""
+    """Deltas of the answer; stops early when a Stop sets the message's stop event."""
     service: InferenceService = app.state.inference
     params = params or SamplingParams(max_tokens=app.state.settings.max_new_tokens)
-    active: dict[int, asyncio.Event] = app.state.stop_requests
+    live = process_state(app).answers
     # Ownership first: someone else's message is a 404 whether or not it is streaming (no 409 that reveals it is).
-    history = await run_db(_prepare, app, user, message_id)
-    if message_id in active:  # checked and claimed with no await in between: two requests cannot both pass
-        raise Conflict(f"message {message_id} is already being answered")
-    stop = active[message_id] = asyncio.Event()
+    history, seen = await run_db(_prepare, app, user, message_id)
+    stop = live.claim(message_id, seen)  # a 409 when this process streams it already
     version_id = service.current.version_id if service.current else None
     parts: list[str] = []
     finish = "cancelled"
@@ -65,8 +76,9 @@ async def answer(
                 finish = "stopped"
                 break
     finally:
-        active.pop(message_id, None)
-        await asyncio.shield(run_db(_save, app, message_id, "".join(parts), finish, version_id, asdict(params)))
+        live.release(message_id)
+        text, sampling = "".join(parts), asdict(params)
+        await asyncio.shield(run_db(_save, app, message_id, text, finish, version_id, sampling, seen))
 
 
 def require_model(app: FastAPI) -> None:
@@ -75,12 +87,10 @@ def require_model(app: FastAPI) -> None:
         raise ModelUnavailable("no model is being served yet; an admin must train or import one")
 
 
-def request_stop(app: FastAPI, message_id: int) -> bool:
-    event = app.state.stop_requests.get(message_id)
-    if event is None:
-        return False
-    event.set()
-    return True
+def stop_here(app: FastAPI, message_id: int) -> None:
+    """After a Stop is recorded (`chat.request_stop`, committed): the fast path when the answer streams in this
+    process. Elsewhere, that process reads the Stop from the database within `LiveAnswers.poll_s`."""
+    process_state(app).answers.stop_here(message_id)
 
 
 def sse(event: str, data: dict) -> str:

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from app.db import transaction
 from app.services.model_versions import record_load_error, served_version
 from app.serving.inference import InferenceService, Limits
+from app.serving.process_state import process_state
 from app.settings import Settings
 from app.threads import run_db
 
@@ -50,13 +51,14 @@ async def sync_served_model(app: FastAPI) -> None:
         log.warning("cannot read the active model: %s", exc)
         return
     current = service.current.version_id if service.current else None
-    if served is None or served[0] == current or served[0] in app.state.unloadable_versions:
+    unloadable = process_state(app).unloadable_versions
+    if served is None or served[0] == current or served[0] in unloadable:
         return
     version_id, path, name = served
     try:
         await run_db(service.load, path, version_id=version_id, name=name)
     except Exception as exc:
-        app.state.unloadable_versions.add(version_id)
+        unloadable.add(version_id)
         log.error("model version %s (%s) cannot be loaded, keeping %s: %s", version_id, path, current, exc)
         kept = f"; still serving {service.current.name}" if service.current else ""
         await run_db(_note_load, app, version_id, f"cannot be loaded: {exc}{kept}")

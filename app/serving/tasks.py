@@ -11,6 +11,7 @@ from app.db import transaction
 from app.models import User
 from app.services import annotation, prompts
 from app.serving.inference import InferenceService, ModelUnavailable, SamplingParams
+from app.serving.process_state import process_state
 from app.threads import run_db, run_in_transaction
 
 CANDIDATE_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 96}
@@ -21,19 +22,18 @@ FLOOR_REFRESH_S = 10.0
 def _prompt_sync_due(app: FastAPI) -> bool:
     """Chats become prompts at most every few seconds per process while sets are waiting (the sync reads chats, and
     annotators ask for work many times a second), and always when a new set must be built."""
-    now = time.monotonic()
-    if now - getattr(app.state, "prompts_synced_at", float("-inf")) < PROMPT_SYNC_INTERVAL_S:
+    now, state = time.monotonic(), process_state(app)
+    if now - state.prompts_synced_at < PROMPT_SYNC_INTERVAL_S:
         return False
-    app.state.prompts_synced_at = now
+    state.prompts_synced_at = now
     return True
 
 
 def _next_set_id(app: FastAPI, session: Session, annotator_id: int, per_set: int) -> int | None:
     """annotation.next_set_id with this process's floors, which are dropped every few seconds (a lower bound that a
     deleted ranking or a set committed late would make wrong is wrong for that long at most) and before a None."""
-    now = time.monotonic()
-    state = app.state
-    if now - getattr(state, "next_set_floors_at", float("-inf")) >= FLOOR_REFRESH_S:
+    now, state = time.monotonic(), process_state(app)
+    if now - state.next_set_floors_at >= FLOOR_REFRESH_S:
         state.next_set_floors, state.next_set_floors_at = {}, now
     set_id = annotation.next_set_id(session, annotator_id=annotator_id, per_set=per_set, floors=state.next_set_floors)
     if set_id is None and state.next_set_floors:

@@ -10,8 +10,9 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from app.auth import CookieSigner, LoginRateLimiter
+from app.auth import CookieSigner
 from app.db import make_engine, make_session_factory
+from app.serving.process_state import make_process_state
 from app.serving.sync import make_inference, watch_served_model
 from app.settings import Settings
 from app.web.deps import csrf_protect
@@ -62,10 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.signer = signer
     app.state.notice_signer = CookieSigner(secret_key, salt="flywheel-notice")
     app.state.templates = make_templates()
-    app.state.login_limiter = LoginRateLimiter(settings.login_max_failures, settings.login_window_s)
     app.state.inference = make_inference(settings)
-    app.state.unloadable_versions = set()
-    app.state.stop_requests = {}  # message id -> asyncio.Event, set by the Stop button
+    app.state.process = make_process_state(settings, app.state.session_factory)  # per process: see its docstring
 
     app.add_middleware(
         BodySizeLimitMiddleware,

@@ -128,7 +128,7 @@ def test_stop_and_disconnect_end_the_generation_on_the_server(served, monkeypatc
             assert answer.finish_reason == ("stopped" if how == "stop" else "cancelled")
             decoder = app.state.inference.current.decoder
             wait_until(lambda d=decoder: len(d) == 0, "the generation to stop")  # nothing left generating
-    assert app.state.stop_requests == {}
+    assert len(app.state.process.answers) == 0
 
 
 def test_regenerate_keeps_the_earlier_answer(served) -> None:

@@ -4,7 +4,6 @@ flags, the login rate limit, security headers on every kind of response, and tex
 (The role matrix is in test_role_matrix.py; stored XSS in a real browser in tests/browser/test_xss_in_browser.py.)
 """
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -103,11 +102,11 @@ def test_people_never_see_or_touch_each_others_conversations(served_app: FastAPI
     assert not failures, "\n".join(failures)
 
     # An answer being generated right now is no different: 404, not a 409 that tells it exists.
-    served_app.state.stop_requests[pending.id] = asyncio.Event()
+    served_app.state.process.answers.claim(pending.id)
     try:
         assert snoop.get(f"/chat/messages/{pending.id}/stream").status_code == 404
     finally:
-        served_app.state.stop_requests.pop(pending.id, None)
+        served_app.state.process.answers.release(pending.id)
 
     # The snoop's own lists show only their own things.
     for path in ("/chat", "/api/v1/conversations", "/account/tokens", "/api/v1/tokens"):
@@ -268,7 +267,7 @@ def test_a_locked_account_waits_out_the_window_over_http(settings: Settings) -> 
     settings.login_max_failures, settings.login_window_s = 2, 60
     migrate.upgrade(settings.resolved_database_url)
     client = TestClient(create_app(settings))
-    client.app.state.login_limiter.clock = clock
+    client.app.state.process.login_limiter.clock = clock
     with client.app.state.session_factory() as db:
         make_user(db, "mila")
     token = csrf_from(client.get("/login").text)

@@ -8,6 +8,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from app.auth import SESSION_COOKIE
 from app.errors import Forbidden, ServiceError, TooManyRequests
 from app.services import sessions, users
+from app.serving.process_state import process_state
 from app.settings import SignupMode
 from app.web.deps import OptionalUser, SessionDep, SettingsDep
 from app.web.templating import render
@@ -58,7 +59,7 @@ def login(
     password: Annotated[str, Form(max_length=256)],
     next: Annotated[str, Form(max_length=500)] = "/",
 ) -> Response:
-    limiter = request.app.state.login_limiter
+    limiter = process_state(request.app).login_limiter
     address = client_address(request)
     wait = limiter.retry_after(username, address)
     if wait:

@@ -122,8 +122,13 @@ async def stream(request: Request, user: CurrentUser, message_id: int) -> Stream
 
 @router.post("/messages/{message_id}/stop", name="chat_stop")
 def stop(request: Request, session: SessionDep, user: CurrentUser, message_id: int) -> Response:
-    chat.get_message(session, user=user, message_id=message_id)  # ownership
-    stopped = answering.request_stop(request.app, message_id)
+    """204: the answer is not finished and the Stop is recorded; the process streaming it, this one or another, ends
+    it with finish reason `stopped` (a stream opened after the Stop is not stopped by it). 200: the answer was already
+    finished, there is nothing to stop."""
+    stopped = chat.request_stop(session, user=user, message_id=message_id)  # ownership first: a 404
+    session.commit()
+    if stopped:
+        answering.stop_here(request.app, message_id)
     return Response(status_code=204 if stopped else 200)
 
 
