@@ -155,6 +155,11 @@ class FeedbackSet(BaseModel):
     comment: str | None = Field(None, max_length=2000)
 
 
+class StopPublic(BaseModel):
+    message_id: int
+    stopping: bool  # True: the Stop is recorded and the answer ends as `stopped`; False: it had already finished
+
+
 class FeedbackPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

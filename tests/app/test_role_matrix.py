@@ -102,6 +102,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("PATCH", "/api/v1/conversations/{conversation_id}"): ((401, 200, 200, 200), body(allow_training=False)),
     ("DELETE", "/api/v1/conversations/{api_delete_conversation_id}"): ((401, 204, 204, 204), body()),
     ("POST", "/api/v1/conversations/{conversation_id}/messages"): ((401, 503, 503, 503), body(content="hi")),
+    ("POST", "/api/v1/messages/{message_id}/stop"): ((401, 200, 200, 200), body()),
     ("PUT", "/api/v1/messages/{message_id}/feedback"): ((401, 200, 200, 200), body(value=-1, reason="wrong")),
     ("DELETE", "/api/v1/messages/{message_id}/feedback"): ((401, 204, 204, 204), body()),
     ("GET", "/api/v1/models"): ((401, 403, 403, 200), nothing),

@@ -23,6 +23,7 @@ from app.web.schemas import (
     FeedbackSet,
     MessageCreate,
     MessagePublic,
+    StopPublic,
 )
 
 router = APIRouter(tags=["chat"])
@@ -105,6 +106,17 @@ async def _events(deltas, user_message_id: int, answer_id: int) -> AsyncIterator
     yield answering.sse("start", {"user_message_id": user_message_id, "answer_id": answer_id})
     async for event in answering.answer_events(deltas):
         yield event
+
+
+@router.post("/messages/{message_id}/stop", response_model=StopPublic)
+def stop_answer(message_id: int, request: Request, session: SessionDep, user: CurrentUser) -> StopPublic:
+    """Stop an answer that is still being generated, whichever web process streams it (the Stop is recorded on the
+    message; that process hears it within a fraction of a second). An answer already finished is left as it is."""
+    stopping = chat.request_stop(session, user=user, message_id=message_id)  # someone else's message: a 404
+    session.commit()
+    if stopping:
+        answering.stop_here(request.app, message_id)
+    return StopPublic(message_id=message_id, stopping=stopping)
 
 
 @router.put("/messages/{message_id}/feedback", response_model=FeedbackPublic)
