@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.db import make_engine, make_session_factory
-from app.jobs import gate
+from app.jobs import gate, watching
 from app.models import ModelKind, ModelVersion, Split
 from app.services import datasets, model_versions
 from app.services.training_data import TrainingData
@@ -219,8 +219,13 @@ def run_rl(ctx: JobContext) -> JobOutput:
         reference = _version(session, params, "reference_version_id", (ModelKind.sft,))
         reward = _version(session, params, "reward_version_id", (ModelKind.reward,))
         train_prompts = datasets.prompt_records(session, Split.train)
+        every = watching.watch_every(params, int(params.get("steps", RLConfig.steps)))
+        watch = watching.build_watch(
+            session, reference=reference, trainer=reward, every=every, tokenizer_dir=policy.path
+        )
     if not train_prompts.records:
         raise ValueError("no training prompts: import prompts or seed the demo pool")
+    params.pop("watch_every", None)
     out = ctx.model_dir("policy")
     config = RLConfig(
         policy=policy.path,
@@ -232,7 +237,7 @@ def run_rl(ctx: JobContext) -> JobOutput:
     )
     if ctx.nproc > 1:
         ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
-    metrics = rl.train(config, on_progress=ctx.on_progress)
+    metrics = rl.train(config, on_progress=watching.flag_logger(ctx, watch) if watch else ctx.on_progress, watch=watch)
     result = _gate(ctx, out, policy, ctx.params)
     metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
     lineage = TrainingData(prompts=train_prompts.rows(), reward_version_id=reward.id, reference_version_id=reference.id)

@@ -16,9 +16,10 @@ class Chart:
     low: float
     high: float
     n: int
+    x_label: str = "step"
 
 
-def line_chart(name: str, values: list[tuple[float, float]]) -> Chart | None:
+def line_chart(name: str, values: list[tuple[float, float]], x_label: str = "step") -> Chart | None:
     if len(values) < 2:
         return None
     xs, ys = [x for x, _ in values], [y for _, y in values]
@@ -32,7 +33,7 @@ def line_chart(name: str, values: list[tuple[float, float]]) -> Chart | None:
         return HEIGHT - PAD - (y - y0) / span_y * (HEIGHT - 2 * PAD)
 
     points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
-    return Chart(name, points, ys[0], ys[-1], y0, y1, len(values))
+    return Chart(name, points, ys[0], ys[-1], y0, y1, len(values), x_label)
 
 
 def job_charts(metrics: list[dict[str, Any]]) -> list[Chart]:
@@ -48,3 +49,33 @@ def job_charts(metrics: list[dict[str, Any]]) -> list[Chart]:
         if chart is not None:
             charts.append(chart)
     return charts
+
+
+# The over-optimisation watch of an RL job (ml/train/watch.py): each against the KL of that step, as Gao et al. plot.
+WATCHED = {
+    "watch_proxy": "held-out proxy reward",
+    "watch_judge": "held-out judge score",
+    "watch_agreement": "agreement",
+}
+
+
+def watch_charts(metrics: list[dict[str, Any]]) -> list[Chart]:
+    """The watch's measurements against KL: a proxy that keeps rising while the judge falls is over-optimisation."""
+    charts = []
+    for name, label in WATCHED.items():
+        series = [
+            (float(m["kl"]), float(m[name])) for m in metrics if isinstance(m.get(name), int | float) and "kl" in m
+        ]
+        chart = line_chart(label, series, x_label="KL")
+        if chart is not None:
+            charts.append(chart)
+    return charts
+
+
+def watch_flag(metrics: list[dict[str, Any]]) -> str | None:
+    """The watch's verdict on the points so far (the same rule the job logs by)."""
+    from ml.train.watch import overoptimisation
+
+    points = [m for m in metrics if isinstance(m.get("watch_proxy"), int | float)]
+    flags = [overoptimisation(points[: i + 1]) for i in range(len(points))]
+    return next((f for f in flags if f is not None), None)

@@ -60,6 +60,7 @@ from ml.train.losses import (
     value_loss,
 )
 from ml.train.reward import RewardModel
+from ml.train.watch import WATCHED, Watch, overoptimisation
 
 RewardFn = Callable[[list[list[Message]], list[list[int]]], Sequence[float] | Tensor]
 ALGOS = ("ppo", "grpo", "rloo")
@@ -103,6 +104,9 @@ class RLConfig(common.TrainConfig):
     ptx_block_size: int = 64
     log_samples: int = 2
     demo_seed: int = 0
+    # over-optimisation watch (ml/train/watch.py); with --prompts demo the judge is the demo world's gold scorer
+    watch_every: int = 0  # 0: off (from Python a Watch may be passed to train instead)
+    watch_prompts: int = 16
     # the run's defaults for RL
     steps: int = 100
     warmup: int = 0
@@ -361,10 +365,15 @@ def _prompts(config: RLConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[l
 
 
 def train(
-    config: RLConfig, on_progress: ProgressCallback | None = None, *, reward_fn: RewardFn | None = None
+    config: RLConfig,
+    on_progress: ProgressCallback | None = None,
+    *,
+    reward_fn: RewardFn | None = None,
+    watch: Watch | None = None,
 ) -> dict[str, Any]:
     """Train config.policy against the reward model (or `reward_fn`) into config.out; returns the metrics and the
-    per-step history. One process (RL does not use DDP)."""
+    per-step history. One process (RL does not use DDP). `watch` (or --watch-every with demo prompts) measures the
+    policy on held-out prompts as it goes and flags over-optimisation (ml/train/watch.py)."""
     config.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("RL runs in one process; start it without torchrun")
@@ -373,7 +382,8 @@ def train(
         raise ValueError(f"{out} already holds a checkpoint; choose another --out")
     common.use_threads(config.threads)
     tr = build_trainer(config, reward_fn, common.pick_device(config.device))
-    history = train_steps(tr, common.chain(RLProgress() if config.progress else None, on_progress))
+    watch = watch or demo_watch(config, tr.tokenizer)
+    history = train_steps(tr, common.chain(RLProgress() if config.progress else None, on_progress), watch)
     record = {**asdict(config), "prompts": describe_sources(config.prompts)}
     last = history[-min(5, len(history)) :]
     metrics = {
@@ -381,6 +391,7 @@ def train(
         "reward_last": sum(h["reward"] for h in last) / len(last),
         "kl_last": sum(h["kl"] for h in last) / len(last),
         **{k: v for k, v in history[-1].items() if k != "samples"},
+        **watch_summary(watch),
     }
     extra = {
         "kind": "policy",
@@ -394,8 +405,11 @@ def train(
     return {**metrics, "history": history, "out": str(out)}
 
 
-def train_steps(tr: Trainer, on_progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
-    """config.steps of sample -> score -> update; returns each step's logged statistics."""
+def train_steps(
+    tr: Trainer, on_progress: ProgressCallback | None = None, watch: Watch | None = None
+) -> list[dict[str, Any]]:
+    """config.steps of sample -> score -> update; returns each step's logged statistics (with the watch's points on
+    the steps it measures)."""
     c = tr.config
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -415,10 +429,42 @@ def train_steps(tr: Trainer, on_progress: ProgressCallback | None = None) -> lis
         info = {"step": step + 1, "max_steps": c.steps, "loss": losses["policy_loss"], "lr": lr, **losses, **stats}
         info.update(tokens=tokens, tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
         info["eta_s"] = elapsed / (step + 1) * (c.steps - step - 1)
+        if watch is not None and watch.due(step + 1, c.steps):
+            info.update(watch_point(tr, watch, info))
         history.append(info)
         if on_progress is not None:
             on_progress(info)
     return history
+
+
+def watch_point(tr: Trainer, watch: Watch, info: dict[str, Any]) -> dict[str, float]:
+    """Measure the policy on the watch's held-out prompts; `overopt` 1.0 when the trend is flagged."""
+    c = tr.config
+    point = watch.measure(tr.policy, tr.tokenizer, tr.reward_fn, c.max_new_tokens, c.sampling)
+    watch.history.append({"step": info["step"], "kl": info["kl"], **point})
+    flag = overoptimisation(watch.history)
+    if flag is not None:
+        watch.flags.append(flag)
+    return {**point, "overopt": 1.0 if flag else 0.0}
+
+
+def watch_summary(watch: Watch | None) -> dict[str, Any]:
+    """The run's watch in its metrics: the judge, the last point, and the first flag raised (if any)."""
+    if watch is None or not watch.history:
+        return {}
+    last = {k: v for k, v in watch.history[-1].items() if k.startswith("watch_")}
+    flagged = {"overoptimisation": watch.flags[0]} if watch.flags else {}
+    return {"watch_judge_name": watch.judge_name, **last, **flagged}
+
+
+def demo_watch(config: RLConfig, tokenizer: Tokenizer) -> Watch | None:
+    """--watch-every with the demo world's prompts: its held-out prompts, judged by its gold scorer."""
+    if config.watch_every <= 0 or config.prompts != ["demo"]:
+        return None
+    world = World(config.demo_seed)
+    prompts = [p.messages for p in world.prompts(10_000) if p.split == "heldout"][: config.watch_prompts]
+    judge = text_reward_fn(world.gold_score, tokenizer)
+    return Watch(prompts, judge, judge_name="gold", every=config.watch_every)
 
 
 class RLProgress:
@@ -439,7 +485,10 @@ class RLProgress:
         if "value_loss" in info:
             parts.append(f"vf {info['value_loss']:.4f}")
         parts += [f"len {info['response_len']:.1f}", f"beta {info['kl_coef']:.4f}", f"ETA {info['eta_s']:.0f}s"]
+        parts += [f"{k.removeprefix('watch_')} {info[k]:.3f}" for k in WATCHED if k in info]
         self.stream.write(" | ".join(parts) + "\n")
+        if info.get("overopt"):
+            self.stream.write("    warning: the held-out proxy reward rises while the judge disagrees more\n")
         if info["step"] % self.every == 0 or info["step"] == info["max_steps"]:
             for s in info["samples"]:
                 self.stream.write(f"    {s['prompt']!r} -> {s['answer']!r} ({s['reward']:+.3f})\n")
@@ -492,6 +541,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ptx-data", nargs="+", default=d.ptx_data, metavar="demo|PATH", help="pretraining text for PPO-ptx")
     add("--log-samples", type=int, default=d.log_samples, help="sample answers logged per step")
     add("--demo-seed", type=int, default=d.demo_seed, help="seed of the demo world")
+    add(
+        "--watch-every",
+        type=int,
+        default=d.watch_every,
+        help="with --prompts demo: held-out proxy reward and gold every N steps; flags over-optimisation (0: off)",
+    )
+    add("--watch-prompts", type=int, default=d.watch_prompts, help="held-out prompts the watch samples")
     common.add_run_arguments(
         parser,
         d,

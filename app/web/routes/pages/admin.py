@@ -22,7 +22,7 @@ from app.services import (
     users,
 )
 from app.services.training_data import TrainingData
-from app.web.charts import job_charts
+from app.web.charts import job_charts, watch_charts, watch_flag
 from app.web.deps import AdminUser, SessionDep
 from app.web.templating import is_htmx, render
 
@@ -143,7 +143,14 @@ def create_job(
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, name="admin_job")
 def job_detail(request: Request, session: SessionDep, admin: AdminUser, job_id: int) -> HTMLResponse:
     job = jobs.get_job(session, job_id=job_id)
-    context = {"job": job, "charts": job_charts(job.metrics or []), "params": json.dumps(job.params, indent=2)}
+    points = job.metrics or []
+    context = {
+        "job": job,
+        "charts": job_charts(points),
+        "watch_charts": watch_charts(points),
+        "watch_flag": watch_flag(points),
+        "params": json.dumps(job.params, indent=2),
+    }
     return render(request, "admin_job.html", context, block="job")
 
 
