@@ -264,7 +264,8 @@ class Ranking(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     candidate_set_id: Mapped[int] = mapped_column(ForeignKey("candidate_sets.id", ondelete="CASCADE"), index=True)
-    annotator_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # NULL once the annotator's account is deleted: the ranking stays, anonymised (app/services/users.py).
+    annotator_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
     status: Mapped[RankingStatus] = mapped_column(checked_enum(RankingStatus, "ranking_status"))
     flag_reason: Mapped[str | None] = mapped_column(String(200))
     time_spent_ms: Mapped[int | None] = mapped_column(Integer)
@@ -286,6 +287,24 @@ class RankingEntry(Base):
     ranking_id: Mapped[int] = mapped_column(ForeignKey("rankings.id", ondelete="CASCADE"), index=True)
     candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), index=True)
     rank: Mapped[int] = mapped_column(Integer)
+
+
+class Withdrawal(Base):
+    """Data taken back by its author (a chat or message deleted, training switched off, an account deleted).
+
+    The rows themselves are gone; this keeps only their ids, no text, so that the lineage of a version trained
+    before can say that it saw data since withdrawn (app/services/withdrawal.py).
+    """
+
+    __tablename__ = "withdrawals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    conversation_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    prompt_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    ranking_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    feedback_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False, index=True)
 
 
 class ModelVersion(Base):

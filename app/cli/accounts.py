@@ -44,6 +44,13 @@ def cmd_users_disable(args: argparse.Namespace, settings: Settings) -> None:
         print(f"{user.username} is {'disabled' if user.disabled else 'enabled'}")
 
 
+def cmd_users_delete(args: argparse.Namespace, settings: Settings) -> None:
+    with transaction(session_factory(settings)) as session:
+        user = _user_named(session, args.name)
+        users.delete_user(session, user_id=user.id, confirm=user.username)  # naming it on the command line confirms
+    print(f"deleted {args.name}: its chats and what was made of them for training are gone")
+
+
 def cmd_tokens_create(args: argparse.Namespace, settings: Settings) -> None:
     with transaction(session_factory(settings)) as session:
         user = _user_named(session, args.user)
@@ -74,6 +81,8 @@ def register(groups) -> None:
     set_role = add(user_cmds, "set-role", cmd_users_set_role, "change an account's role")
     set_role.add_argument("name")
     set_role.add_argument("role", choices=[r.value for r in Role])
+    delete = add(user_cmds, "delete", cmd_users_delete, "delete an account, its chats and their training data")
+    delete.add_argument("name")
     disable = add(user_cmds, "disable", cmd_users_disable, "disable an account (ends its sessions)")
     disable.add_argument("name")
     disable.set_defaults(enable=False)

@@ -21,6 +21,7 @@ from app.services.text import clean, clean_optional
 
 MAX_FLAG_REASON = 200
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
+DELETED_ANNOTATOR = "(deleted account)"  # whose rankings stay, anonymised (app/services/users.py)
 FLOOR_SLACK = 64  # sets a walk may pass before next_set_id looks for a higher floor
 
 
@@ -286,12 +287,12 @@ def agreement(session: Session) -> Agreement:
     rows = session.execute(
         select(Ranking.id, Ranking.candidate_set_id, User.username, RankingEntry.candidate_id, RankingEntry.rank)
         .join(RankingEntry, RankingEntry.ranking_id == Ranking.id)
-        .join(User, User.id == Ranking.annotator_id)
+        .outerjoin(User, User.id == Ranking.annotator_id)
         .where(Ranking.status == RankingStatus.ranked)
     ).all()
     by_set: dict[int, dict[tuple[int, str], dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
     for ranking_id, set_id, username, candidate_id, rank in rows:
-        by_set[set_id][(ranking_id, username)][candidate_id] = rank
+        by_set[set_id][(ranking_id, username or DELETED_ANNOTATOR)][candidate_id] = rank
     taus: dict[str, list[float]] = defaultdict(list)
     compared = 0
     for rankings in by_set.values():

@@ -2,11 +2,12 @@
 
 from datetime import datetime
 
-from sqlalchemy import Row, bindparam, func, select
+from sqlalchemy import Row, Select, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Conversation, Message, MessageRole, User, utcnow
+from app.services import withdrawal
 from app.services.text import clean
 
 MAX_MESSAGE_CHARS = 8000
@@ -51,16 +52,51 @@ def update_conversation(
     conversation = get_conversation(session, user=user, conversation_id=conversation_id)
     if title is not None:
         conversation.title = _clean_title(clean(title))
-    if allow_training is not None:
+    if allow_training is False and conversation.allow_training:
+        withdrawal.withdraw(session, reason="training switched off", conversations=_one(conversation.id))
+    if allow_training is not None:  # switched on again: the next sync makes new prompts of it (no old rankings)
         conversation.allow_training = allow_training
     conversation.updated_at = utcnow()
     session.flush()
     return conversation
 
 
+def _one(conversation_id: int) -> Select[tuple[int]]:
+    return select(Conversation.id).where(Conversation.id == conversation_id)
+
+
 def delete_conversation(session: Session, *, user: User, conversation_id: int) -> None:
-    session.delete(get_conversation(session, user=user, conversation_id=conversation_id))
+    """The chat, its messages and thumbs, and whatever was made of it for training (app/services/withdrawal.py)."""
+    conversation = get_conversation(session, user=user, conversation_id=conversation_id)
+    withdrawal.withdraw(session, reason="conversation deleted", conversations=_one(conversation.id))
+    session.execute(delete(Conversation).where(Conversation.id == conversation.id))
+    session.expunge(conversation)
+
+
+def delete_message(session: Session, *, user: User, message_id: int) -> int:
+    """A message and every message that follows from it (its answers, the turns after it), with what was made of
+    them for training; earlier turns stay. Returns the conversation's id."""
+    conversation_id = owned_message(session, user=user, message_id=message_id).conversation_id
+    children: dict[int | None, list[int]] = {}
+    for m_id, parent_id in session.execute(
+        select(Message.id, Message.parent_id).where(Message.conversation_id == conversation_id)
+    ):
+        children.setdefault(parent_id, []).append(m_id)
+    doomed, todo = [], [message_id]
+    while todo:
+        doomed.append(todo.pop())
+        todo += children.get(doomed[-1], [])
+    withdrawal.withdraw(
+        session,
+        reason="message deleted",
+        conversations=_one(conversation_id),
+        messages=select(Message.id).where(Message.id.in_(doomed)),
+    )
+    session.execute(delete(Message).where(Message.id.in_(doomed)), execution_options={"synchronize_session": False})
+    session.expire_all()
+    session.get(Conversation, conversation_id).updated_at = utcnow()
     session.flush()
+    return conversation_id
 
 
 def messages_of(session: Session, *, conversation: Conversation) -> list[Message]:

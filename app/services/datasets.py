@@ -6,7 +6,9 @@
 - thumbs (`prompt`/`completion`/`label`): each thumbs up/down with the context it answered, for KTO and the RM;
 - raw rankings: per-annotator records with ids, statuses and timing, for audits and agreement studies.
 
-Each export also returns the highest row id it read, which model versions record in their TrainingData.
+Everything here reads only live rows: what a person withdrew (app/services/withdrawal.py) is gone from all of them
+at the commit that withdrew it. Each export also returns the highest row id it read, which model versions record in
+their TrainingData.
 """
 
 import json
@@ -68,12 +70,12 @@ def dialogues(session: Session) -> Export:
     return out
 
 
-def _rankings(session: Session, split: Split | None = None) -> Iterator[tuple[Ranking, Prompt, list, dict, str]]:
+def _rankings(session: Session, split: Split | None = None) -> Iterator[tuple[Ranking, Prompt, list, dict, str | None]]:
     query = (
         select(Ranking, Prompt, User.username)
         .join(CandidateSet, CandidateSet.id == Ranking.candidate_set_id)
         .join(Prompt, Prompt.id == CandidateSet.prompt_id)
-        .join(User, User.id == Ranking.annotator_id)
+        .outerjoin(User, User.id == Ranking.annotator_id)  # NULL: an annotator whose account was deleted
         .order_by(Ranking.id)
     )
     if split is not None:

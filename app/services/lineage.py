@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ModelVersion
+from app.services import withdrawal
 from app.services.training_data import Rows, TrainingData
 
 # TrainingData's rows -> what they are, in words
@@ -80,6 +81,26 @@ def describe_training_data(
     items += [LineageItem(label, str(value)) for label, value in plain.items() if value is not None]
     items += [LineageItem(key.replace("_", " "), str(value)) for key, value in record.extra.items()]
     return items
+
+
+def withdrawn_data(session: Session, version: ModelVersion) -> LineageItem | None:
+    """A line when people have since withdrawn data this version was trained on: its weights still hold what it
+    learned from them, which an admin weighs before promoting it or training from it."""
+    found = withdrawal.trained_on_withdrawn(session, version=version)
+    if found is None:
+        return None
+    parts = [_count(found.conversations, "conversation")]
+    if found.rankings:
+        parts.append(_count(found.rankings, "of its rankings", "of its rankings"))
+    return LineageItem(
+        "withdrawn since",
+        f"trained on data since withdrawn ({', '.join(parts)}; {_count(found.withdrawals, 'withdrawal')}): "
+        "retrain to leave it out",
+    )
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def gate_verdict(metrics: dict[str, Any]) -> GateVerdict | None:

@@ -5,7 +5,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -98,43 +98,59 @@ def _conversations_with_new_turns(session: Session) -> list[int]:
     return list(session.scalars(query))
 
 
+def _untaken_turns(session: Session, conversation_id: int) -> dict[str, tuple[Message, list[dict[str, str]]]]:
+    """{content hash: (user turn, its context)} for the chat's user turns that are not a prompt yet."""
+    messages = list(
+        session.scalars(select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id))
+    )
+    ids = [m.id for m in messages]
+    done = set(session.scalars(select(Prompt.source_message_id).where(Prompt.source_message_id.in_(ids))))
+    context: list[dict[str, str]] = []
+    new: dict[str, tuple[Message, list[dict[str, str]]]] = {}
+    for message, _ in visible_thread(messages):
+        if message.finish_reason == STREAMING or not message.content:
+            continue
+        context.append({"role": message.role.value, "content": message.content})
+        if message.role == MessageRole.user and message.id not in done:
+            new.setdefault(content_hash(context), (message, list(context)))
+    known = set(session.scalars(select(Prompt.content_hash).where(Prompt.content_hash.in_(list(new)))))
+    return {digest: item for digest, item in new.items() if digest not in known}
+
+
 def sync_chat_prompts(session: Session) -> int:
     """Turn user turns of chats that allow training into prompts (their context up to that turn).
 
-    Reads only the chats with a turn that is not a prompt yet, and inserts each prompt on its own savepoint: two
-    annotators asking for work at the same moment both sync, and the one that loses a race skips that prompt.
+    Reads only the chats with a turn that is not a prompt yet (a chat whose training was switched off and on again
+    is read again: its prompts were withdrawn, so they come back as new prompts with no rankings), and inserts each
+    prompt on its own savepoint: two annotators asking for work at the same moment both sync, and the one that loses
+    a race skips that prompt.
+
+    A withdrawal (app/services/withdrawal.py) committing meanwhile must not leave a prompt behind. On PostgreSQL the
+    chat is read under a share lock that the withdrawal's row lock waits for (or that waits for it); on SQLite, where
+    writers take turns, the chat is read again after the inserts, which see any withdrawal committed before them.
     """
     added = 0
     for conversation_id in _conversations_with_new_turns(session):
-        messages = list(
-            session.scalars(select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id))
-        )
-        ids = [m.id for m in messages]
-        done = set(session.scalars(select(Prompt.source_message_id).where(Prompt.source_message_id.in_(ids))))
-        context: list[dict[str, str]] = []
-        new: dict[str, tuple[Message, list[dict[str, str]]]] = {}
-        for message, _ in visible_thread(messages):
-            if message.finish_reason == STREAMING or not message.content:
-                continue
-            context.append({"role": message.role.value, "content": message.content})
-            if message.role == MessageRole.user and message.id not in done:
-                new.setdefault(content_hash(context), (message, list(context)))
-        known = set(session.scalars(select(Prompt.content_hash).where(Prompt.content_hash.in_(list(new)))))
-        for digest, (message, turns) in new.items():
-            if digest in known:
-                continue
+        allowed = select(Conversation.allow_training).where(Conversation.id == conversation_id)
+        if not session.scalar(allowed.with_for_update(read=True)):
+            continue
+        inserted: list[int] = []
+        for digest, (message, turns) in _untaken_turns(session, conversation_id).items():
+            prompt = Prompt(
+                messages=turns,
+                content_hash=digest,
+                source=PromptSource.chat,
+                source_message_id=message.id,
+                split=split_for(turns),
+            )
             try:
                 with session.begin_nested():
-                    session.add(
-                        Prompt(
-                            messages=turns,
-                            content_hash=digest,
-                            source=PromptSource.chat,
-                            source_message_id=message.id,
-                            split=split_for(turns),
-                        )
-                    )
-                added += 1
+                    session.add(prompt)
+                inserted.append(prompt.id)
             except IntegrityError:  # the same prompt, inserted by a concurrent request
                 continue
+        if inserted and not session.scalar(allowed):  # withdrawn while this read the chat
+            session.execute(delete(Prompt).where(Prompt.id.in_(inserted)))
+            continue
+        added += len(inserted)
     return added

@@ -1,14 +1,14 @@
-"""Accounts: create, authenticate, change role, disable."""
+"""Accounts: create, authenticate, change role, disable, delete."""
 
 import re
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import hash_password, verify_password
 from app.errors import Conflict, Invalid, NotFound
-from app.models import Role, User, UserSession, utcnow
-from app.services import tokens
+from app.models import Conversation, Ranking, Role, User, UserSession, utcnow
+from app.services import tokens, withdrawal
 
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{1,31}$")
 MIN_PASSWORD_LENGTH = 8
@@ -95,3 +95,27 @@ def update_user(session: Session, *, user_id: int, role: Role | None = None, dis
 
 def touch_login(session: Session, *, user: User) -> None:
     user.last_login_at = utcnow()
+
+
+def delete_user(session: Session, *, user_id: int, confirm: str) -> None:
+    """Delete an account and everything it owns, in the caller's transaction; `confirm` must repeat the username.
+
+    Their chats are withdrawn first (their prompts, the candidate sets and rankings built on them leave the pool
+    and every export: app/services/withdrawal.py), then the database's ON DELETE CASCADE takes the chats, messages,
+    thumbs, logins and API tokens. Rankings they made as an annotator stay, anonymised: the ranking orders someone
+    else's answers and is the service's training data, while what is theirs (their name, the free text of a flag)
+    goes. The jobs they queued and the settings they changed keep no name either (SET NULL).
+    """
+    user = get_user(session, user_id=user_id)
+    if confirm != user.username:
+        raise Invalid(f"type the username {user.username!r} to confirm the deletion")
+    if user.role == Role.admin and not user.disabled:
+        _ensure_an_admin_remains(session, user=user)
+    chats = select(Conversation.id).where(Conversation.user_id == user.id)
+    withdrawal.withdraw(session, reason="account deleted", conversations=chats)
+    session.execute(
+        update(Ranking).where(Ranking.annotator_id == user_id).values(annotator_id=None, flag_reason=None),
+        execution_options={"synchronize_session": False},
+    )
+    session.execute(delete(User).where(User.id == user_id), execution_options={"synchronize_session": False})
+    session.expunge(user)

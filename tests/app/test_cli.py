@@ -92,6 +92,8 @@ def run_in_process(monkeypatch, capsys, *args: str, stdin: str = "") -> tuple[in
         (("users", "set-role", "nobody", "admin"), "", "no user named"),
         (("tokens", "revoke", "99"), "", "token 99 not found"),
         (("users", "set-role", "root", "user"), "", "last enabled admin"),
+        (("users", "delete", "root"), "", "last enabled admin"),
+        (("users", "delete", "nobody"), "", "no user named"),
         (("worker", "--nproc", "0"), "", "--nproc must be at least 1"),
     ],
 )
@@ -105,6 +107,16 @@ def test_errors_are_one_line_and_non_zero(env, monkeypatch, capsys, args, stdin,
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flywheel: error:") and message in lines[0], err
+
+
+def test_users_delete_from_the_command_line(env, monkeypatch, capsys) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert run_in_process(monkeypatch, capsys, "db", "upgrade")[0] == 0
+    assert run_in_process(monkeypatch, capsys, "users", "create", "bob", stdin="a long pw!\n")[0] == 0
+    code, out, _ = run_in_process(monkeypatch, capsys, "users", "delete", "bob")
+    assert code == 0 and "deleted bob" in out
+    assert "bob" not in run_in_process(monkeypatch, capsys, "users", "list")[1]
 
 
 def test_weak_secret_key_is_refused(env: dict[str, str]) -> None:

@@ -77,6 +77,18 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/admin/users"): ((401, 403, 403, 303), new_user_form),
     ("POST", "/admin/users/{user_id}"): ((401, 403, 403, 303), form(role="user")),
     ("POST", "/admin/users/{user_id}/revoke-tokens"): ((401, 403, 403, 303), form()),
+    ("POST", "/admin/users/{delete_user_id}/delete"): ((401, 403, 403, 303), form(confirm="doomed-page")),
+    ("POST", "/account/delete"): ((401, 422, 422, 422), form(confirm="not-my-name")),  # success: test_withdrawal.py
+    ("DELETE", "/api/v1/me"): (
+        (401, 422, 422, 422),
+        lambda c: {"params": {"confirm": "not-my-name"}, "headers": {"X-CSRF-Token": c.csrf}},
+    ),
+    ("DELETE", "/api/v1/users/{api_delete_user_id}"): (
+        (401, 403, 403, 204),
+        lambda c: {"params": {"confirm": "doomed-api"}, "headers": {"X-CSRF-Token": c.csrf}},
+    ),
+    ("POST", "/chat/messages/{delete_message_id}/delete"): ((401, 303, 303, 303), form()),
+    ("DELETE", "/api/v1/messages/{api_delete_message_id}"): ((401, 204, 204, 204), body()),
     ("GET", "/api/v1/me"): ((401, 200, 200, 200), nothing),
     ("GET", "/api/v1/users"): ((401, 403, 403, 200), nothing),
     ("POST", "/api/v1/users"): ((401, 403, 403, 201), new_user_body),
@@ -145,6 +157,10 @@ PARAMETER_NAMES = {
     "api_delete_conversation_id": "conversation_id",
     "api_set_id": "set_id",
     "admin_cancel_job_id": "job_id",
+    "delete_user_id": "user_id",
+    "api_delete_user_id": "user_id",
+    "delete_message_id": "message_id",
+    "api_delete_message_id": "message_id",
 }
 
 
@@ -190,8 +206,16 @@ def own_objects(db: Session, user: User) -> dict[str, int]:
     chat.finish_answer(
         db, message_id=last_answer.id, content="hey", finish_reason="stop", model_version_id=None, sampling={}
     )
+    doomed_messages = []
+    for _ in range(2):
+        message, _ = chat.add_user_message(
+            db, user=user, conversation_id=chat.create_conversation(db, user=user).id, content="x"
+        )
+        doomed_messages.append(message.id)
     db.commit()
     return {
+        "delete_message_id": doomed_messages[0],
+        "api_delete_message_id": doomed_messages[1],
         "token_id": token.id,
         "conversation_id": conversation.id,
         "message_id": answer.id,
@@ -221,6 +245,8 @@ def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
         "set_id": sets[0].id,
         "api_set_id": sets[1].id,
         "admin_cancel_job_id": jobs.enqueue(db, type="sft").id,
+        "delete_user_id": make_user(db, "doomed-page").id,
+        "api_delete_user_id": make_user(db, "doomed-api").id,
         "kind": "rankings",
     }
     db.commit()
@@ -263,7 +289,18 @@ def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(
     shared = {
         k: v
         for k, v in callers["admin"].ids.items()
-        if k in ("user_id", "job_id", "version_id", "set_id", "api_set_id", "admin_cancel_job_id", "kind")
+        if k
+        in (
+            "user_id",
+            "job_id",
+            "version_id",
+            "set_id",
+            "api_set_id",
+            "admin_cancel_job_id",
+            "kind",
+            "delete_user_id",
+            "api_delete_user_id",
+        )
     }
     gone = make_user(db, "gone", Role.annotator)
     browser = TestClient(app)

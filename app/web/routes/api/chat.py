@@ -133,6 +133,14 @@ async def set_feedback(message_id: int, body: FeedbackSet, request: Request, use
     return model_response(await run_in_transaction(request.app.state.session_factory, store))
 
 
+@router.delete("/messages/{message_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_message(message_id: int, session: SessionDep, user: CurrentUser) -> Response:
+    """The message and every turn after it, with what was made of them for training (one transaction)."""
+    chat.delete_message(session, user=user, message_id=message_id)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.delete("/messages/{message_id}/feedback", status_code=status.HTTP_204_NO_CONTENT)
 async def clear_feedback(message_id: int, request: Request, user: CurrentUser) -> Response:
     def clear(session: Session) -> None:

@@ -1,6 +1,9 @@
-"""Accounts under /api/v1: who am I, and (admins) people, their roles and tokens issued for them."""
+"""Accounts under /api/v1: who am I, deleting one's account, and (admins) people, their roles, tokens issued for
+them, and deleting them."""
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
 
 from app.services import tokens, users
 from app.web.deps import AdminUser, CurrentUser, SessionDep
@@ -12,6 +15,18 @@ router = APIRouter(tags=["users"])
 @router.get("/me", response_model=UserPublic)
 def me(user: CurrentUser) -> UserPublic:
     return UserPublic.model_validate(user)
+
+
+# The username typed again: deleting an account cannot be undone, so a client says whom it means.
+Confirm = Annotated[str, Query(max_length=64, description="the account's username, to confirm")]
+
+
+@router.delete("/me", status_code=status.HTTP_204_NO_CONTENT)
+def delete_me(session: SessionDep, user: CurrentUser, confirm: Confirm = "") -> Response:
+    """Delete one's own account and everything it owns, with what was made of it for training (one transaction)."""
+    users.delete_user(session, user_id=user.id, confirm=confirm)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/users", response_model=list[UserPublic])
@@ -31,6 +46,14 @@ def update_user(user_id: int, body: UserUpdate, session: SessionDep, admin: Admi
     user = users.update_user(session, user_id=user_id, role=body.role, disabled=body.disabled)
     session.commit()
     return UserPublic.model_validate(user)
+
+
+@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_user(user_id: int, session: SessionDep, admin: AdminUser, confirm: Confirm = "") -> Response:
+    """Delete someone's account as `DELETE /me` would; the last enabled admin cannot be deleted (409)."""
+    users.delete_user(session, user_id=user_id, confirm=confirm)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/users/{user_id}/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)

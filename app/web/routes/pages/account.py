@@ -1,4 +1,4 @@
-"""The signed-in user's own account: API tokens (create, shown once; revoke)."""
+"""The signed-in user's own account: API tokens (create, shown once; revoke), and deleting the account."""
 
 from typing import Annotated
 
@@ -6,9 +6,10 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
+from app.auth import SESSION_COOKIE
 from app.errors import ServiceError
 from app.models import User
-from app.services import tokens
+from app.services import tokens, users
 from app.web.deps import CurrentUser, SessionDep
 from app.web.templating import is_htmx, render
 
@@ -50,3 +51,19 @@ def revoke_token(request: Request, session: SessionDep, user: CurrentUser, token
     if is_htmx(request):
         return tokens_page(request, session, user)
     return RedirectResponse(request.url_for("account_tokens"), status_code=303)
+
+
+@router.post("/delete", name="account_delete")
+def delete_account(
+    request: Request, session: SessionDep, user: CurrentUser, confirm: Annotated[str, Form(max_length=64)] = ""
+) -> Response:
+    """Delete one's own account (the username typed again confirms it, no JavaScript needed): one transaction."""
+    try:
+        users.delete_user(session, user_id=user.id, confirm=confirm.strip())
+    except ServiceError as exc:
+        session.rollback()
+        return tokens_page(request, session, user, delete_error=exc.message, status_code=exc.status_code)
+    session.commit()
+    response = RedirectResponse("/", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response

@@ -109,6 +109,7 @@ def model_detail(request: Request, session: SessionDep, admin: AdminUser, versio
         "ancestors": chain,
         "children": offspring,
         "trained_on": lineage.describe_training_data(record, names),
+        "withdrawn": lineage.withdrawn_data(session, version),
         "gate": lineage.gate_verdict(version.metrics or {}),
         "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in ("gate", "promoted")},
     }
@@ -243,6 +244,20 @@ def update_user(
     if is_htmx(request):
         context = {"person": person, "roles": list(Role), "saved": True, "tokens": tokens.active_counts(session)}
         return render(request, "partials/user_row.html", context)
+    return RedirectResponse(request.url_for("admin_users"), status_code=303)
+
+
+@router.post("/users/{user_id}/delete", name="admin_users_delete")
+def delete_user(
+    request: Request,
+    session: SessionDep,
+    admin: AdminUser,
+    user_id: int,
+    confirm: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """Delete someone's account (the username typed again confirms it): one transaction, as app/services/users.py."""
+    users.delete_user(session, user_id=user_id, confirm=confirm.strip())
+    session.commit()
     return RedirectResponse(request.url_for("admin_users"), status_code=303)
 
 

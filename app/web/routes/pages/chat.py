@@ -106,6 +106,14 @@ def delete(request: Request, session: SessionDep, user: CurrentUser, conversatio
     return RedirectResponse(request.url_for("chat_home"), status_code=303)
 
 
+@router.post("/messages/{message_id}/delete", name="chat_message_delete")
+def delete_message(request: Request, session: SessionDep, user: CurrentUser, message_id: int) -> Response:
+    """The message and every turn after it, with what was made of them for training (one transaction)."""
+    conversation_id = chat.delete_message(session, user=user, message_id=message_id)
+    session.commit()
+    return RedirectResponse(request.url_for("chat_view", conversation_id=conversation_id), status_code=303)
+
+
 @router.get("/messages/{message_id}/stream", name="chat_stream")
 async def stream(request: Request, user: CurrentUser, message_id: int) -> StreamingResponse:
     """Server-sent events: `delta` {text} as tokens arrive, then `done` {finish_reason} (or `error` {detail})."""
