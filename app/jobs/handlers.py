@@ -99,9 +99,12 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 def _reported(ctx: JobContext, metrics: dict[str, Any]) -> dict[str, Any]:
     """The job's metrics, with the rows a trainer or the gate skipped (ml.screen: `skipped_<reason>` counts and a
     `skipped` line naming the reasons and a few rows) also written to the job's log, where an admin looks first."""
-    for key in ("skipped", "gate_skipped"):
-        if metrics.get(key):
-            ctx.report(log=f"{'the gate ' if key.startswith('gate') else ''}{metrics[key]}\n")
+    counts = {k: v for k, v in metrics.items() if "skipped_" in k and isinstance(v, int)}
+    lines = [
+        f"{who}{metrics[key]}\n" for key, who in (("skipped", ""), ("gate_skipped", "the gate ")) if metrics.get(key)
+    ]
+    if counts:
+        ctx.report(metrics=counts, log="".join(lines))
     return _plain(metrics)
 
 
