@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -88,9 +88,13 @@ class PackedTokens:
         return float(-(p * p.log()).sum())
 
 
-def read_documents(paths: Sequence[str | Path]) -> list[str]:
+OnBad = Callable[[str, str, str], None]  # (reason, where, message) of a line left out: ml.screen.Screened.skip
+
+
+def read_documents(paths: Sequence[str | Path], on_bad: OnBad | None = None) -> list[str]:
     """Documents from the user's files: JSONL gives one per line (its "text" field); text files one per paragraph
-    (blank-line separated). A directory is read recursively (*.jsonl and text files)."""
+    (blank-line separated). A directory is read recursively (*.jsonl and text files). A bad JSONL line is an error,
+    or with `on_bad` skipped and told to it (as is an empty "text")."""
     documents: list[str] = []
     for path in map(Path, paths):
         if not path.exists():
@@ -98,29 +102,36 @@ def read_documents(paths: Sequence[str | Path]) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             if file.suffix == ".jsonl":
-                documents += _read_jsonl(file)
+                documents += _read_jsonl(file, on_bad)
             elif file.suffix in TEXT_SUFFIXES or not path.is_dir():
                 text = file.read_text(encoding="utf-8")
                 documents += [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
-    if not documents:
+    if not documents and on_bad is None:  # with on_bad, the caller says why nothing is left (ml.screen)
         raise ValueError(f"no text found in {', '.join(map(str, paths))}")
     return documents
 
 
-def _read_jsonl(file: Path) -> list[str]:
+def _read_jsonl(file: Path, on_bad: OnBad | None = None) -> list[str]:
     documents = []
     with file.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where, problem = f"{file}:{number}", None
             try:
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f'{file}:{number}: expected a JSON object with a "text" string ({e})') from None
-            if not isinstance(text, str):
-                raise ValueError(f'{file}:{number}: "text" must be a string')
-            if text.strip():
+                text, problem = None, ("malformed", f'expected a JSON object with a "text" string ({e})')
+            if problem is None and not isinstance(text, str):
+                problem = ("non_text", '"text" must be a string')
+            if problem is not None:
+                if on_bad is None:
+                    raise ValueError(f"{where}: {problem[1]}")
+                on_bad(problem[0], where, f"{where}: {problem[1]}")
+            elif text.strip():
                 documents.append(text)
+            elif on_bad is not None:
+                on_bad("empty", where, f'{where}: "text" is empty')
     return documents
 
 

@@ -11,8 +11,10 @@ Four kinds of record, each read from JSONL files (one JSON object a line) or giv
               (TRL's conversational format, which `flywheel export thumbs` writes)
     prompt    {"prompt": [...] or "text"} or {"messages": [...]}: a conversation ending with a user turn, for RL
 
-A bad record is an error naming it (`file.jsonl:12: ...` or `ranking #3: ...`): nothing is skipped silently, since
-a silently shrunken data set trains a worse model with no sign of why.
+A bad record is an error naming it (`file.jsonl:12: ...` or `ranking #3: ...`), a `RecordError` that carries its
+reason (`malformed`, `empty`, ...): `load_*` stop at the first; `ml.screen` skips them and counts them by reason, which
+is what the trainers use. Nothing is skipped silently, since a silently shrunken data set trains a worse model with no
+sign of why.
 
 Tokenised, a dialogue is (ids, assistant mask) through the tokenizer's chat format; `SFTData` batches them padded or
 packed (packed rows carry `doc_ids`, so the model never lets one example attend to another). A prompt + answer is
@@ -39,6 +41,14 @@ from ml.tokenizer import Tokenizer
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # target id that cross-entropy skips
+
+
+class RecordError(ValueError):
+    """A record a stage cannot use, with why (a key of ml.screen.REASONS), so a screen can count it by reason."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -72,18 +82,23 @@ class PromptExample:
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def _records(items: Any, kind: str) -> Iterator[tuple[Any, str]]:
-    """(object, where) pairs: a str or Path is a JSONL file ("file:line"); anything else is a record ("kind #i")."""
+class InvalidJSON(str):
+    """What a lenient read yields for a line that is not JSON: the parse error, for the record's parser to reject."""
+
+
+def records(items: Any, kind: str, lenient: bool = False) -> Iterator[tuple[Any, str]]:
+    """(object, where) pairs: a str or Path is a JSONL file ("file:line"); anything else is a record ("kind #i").
+    `lenient`: a line that is not JSON comes as an InvalidJSON and an empty file as nothing, instead of an error."""
     if isinstance(items, (str, Path)):
         items = [items]
     for i, item in enumerate(items):
         if isinstance(item, (str, Path)):
-            yield from _read_jsonl(Path(item))
+            yield from _read_jsonl(Path(item), lenient)
         else:
             yield item, f"{kind} #{i}"
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[Any, str]]:
+def _read_jsonl(path: Path, lenient: bool = False) -> Iterator[tuple[Any, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     found = False
@@ -94,15 +109,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[Any, str]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: invalid JSON ({e})") from None
+                if not lenient:
+                    raise ValueError(f"{path}:{number}: invalid JSON ({e})") from None
+                obj = InvalidJSON(f"invalid JSON ({e})")
             found = True
             yield obj, f"{path}:{number}"
-    if not found:
+    if not found and not lenient:
         raise ValueError(f"{path}: no records")
 
 
 def _load(items: Any, kind: str, parse: Any, record_type: type) -> list:
-    out = [obj if isinstance(obj, record_type) else parse(obj, where) for obj, where in _records(items, kind)]
+    out = [obj if isinstance(obj, record_type) else parse(obj, where) for obj, where in records(items, kind)]
     if not out:
         raise ValueError(f"no {kind} records given")
     return out
@@ -134,27 +151,34 @@ def parse_messages(value: Any, where: str, field: str = "messages") -> list[Mess
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: {field!r} must be a non-empty list of messages")
+        reason = "empty" if value in ([], "") else "malformed"
+        raise RecordError(f"{where}: {field!r} must be a non-empty list of messages", reason)
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: {field}[{i}] needs role in {list(ROLES)} and string content, got {m!r}")
+            reason = "malformed" if not isinstance(m, dict) else "wrong_roles" if m.get("role") not in ROLES else ""
+            raise RecordError(
+                f"{where}: {field}[{i}] needs role in {list(ROLES)} and string content, got {m!r}",
+                reason or "non_text",
+            )
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
 
 
 def _prompt(obj: dict, where: str, key: str = "prompt") -> list[Message]:
     if key not in obj:
-        raise ValueError(f"{where}: missing {key!r}")
+        raise RecordError(f"{where}: missing {key!r}")
     prompt = parse_messages(obj[key], where, key)
     if prompt[-1]["role"] != "user":
-        raise ValueError(f"{where}: the {key} must end with a user message, not {prompt[-1]['role']!r}")
+        raise RecordError(f"{where}: the {key} must end with a user message, not {prompt[-1]['role']!r}", "wrong_roles")
     return prompt
 
 
 def _object(obj: Any, where: str, kind: str) -> dict:
+    if isinstance(obj, InvalidJSON):
+        raise RecordError(f"{where}: {obj}")
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: a {kind} must be a JSON object, got {type(obj).__name__}")
+        raise RecordError(f"{where}: a {kind} must be a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -162,10 +186,12 @@ def parse_dialogue(obj: Any, where: str) -> Dialogue:
     messages = parse_messages(obj if isinstance(obj, list) else _object(obj, where, "dialogue").get("messages"), where)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
-        raise ValueError(f"{where}: the dialogue has no assistant turn, so there is nothing to learn from")
+        raise RecordError(
+            f"{where}: the dialogue has no assistant turn, so there is nothing to learn from", "no_answer"
+        )
     for i in turns:
         if not messages[i]["content"].strip():
-            raise ValueError(f"{where}: messages[{i}] is an empty assistant answer")
+            raise RecordError(f"{where}: messages[{i}] is an empty assistant answer", "empty")
     return Dialogue(messages, where)
 
 
@@ -174,12 +200,14 @@ def parse_ranking(obj: Any, where: str) -> Ranking:
     prompt = _prompt(obj, where)
     answers = obj.get("answers", obj.get("candidates"))
     if not isinstance(answers, list) or len(answers) < 2:
-        raise ValueError(f"{where}: 'answers' must be a list of at least 2 answers")
+        raise RecordError(f"{where}: 'answers' must be a list of at least 2 answers")
     for i, a in enumerate(answers):
         if not isinstance(a, str) or not a.strip():
-            raise ValueError(f"{where}: answer {i} is empty or not a string")
+            raise RecordError(f"{where}: answer {i} is empty or not a string", "empty" if a == "" else "non_text")
     if ("ranking" in obj) == ("order" in obj):
-        raise ValueError(f"{where}: give exactly one of 'ranking' (a rank per answer) or 'order' (indices, best first)")
+        raise RecordError(
+            f"{where}: give exactly one of 'ranking' (a rank per answer) or 'order' (indices, best first)"
+        )
     ranks = (
         _ranks(obj["ranking"], len(answers), where) if "ranking" in obj else _order(obj["order"], len(answers), where)
     )
@@ -188,26 +216,26 @@ def parse_ranking(obj: Any, where: str) -> Ranking:
 
 def _ranks(ranking: Any, k: int, where: str) -> list[int]:
     if not isinstance(ranking, list) or any(type(r) is not int or r < 1 for r in ranking):
-        raise ValueError(f"{where}: 'ranking' must be a list of integer ranks >= 1 (1 = best)")
+        raise RecordError(f"{where}: 'ranking' must be a list of integer ranks >= 1 (1 = best)")
     if len(ranking) != k:
-        raise ValueError(f"{where}: missing or extra candidates: {k} answers but {len(ranking)} ranks")
+        raise RecordError(f"{where}: missing or extra candidates: {k} answers but {len(ranking)} ranks")
     return list(ranking)
 
 
 def _order(order: Any, k: int, where: str) -> list[int]:
     """Indices best to worst (a nested list is a tie) -> rank per answer. Each answer exactly once."""
     if not isinstance(order, list):
-        raise ValueError(f"{where}: 'order' must be a list of answer indices, best first")
+        raise RecordError(f"{where}: 'order' must be a list of answer indices, best first")
     ranks = [0] * k
     for rank, group in enumerate(order, 1):
         for i in group if isinstance(group, list) else [group]:
             if type(i) is not int or not 0 <= i < k:
-                raise ValueError(f"{where}: 'order' holds {i!r}, not an answer index in 0..{k - 1}")
+                raise RecordError(f"{where}: 'order' holds {i!r}, not an answer index in 0..{k - 1}")
             if ranks[i]:
-                raise ValueError(f"{where}: duplicate candidate: answer {i} is placed twice")
+                raise RecordError(f"{where}: duplicate candidate: answer {i} is placed twice")
             ranks[i] = rank
     if missing := [i for i, r in enumerate(ranks) if not r]:
-        raise ValueError(f"{where}: missing candidates: answers {missing} are not placed")
+        raise RecordError(f"{where}: missing candidates: answers {missing} are not placed")
     return ranks
 
 
@@ -216,14 +244,15 @@ def parse_thumb(obj: Any, where: str) -> Thumb:
     prompt = _prompt(obj, where)
     completion = _answer_text(obj.get("completion", obj.get("answer")))
     if not isinstance(completion, str) or not completion.strip():
-        raise ValueError(f"{where}: 'completion' is empty or not a string (or one assistant message)")
+        reason = "empty" if isinstance(completion, str) or completion is None else "non_text"
+        raise RecordError(f"{where}: 'completion' is empty or not a string (or one assistant message)", reason)
     label = obj.get("label")
     if isinstance(label, bool):
         up = label
     elif (type(label) is int and label in (1, -1)) or label in ("up", "down"):
         up = label in (1, "up")
     else:
-        raise ValueError(f"{where}: 'label' must be true/false, 1/-1 or 'up'/'down', got {label!r}")
+        raise RecordError(f"{where}: 'label' must be true/false, 1/-1 or 'up'/'down', got {label!r}")
     return Thumb(prompt, completion, up, where)
 
 
@@ -385,13 +414,19 @@ def encode_answer(
     """Ids of prompt + answer as one conversation and a 0/1 mask of the answer's own tokens (its closing turn end
     included). Too long: the oldest tokens are cut, since the answer's end is where it is scored."""
     ids, mask = tokenizer.render_conversation([*prompt, {"role": "assistant", "content": answer}])
+    start = answer_start(mask)
+    mask = [0] * start + mask[start:]
+    return ids[-max_len:], mask[-max_len:]
+
+
+def answer_start(mask: list[int]) -> int:
+    """Where the final assistant turn begins in a conversation's assistant mask (the last run of 1s)."""
     start = len(mask)
-    while start > 0 and mask[start - 1] == 0:  # the last run of 1s is the final assistant turn
+    while start > 0 and mask[start - 1] == 0:
         start -= 1
     while start > 0 and mask[start - 1] == 1:
         start -= 1
-    mask = [0] * start + mask[start:]
-    return ids[-max_len:], mask[-max_len:]
+    return start
 
 
 @dataclass

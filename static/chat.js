@@ -50,6 +50,12 @@
           if (input.value.trim()) { htmx.trigger(input.form, "submit"); }
         }
       });
+      var count = document.getElementById("message-count");
+      if (count) {  // the character cap made visible: the text box never cuts a message silently
+        input.addEventListener("input", function () {
+          count.textContent = input.value.length + " / " + input.dataset.maxChars + " characters";
+        });
+      }
       input.focus();
     }
   });

@@ -44,6 +44,20 @@ def decide(metrics: dict[str, float], *, gate_margin: float, kl_budget: float, p
     return GateResult(True, f"wins {win:.3f} with KL {kl:.3f} and perplexity {ppl_new:.3f} ({ratio:.2f}x)", metrics)
 
 
+def _usable(
+    tokenizer: Any, max_seq_len: int, prompts: list[Any], dialogues: list[Any], params: dict[str, Any]
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """The held-out prompts and reference dialogues the gate can measure on (ml.screen: one too long for the model,
+    or malformed, is skipped and counted, `gate_skipped_<reason>`), and those counts; none usable: an error."""
+    from ml.screen import MIN_ANSWER_TOKENS, dialogue_fits, prompt_fits, screen, skip_metrics
+
+    screened_prompts = screen(prompts, "prompt", prompt_fits(tokenizer, max_seq_len, MIN_ANSWER_TOKENS))
+    screened_dialogues = screen(dialogues, "dialogue", dialogue_fits(tokenizer, max_seq_len))
+    kept = [p.messages for p in screened_prompts.require()][: int(params["gate_prompts"])]
+    skipped = skip_metrics(screened_prompts, screened_dialogues)
+    return kept, screened_dialogues.kept[:REFERENCE_DIALOGUES], {f"gate_{k}": v for k, v in skipped.items()}
+
+
 def evaluate_candidate(
     candidate_dir: str,
     active_dir: str,
@@ -57,7 +71,6 @@ def evaluate_candidate(
     from ml.checkpoint import load_checkpoint
     from ml.engine import Sampling
     from ml.evaluate import dialogue_perplexity, policy_reward_and_kl, win_rate
-    from ml.examples import load_dialogues
     from ml.tokenizer import Tokenizer
     from ml.train.reward import RewardModel
 
@@ -67,11 +80,10 @@ def evaluate_candidate(
     reference = active if reference_dir == active_dir else load_checkpoint(reference_dir)[0]
     tokenizer = Tokenizer.load(candidate_dir)
     rm = RewardModel.load(reward_dir)
-    prompts = prompts[: int(params["gate_prompts"])]
+    prompts, held_out, skipped = _usable(tokenizer, candidate.config.max_seq_len, prompts, dialogues, params)
     sampling = Sampling(temperature=0.7)
     wins = win_rate(candidate, active, tokenizer, prompts, rm, sampling=sampling, n=int(params["gate_samples"]))
     kl = policy_reward_and_kl(candidate, reference, tokenizer, prompts, rm, sampling=sampling)
-    held_out = load_dialogues(dialogues)[:REFERENCE_DIALOGUES] if dialogues else []
     ppl_new = dialogue_perplexity(candidate, tokenizer, held_out)["ppl"] if held_out else 1.0
     ppl_old = dialogue_perplexity(active, tokenizer, held_out)["ppl"] if held_out else 1.0
     metrics = {
@@ -84,6 +96,7 @@ def evaluate_candidate(
         "gate_prompts": len(prompts),
         "gate_pairs": wins["wins"] + wins["ties"] + wins["losses"],
         "gate_dialogues": len(held_out),
+        **skipped,
     }
     return decide(
         metrics,

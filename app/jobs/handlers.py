@@ -87,13 +87,25 @@ def run_pretrain(ctx: JobContext) -> JobOutput:
     return JobOutput(
         model_kind="base",
         model_dir=str(out),
-        metrics=_plain(metrics),
+        metrics=_reported(ctx, metrics),
         training_data=TrainingData(corpus=[str(d) for d in config.data]),
     )
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
+
+
+def _reported(ctx: JobContext, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The job's metrics, with the rows a trainer or the gate skipped (ml.screen: `skipped_<reason>` counts and a
+    `skipped` line naming the reasons and a few rows) also written to the job's log, where an admin looks first."""
+    counts = {k: v for k, v in metrics.items() if "skipped_" in k and isinstance(v, int)}
+    lines = [
+        f"{who}{metrics[key]}\n" for key, who in (("skipped", ""), ("gate_skipped", "the gate ")) if metrics.get(key)
+    ]
+    if counts:
+        ctx.report(metrics=counts, log="".join(lines))
+    return _plain(metrics)
 
 
 def _version(session: Session, params: dict[str, Any], key: str, kinds: tuple[ModelKind, ...]) -> ModelVersion:
@@ -146,7 +158,9 @@ def run_sft(ctx: JobContext) -> JobOutput:
         config.data = (demo_dialogues(config) if include_demo else []) + collected
     metrics = ctx.train(sft.train, config)
     lineage = TrainingData(dialogues=chats.rows(), files=files, demo=include_demo, demo_seed=config.demo_seed)
-    return JobOutput("sft", str(out), _plain(metrics), base.id, lineage, promote=bool(ctx.params.get("promote")))
+    return JobOutput(
+        "sft", str(out), _reported(ctx, metrics), base.id, lineage, promote=bool(ctx.params.get("promote"))
+    )
 
 
 def run_reward(ctx: JobContext) -> JobOutput:
@@ -170,7 +184,7 @@ def run_reward(ctx: JobContext) -> JobOutput:
     )
     metrics = ctx.train(reward.train, config)
     lineage = TrainingData(rankings=rankings.rows(), thumbs=thumbs.rows())
-    return JobOutput("reward", str(out), _plain(metrics), sft_version.id, lineage, promote=True)
+    return JobOutput("reward", str(out), _reported(ctx, metrics), sft_version.id, lineage, promote=True)
 
 
 def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
@@ -239,7 +253,7 @@ def run_rl(ctx: JobContext) -> JobOutput:
         ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
     metrics = rl.train(config, on_progress=watching.flag_logger(ctx, watch) if watch else ctx.on_progress, watch=watch)
     result = _gate(ctx, out, policy, ctx.params)
-    metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
+    metrics = {**_reported(ctx, {**metrics, **result.metrics}), "gate": result.reason, "promoted": result.promote}
     lineage = TrainingData(prompts=train_prompts.rows(), reward_version_id=reward.id, reference_version_id=reference.id)
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
@@ -266,7 +280,7 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     )
     metrics = ctx.train(dpo.train, config)
     result = _gate(ctx, out, policy, ctx.params)
-    metrics = {**_plain(metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
+    metrics = {**_reported(ctx, {**metrics, **result.metrics}), "gate": result.reason, "promoted": result.promote}
     lineage = TrainingData(rankings=rankings.rows()) if algo == "dpo" else TrainingData(thumbs=thumbs.rows())
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
@@ -289,6 +303,7 @@ def run_candidates(ctx: JobContext) -> JobOutput:
     from app.services import annotation
     from ml.checkpoint import load_checkpoint
     from ml.engine import Engine
+    from ml.screen import prompt_fits, screen, skip_metrics
     from ml.tokenizer import Tokenizer
 
     params = dict(ctx.params)
@@ -297,11 +312,18 @@ def run_candidates(ctx: JobContext) -> JobOutput:
     with ctx.session() as session:
         policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
         have = select(CandidateSet.prompt_id)
-        todo = [(p.id, p.messages) for p in session.scalars(select(Prompt).where(Prompt.id.not_in(have)).limit(sets))]
+        waiting = [(p.id, p.messages) for p in session.scalars(select(Prompt).where(Prompt.id.not_in(have)))]
     if params:
         raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
     model, _ = load_checkpoint(policy.path)
     tokenizer = Tokenizer.load(policy.path)
+    # A prompt too long for the policy (or malformed) is skipped and counted, and the next one taken instead, so it
+    # never blocks the queue of prompts waiting for candidates.
+    fits = prompt_fits(tokenizer, model.config.max_seq_len, max_new_tokens)
+    screened = screen([m for _, m in waiting], "prompt", fits, names=[f"prompt {i}" for i, _ in waiting], limit=sets)
+    todo = [(waiting[i][0], p.messages) for i, p in zip(screened.kept_at, screened.kept, strict=True)]
+    if waiting and not todo:
+        screened.require()
     engine, stops = Engine(model), set(tokenizer.stop_token_ids)
     for i, (prompt_id, messages) in enumerate(todo):
         samples = engine.generate(
@@ -323,7 +345,7 @@ def run_candidates(ctx: JobContext) -> JobOutput:
                 params={"temperature": 1.0, "top_p": 0.95, "max_tokens": max_new_tokens},
             )
         ctx.report(progress=(i + 1) / len(todo), metrics={"step": i + 1, "sets": i + 1})
-    return JobOutput(metrics={"sets": len(todo)})
+    return JobOutput(metrics=_reported(ctx, {"sets": len(todo), **skip_metrics(screened)}))
 
 
 def run_evaluate(ctx: JobContext) -> JobOutput:
@@ -331,6 +353,7 @@ def run_evaluate(ctx: JobContext) -> JobOutput:
     from ml.checkpoint import load_checkpoint
     from ml.engine import Sampling
     from ml.evaluate import policy_reward_and_kl
+    from ml.screen import MIN_ANSWER_TOKENS, prompt_fits, screen, skip_metrics
     from ml.tokenizer import Tokenizer
     from ml.train.reward import RewardModel
 
@@ -340,23 +363,22 @@ def run_evaluate(ctx: JobContext) -> JobOutput:
         policy = _version(session, params, "version_id", (ModelKind.policy, ModelKind.sft))
         reference = _version(session, params, "reference_version_id", (ModelKind.sft,))
         reward = _version(session, params, "reward_version_id", (ModelKind.reward,))
-        heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records][:n_prompts]
+        heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records]
     if params:
         raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
     if not heldout:
         raise ValueError("no held-out prompts to evaluate on")
     model, _ = load_checkpoint(policy.path)
     ref, _ = load_checkpoint(reference.path)
+    tokenizer = Tokenizer.load(policy.path)
+    fits = prompt_fits(tokenizer, min(model.config.max_seq_len, ref.config.max_seq_len), MIN_ANSWER_TOKENS)
+    screened = screen(heldout, "prompt", fits, limit=n_prompts)  # a prompt too long to answer is skipped, counted
+    prompts = [p.messages for p in screened.require()]
     result = policy_reward_and_kl(
-        model,
-        ref,
-        Tokenizer.load(policy.path),
-        heldout,
-        RewardModel.load(reward.path),
-        sampling=Sampling(temperature=0.7),
+        model, ref, tokenizer, prompts, RewardModel.load(reward.path), sampling=Sampling(temperature=0.7)
     )
     ctx.report(progress=1.0, metrics={"step": 1, **result}, log=f"{policy.name}: {result}\n")
-    return JobOutput(metrics=result)
+    return JobOutput(metrics=_reported(ctx, {**result, **skip_metrics(screened)}))
 
 
 HANDLERS.update({"candidates": run_candidates, "evaluate": run_evaluate})

@@ -120,9 +120,11 @@ def visible_thread(messages: list[Message]) -> list[tuple[Message, list[Message]
 
 
 def history_for_model(messages: list[Message], upto: Message) -> list[dict[str, str]]:
-    """The `messages` list a model answers: the visible thread before `upto` (latest answer of each turn)."""
+    """The `messages` list a model answers: the visible thread before `upto` (latest answer of each turn), without
+    the earlier answers to `upto`'s own turn (a regenerated answer answers the user again, not its predecessor)."""
     history = []
-    for m, _ in visible_thread([x for x in messages if x.id < upto.id]):
+    earlier = [x for x in messages if x.id < upto.id and not (x.role == upto.role and x.parent_id == upto.parent_id)]
+    for m, _ in visible_thread(earlier):
         if m.finish_reason != STREAMING and m.content:
             history.append({"role": m.role.value, "content": m.content})
     return history

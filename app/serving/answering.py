@@ -14,6 +14,7 @@ from dataclasses import asdict
 from datetime import datetime
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session
 
 from app.db import transaction
 from app.errors import Conflict
@@ -85,6 +86,15 @@ def require_model(app: FastAPI) -> None:
     """Refuse a message before storing it when there is nothing to answer it."""
     if app.state.inference.current is None:
         raise ModelUnavailable("no model is being served yet; an admin must train or import one")
+
+
+def require_room(app: FastAPI, session: Session, *, user: User, answer: Message) -> None:
+    """Refuse (413, saying the limit and how far over) an answer whose conversation the served model cannot take:
+    called on a thread after the message and its empty answer are flushed and before they are committed, so a
+    refusal stores nothing. The history is exactly the one `answer()` will send (`_prepare`)."""
+    conversation = chat.get_conversation(session, user=user, conversation_id=answer.conversation_id)
+    history = chat.history_for_model(chat.messages_of(session, conversation=conversation), upto=answer)
+    app.state.inference.encode_chat(history)
 
 
 def stop_here(app: FastAPI, message_id: int) -> None:

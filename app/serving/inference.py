@@ -45,6 +45,28 @@ class Limits:
     prefill_chunk: int = 512  # prompt tokens prefilled per decoding step, so long prompts never stall the others
 
 
+@dataclass(frozen=True)
+class PromptLimit:
+    """The longest conversation the served model is asked about: its context less room for an answer (the answer
+    budget, at most a quarter of the context, so a small model still takes a prompt), and never over
+    max_prompt_tokens. Checked before a chat message is stored, so nothing is kept that the model cannot answer."""
+
+    tokens: int
+    context: int
+    answer_room: int
+
+    @classmethod
+    def of(cls, context: int, limits: Limits) -> "PromptLimit":
+        room = max(1, min(limits.max_new_tokens, context // 4))
+        return cls(max(1, min(limits.max_prompt_tokens, context - room)), context, room)
+
+    @property
+    def why(self) -> str:
+        if self.tokens < self.context - self.answer_room:
+            return "the server's max_prompt_tokens"
+        return f"the model's context of {self.context} tokens less {self.answer_room} for the answer"
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 128
@@ -132,15 +154,24 @@ class InferenceService:
             self._thread.join(10)
 
     # ---- requests ---------------------------------------------------------------------------------------------
+    def prompt_limit(self) -> PromptLimit | None:
+        """How long a conversation (history + new message, with the chat template) the served model takes, or None
+        when none is served."""
+        model = self.current
+        return None if model is None else PromptLimit.of(model.max_len, self.limits)
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's token ids; a conversation over `prompt_limit` is a 413 saying the limit and how far over."""
         model = self._require_model()
         try:
             ids = model.tokenizer.render_prompt(messages)
         except ValueError as exc:
             raise Invalid(str(exc)) from exc
-        if len(ids) > self.limits.max_prompt_tokens:
+        limit = PromptLimit.of(model.max_len, self.limits)
+        if len(ids) > limit.tokens:
             raise PayloadTooLarge(
-                f"the conversation is {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}"
+                f"the conversation is {len(ids)} tokens; the limit is {limit.tokens} ({limit.why}): "
+                f"{len(ids) - limit.tokens} tokens over. Shorten the message or start a new chat"
             )
         return ids
 

@@ -615,6 +615,8 @@ def run_cli(
         print(f"{name}: interrupted{hint}", file=sys.stderr)
         return 130
     if metrics.get("rank", 0) == 0:
+        if metrics.get("skipped"):  # rows left out (ml.screen): say so beside the summary, never silently
+            print(f"{name}: {metrics['skipped']}", file=sys.stderr)
         print(summary(metrics))
     return 0
 

@@ -31,14 +31,13 @@ from ml.examples import (
     SequenceBatch,
     describe_sources,
     encode_answer,
-    load_rankings,
-    load_thumbs,
     preference_pairs,
     sequence_batch,
     split_heldout,
     thumb_rankings,
 )
 from ml.model import Transformer
+from ml.screen import answers_fit, require_any, screen, skip_metrics
 from ml.tokenizer import Tokenizer
 from ml.train import common
 from ml.train.common import Distributed, ProgressCallback
@@ -84,12 +83,17 @@ class OfflineData:
 
     train: list[tuple]
     heldout: list[tuple]
+    skipped: dict[str, Any] = field(default_factory=dict)  # ml.screen.skip_metrics of the rankings and thumbs
 
 
-def build_offline_data(config: DPOConfig) -> OfflineData:
-    """Split rankings and thumbs first (so no prompt's pairs straddle the split), then expand them."""
-    rankings = load_rankings(config.rankings) if config.rankings else []
-    thumbs = load_thumbs(config.thumbs) if config.thumbs else []
+def build_offline_data(config: DPOConfig, tokenizer: Tokenizer, max_len: int) -> OfflineData:
+    """Screen the rankings and thumbs (ml.screen: bad ones are skipped and counted), split them (so no prompt's pairs
+    straddle the split), then expand them."""
+    fits = answers_fit(tokenizer, max_len)
+    screened = screen(config.rankings or [], "ranking", fits), screen(config.thumbs or [], "thumb", fits)
+    nothing = f"no training {'pairs' if config.algo == 'dpo' else 'examples'} in the data"
+    require_any(*screened, nothing=nothing)
+    rankings, thumbs = screened[0].kept, screened[1].kept
     splits = [
         split_heldout(rankings, config.heldout_fraction, config.seed),
         split_heldout(thumbs, config.heldout_fraction, config.seed),
@@ -101,8 +105,15 @@ def build_offline_data(config: DPOConfig) -> OfflineData:
         else:
             out.append([(x.prompt, x.completion, x.label) for x in t] + _ranking_extremes(r))
     if not out[0]:
-        raise ValueError(f"no training {'pairs' if config.algo == 'dpo' else 'examples'} in the data")
-    return OfflineData(out[0], out[1])
+        raise ValueError(
+            nothing
+            + (
+                f" ({'; '.join(s.summary() for s in screened if s.skipped)})"
+                if any(s.skipped for s in screened)
+                else ""
+            )
+        )
+    return OfflineData(out[0], out[1], skip_metrics(*screened))
 
 
 def _ranking_extremes(rankings: list) -> list[tuple[list[Message], str, bool]]:
@@ -210,12 +221,12 @@ def _run(config: DPOConfig, dist: Distributed, on_progress: ProgressCallback | N
     config.check_out()
     model, reference, tokenizer = _models(config, dist.device)
     max_len = min(config.max_len or model.config.max_seq_len, model.config.max_seq_len)
-    data = build_offline_data(config)
+    data = build_offline_data(config, tokenizer, max_len)
     torch.manual_seed(config.seed)
     model.train()
     training = common.start_training(model, config)
     heldout = data.heldout or data.train[: config.batch_size]  # no held-out split: report on a train slice
-    metrics: dict[str, Any] = {"train_items": len(data.train), "heldout_items": len(data.heldout)}
+    metrics: dict[str, Any] = {"train_items": len(data.train), "heldout_items": len(data.heldout), **data.skipped}
     if not config.resume:
         start = evaluate_preferences(model, reference, tokenizer, heldout, config, max_len)
         metrics.update({f"{k}_start": v for k, v in start.items()})

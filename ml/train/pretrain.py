@@ -29,6 +29,7 @@ from ml.checkpoint import load_checkpoint
 from ml.data import PackedTokens, read_documents
 from ml.demo.world import World
 from ml.model import ModelConfig, Transformer
+from ml.screen import Screened, skip_metrics
 from ml.tokenizer import Tokenizer
 from ml.train import common
 from ml.train.common import Distributed, ProgressCallback
@@ -98,7 +99,8 @@ def train(config: PretrainConfig, on_progress: ProgressCallback | None = None) -
 def _run(config: PretrainConfig, dist: Distributed, on_progress: ProgressCallback | None) -> dict[str, Any]:
     rows = dist.rows(config.batch_size)
     config.check_out()
-    documents = _documents(config)
+    screened = _documents(config)
+    documents = screened.require()
     tokenizer = _tokenizer(config, documents, dist)
     data = PackedTokens(documents, tokenizer, config.block_size, config.heldout_fraction, config.seed)
     training = common.start_training(_model(config, tokenizer, dist), config)
@@ -115,6 +117,7 @@ def _run(config: PretrainConfig, dist: Distributed, on_progress: ProgressCallbac
         return common.evaluate_loss(model, on_device, _lm_loss, dist)
 
     metrics: dict[str, Any] = {"unigram_entropy": data.unigram_entropy("train"), "params": model.num_params()}
+    metrics.update(skip_metrics(screened))
     return common.fit(
         training,
         config,
@@ -132,10 +135,13 @@ def _run(config: PretrainConfig, dist: Distributed, on_progress: ProgressCallbac
     )
 
 
-def _documents(config: PretrainConfig) -> list[str]:
+def _documents(config: PretrainConfig) -> Screened:
+    """The documents; a bad JSONL line or an empty text is skipped and counted (ml.screen), not an error."""
     if config.data == ["demo"]:
-        return World(config.demo_seed).pretraining_corpus(config.demo_docs)
-    return read_documents(config.data)
+        return Screened("document", World(config.demo_seed).pretraining_corpus(config.demo_docs))
+    screened = Screened("document")
+    screened.kept = read_documents(config.data, on_bad=screened.skip)
+    return screened
 
 
 def _model(config: PretrainConfig, tokenizer: Tokenizer, dist: Distributed) -> Transformer:

@@ -37,13 +37,12 @@ from ml.examples import (
     encode_answer,
     encode_ranking,
     load_dialogues,
-    load_rankings,
-    load_thumbs,
     sequence_batch,
     split_heldout,
     thumb_rankings,
 )
 from ml.model import Transformer, scalar_model_from
+from ml.screen import answers_fit, require_any, screen, skip_metrics
 from ml.tokenizer import Tokenizer
 from ml.train import common
 from ml.train.common import Distributed, ProgressCallback
@@ -137,6 +136,7 @@ class RewardData:
     thumbs: dict[str, list[tuple[tuple[list[int], list[int]], bool]]]
     reference: list[tuple[list[int], list[int]]]
     pad_id: int
+    skipped: dict[str, Any] = field(default_factory=dict)  # ml.screen.skip_metrics of the rankings and thumbs
 
     def batch(self, split: str, idx_r: list[int], idx_t: list[int]) -> tuple[ComparisonBatch, Tensor]:
         rankings = [self.rankings[split][i] for i in idx_r]
@@ -146,8 +146,10 @@ class RewardData:
 
 
 def build_reward_data(config: RewardConfig, tokenizer: Tokenizer, max_len: int) -> RewardData:
-    rankings = load_rankings(config.rankings) if config.rankings else []
-    thumbs = load_thumbs(config.thumbs) if config.thumbs else []
+    fits = answers_fit(tokenizer, max_len)
+    screened = screen(config.rankings or [], "ranking", fits), screen(config.thumbs or [], "thumb", fits)
+    require_any(*screened)
+    rankings, thumbs = screened[0].kept, screened[1].kept
     r_train, r_held = split_heldout(rankings, config.heldout_fraction, config.seed)
     t_train, t_held = split_heldout(thumbs, config.heldout_fraction, config.seed)
     r_train, r_held = r_train + thumb_rankings(t_train), r_held + thumb_rankings(t_held)
@@ -171,6 +173,7 @@ def build_reward_data(config: RewardConfig, tokenizer: Tokenizer, max_len: int) 
         thumbs={"train": [enc(t) for t in t_train], "heldout": [enc(t) for t in t_held]},
         reference=[encode_answer(tokenizer, p, a, max_len) for p, a in pairs],
         pad_id=int(tokenizer.pad_id or 0),
+        skipped=skip_metrics(*screened),
     )
 
 
@@ -252,7 +255,7 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
         cb, labels = data.batch("train", pick(n_r), pick(n_t))
         return cb.to(dist.device), labels.to(dist.device)
 
-    metrics: dict[str, Any] = {"train_rankings": n_r, "train_thumbs": n_t}
+    metrics: dict[str, Any] = {"train_rankings": n_r, "train_thumbs": n_t, **data.skipped}
     metrics.update(heldout_rankings=len(data.rankings["heldout"]), heldout_thumbs=len(data.thumbs["heldout"]))
     result = common.fit(  # saves only the train state: the model is saved at the end, with its offset
         training,

@@ -40,8 +40,9 @@ from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.data import PackedTokens, read_documents
 from ml.demo.world import World
 from ml.engine import Sampling
-from ml.examples import Message, describe_sources, load_prompts
+from ml.examples import Message, describe_sources
 from ml.model import Transformer, scalar_model_from
+from ml.screen import Screened, prompt_fits, screen, skip_metrics
 from ml.tokenizer import Tokenizer
 from ml.train import common, rollout
 from ml.train.common import ProgressCallback
@@ -142,6 +143,7 @@ class Trainer:
     prompts: list[list[Message]]
     generator: torch.Generator
     ptx: PackedTokens | None = None
+    skipped: dict[str, Any] = field(default_factory=dict)  # ml.screen.skip_metrics of the prompts
 
 
 @dataclass
@@ -333,6 +335,7 @@ def build_trainer(config: RLConfig, reward_fn: RewardFn | None, device: torch.de
         else FixedKLController(config.kl_coef)
     )
     prompts = _prompts(config, tokenizer, policy.config.max_seq_len)
+    kept = [p.messages for p in prompts.require()]
     ptx = None
     if config.ptx_coef > 0:
         documents = (
@@ -343,22 +346,30 @@ def build_trainer(config: RLConfig, reward_fn: RewardFn | None, device: torch.de
         ptx = PackedTokens(documents, tokenizer, config.ptx_block_size, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     return Trainer(
-        config, tokenizer, policy, reference, value_model, optimizers, kl_ctl, reward_fn, prompts, generator, ptx
+        config,
+        tokenizer,
+        policy,
+        reference,
+        value_model,
+        optimizers,
+        kl_ctl,
+        reward_fn,
+        kept,
+        generator,
+        ptx,
+        skip_metrics(prompts),
     )
 
 
-def _prompts(config: RLConfig, tokenizer: Tokenizer, max_seq_len: int) -> list[list[Message]]:
+def _prompts(config: RLConfig, tokenizer: Tokenizer, max_seq_len: int) -> Screened:
+    """The prompts to train on; those that leave no room to answer, or are not prompts, are skipped and counted."""
     if config.prompts == ["demo"]:
         items: list[Any] = [p for p in World(config.demo_seed).prompts(10_000) if p.split == "train"]
     elif "demo" in config.prompts:
         raise ValueError("--prompts takes either 'demo' or paths, not both")
     else:
         items = config.prompts
-    prompts = load_prompts(items)
-    for p in prompts:
-        if len(tokenizer.render_prompt(p.messages)) >= max_seq_len:
-            raise ValueError(f"{p.where}: the prompt leaves no room to answer within {max_seq_len} tokens")
-    return [p.messages for p in prompts]
+    return screen(items, "prompt", prompt_fits(tokenizer, max_seq_len, config.max_new_tokens))
 
 
 # ---------------------------------------------------------------------------------------------------- loop
@@ -390,6 +401,7 @@ def train(
         "reward_first": history[0]["reward"],
         "reward_last": sum(h["reward"] for h in last) / len(last),
         "kl_last": sum(h["kl"] for h in last) / len(last),
+        **tr.skipped,
         **{k: v for k, v in history[-1].items() if k != "samples"},
         **watch_summary(watch),
     }

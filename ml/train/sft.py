@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from ml.checkpoint import load_checkpoint
 from ml.demo.world import World
-from ml.examples import IGNORE, SFTData, describe_sources, load_dialogues, pad_examples
+from ml.examples import IGNORE, SFTData, describe_sources, pad_examples
+from ml.screen import Screened, dialogue_fits, screen, skip_metrics
 from ml.tokenizer import Tokenizer
 from ml.train import common
 from ml.train.common import Distributed, ProgressCallback
@@ -94,12 +95,13 @@ def _run(config: SFTConfig, dist: Distributed, on_progress: ProgressCallback | N
         raise ValueError(f"{config.base} is a scalar-head (reward/value) model, not a language model")
     tokenizer = Tokenizer.load(config.base)
     max_len = min(config.max_len or model.config.max_seq_len, model.config.max_seq_len)
-    data = SFTData(_dialogues(config), tokenizer, max_len, config.heldout_fraction, config.seed, config.packing)
+    dialogues = _dialogues(config, tokenizer, max_len)
+    data = SFTData(dialogues.require(2), tokenizer, max_len, config.heldout_fraction, config.seed, config.packing)
 
     torch.manual_seed(config.seed)
     model.train()
     training = common.start_training(model, config)
-    metrics: dict[str, Any] = {"train_dialogues": len(data.examples["train"])}
+    metrics: dict[str, Any] = {"train_dialogues": len(data.examples["train"]), **skip_metrics(dialogues)}
     metrics["heldout_dialogues"] = len(data.examples["heldout"])
     if not config.resume:
         metrics["val_loss_start"] = heldout_loss(model, data.examples["heldout"], data.pad_id)
@@ -137,12 +139,12 @@ def demo_dialogues(config: SFTConfig) -> list[list[dict[str, str]]]:
     return world.sft_dialogues(config.demo_dialogues, seed=config.seed, bad_fraction=config.demo_bad_fraction)
 
 
-def _dialogues(config: SFTConfig) -> list:
-    if config.data == ["demo"]:
-        return load_dialogues(demo_dialogues(config))
-    if "demo" in config.data:
+def _dialogues(config: SFTConfig, tokenizer: Tokenizer, max_len: int) -> Screened:
+    """The dialogues to train on; bad ones (no answer, empty, answers past max_len, ...) are skipped and counted."""
+    if "demo" in config.data and config.data != ["demo"]:
         raise ValueError("--data takes either 'demo' or paths, not both")
-    return load_dialogues(config.data)
+    items = demo_dialogues(config) if config.data == ["demo"] else config.data
+    return screen(items, "dialogue", dialogue_fits(tokenizer, max_len))
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

@@ -52,13 +52,21 @@ def test_annotations_go_through_the_record_checks(tmp_path: Path) -> None:
     assert len(load_thumbs([thumbs])) == 3 and stats["annotator_agreement"] == 1.0
 
 
-def test_a_bad_ranking_line_stops_the_reward_stage_naming_it(tmp_path: Path, tiny_base: Path) -> None:
+def test_a_bad_ranking_line_is_skipped_and_named_and_only_bad_lines_stop_the_reward_stage(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """Issue #16: a bad row no longer stops the stage (it did, naming the line); it is skipped, counted and named,
+    and the stage stops, naming it, only when no usable row is left."""
     good = {"prompt": "Where does Mira live?", "answers": ["Oslo.", "Paris."], "ranking": [1, 2]}
     lines = [good, {**good, "answers": ["Oslo.", ""]}, good]
     path = tmp_path / "rankings.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    with pytest.raises(ValueError, match=r"rankings\.jsonl:2: answer 1 is empty"):
-        reward.train(RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=[path], steps=1))
+    metrics = reward.train(RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=[path], steps=1))
+    assert metrics["skipped_empty"] == 1 and "rankings.jsonl:2: answer 1 is empty" in metrics["skipped"]
+    assert metrics["train_rankings"] + metrics["heldout_rankings"] == 2
+    path.write_text(json.dumps(lines[1]) + "\n")
+    with pytest.raises(ValueError, match=r"rankings\.jsonl:1: answer 1 is empty"):
+        reward.train(RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm2"), rankings=[path], steps=1))
 
 
 def test_cli_rejects_bad_flags_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -82,6 +82,7 @@ async def send_message(
 
     def store() -> tuple[Message, Message]:  # on a thread: the event loop never waits for the database
         stored = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=body.content)
+        answering.require_room(request.app, session, user=user, answer=stored[1])  # a 413 commits nothing
         session.commit()
         return stored
 

@@ -37,6 +37,8 @@ def page(request: Request, session, user: User, conversation_id: int | None, **e
         "votes": {},
         "reasons": feedback.REASONS,
         "model_name": _model_name(request),
+        "limit": request.app.state.inference.prompt_limit(),
+        "max_chars": chat.MAX_MESSAGE_CHARS,
         **extra,
     }
     if conversation_id is not None:
@@ -76,6 +78,7 @@ def send(
 ) -> Response:
     answering.require_model(request.app)
     message, answer = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=content)
+    answering.require_room(request.app, session, user=user, answer=answer)  # too long: a 413, nothing committed
     session.commit()
     if is_htmx(request):
         context = {"items": [(message, []), (answer, [])], "votes": {}, "reasons": feedback.REASONS}
@@ -151,6 +154,7 @@ def message_fragment(request: Request, session: SessionDep, user: CurrentUser, m
 @router.post("/messages/{message_id}/regenerate", name="chat_regenerate")
 def regenerate(request: Request, session: SessionDep, user: CurrentUser, message_id: int) -> Response:
     answer: Message = chat.regenerate(session, user=user, message_id=message_id)
+    answering.require_room(request.app, session, user=user, answer=answer)
     session.commit()
     if is_htmx(request):
         context = thread_context(session, user, answer.conversation_id)
