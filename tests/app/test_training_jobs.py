@@ -26,6 +26,7 @@ SMALL = {"steps": 3, "batch_size": 4}
 
 @pytest.fixture
 def factory(settings: Settings) -> sessionmaker[Session]:
+    settings.reward_min_labels = 8  # the reward gate's label count: what collect_labels collects (6 rankings, 2 thumbs)
     migrate.upgrade(settings.resolved_database_url)
     bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=3, demo_docs=300, n_layer=2, n_embd=32)
     seed_demo_prompts(settings)
