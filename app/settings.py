@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     annotations_per_set: int = Field(3, ge=1, description="Distinct annotators who rank each candidate set.")
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest request body (uploads: 60 MiB).")
     auto_retrain_after: int = Field(0, ge=0, description="Enqueue reward + RL after this many new labels; 0 = off.")
+    reward_min_labels: int = Field(
+        20, ge=0, description="Labels (training rankings + thumbs) a new reward model needs to become active by itself."
+    )
     cookie_secure: bool | None = Field(
         None, description="Force the Secure cookie flag; default: when the request is HTTPS."
     )

@@ -85,6 +85,24 @@ def reward_accuracy(reward_model: RewardModel, rankings: list[Ranking], batch_si
     return {"accuracy": right / max(pairs, 1), "pairs": pairs, "loss": loss / max(len(rankings), 1)}
 
 
+@torch.no_grad()
+def ranking_pair_counts(
+    reward_model: RewardModel, rankings: list[Ranking], batch_size: int = 32
+) -> list[tuple[float, int]]:
+    """Per ranking: (its ordered pairs the reward model scores the right way round, an exact tie counting half; its
+    number of ordered pairs). Kept per ranking so that an interval can resample whole rankings or sets."""
+    encoded = [encode_ranking(reward_model.tokenizer, r, reward_model.max_len) for r in rankings]
+    scores = reward_model.score_encoded([c for r in encoded for c in r.candidates], batch_size).tolist()
+    counts, at = [], 0
+    for r in encoded:
+        s, ranks = scores[at : at + len(r.ranks)], r.ranks
+        at += len(ranks)
+        better = [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+        right = sum(1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0 for i, j in better)
+        counts.append((right, len(better)))
+    return counts
+
+
 def sample_answers(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -140,15 +158,18 @@ def win_rate(
     sampling: Sampling = Sampling(),
     seed: int = 0,
     n: int = 1,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """How often policy A's answer to a prompt scores above policy B's (ties count half), and both mean scores.
-    `n` pairs per prompt (the i-th answer of A against the i-th of B, same seeds): more pairs, less noise."""
+    `n` pairs per prompt (the i-th answer of A against the i-th of B, same seeds): more pairs, less noise.
+    `prompt_wins`: each prompt's wins out of its n pairs, for an interval over prompts."""
     ro, a = sample_answers(policy_a, tokenizer, prompts, n, max_new_tokens, sampling, seed)
     _, b = sample_answers(policy_b, tokenizer, prompts, n, max_new_tokens, sampling, seed)
     sa, sb = score_answers(scorer, ro.prompts, a), score_answers(scorer, ro.prompts, b)
     wins, ties = int((sa > sb).sum()), int((sa == sb).sum())
+    per_prompt = ((sa > sb).float() + 0.5 * (sa == sb).float()).reshape(len(prompts), n).sum(dim=1)
     return {
         "win_rate": (wins + 0.5 * ties) / max(len(a), 1),
+        "prompt_wins": per_prompt.tolist(),  # wins (ties half) of each prompt's n pairs: an interval resamples prompts
         "wins": wins,
         "ties": ties,
         "losses": len(a) - wins - ties,

@@ -27,6 +27,7 @@ class JobContext:
     database_url: str
     report: Callable[..., None]  # report(progress=None, metrics=None, log=None)
     nproc: int = 1  # processes to train with (`flywheel worker --nproc`): local DDP ranks, this process is rank 0
+    reward_min_labels: int = 20  # FLYWHEEL_REWARD_MIN_LABELS: the reward-model gate's label count
 
     def session(self) -> Session:
         """A database session of the child's own (a forked connection pool must not be shared)."""
@@ -164,14 +165,17 @@ def run_sft(ctx: JobContext) -> JobOutput:
 
 
 def run_reward(ctx: JobContext) -> JobOutput:
-    """Train a reward model from every ranking and thumb in the database; the newest becomes the active one."""
+    """Train a reward model from the train-split rankings and thumbs; the reward gate decides whether it becomes the
+    active one (the held-out split's rankings are what it is scored on)."""
     from ml.train import reward
     from ml.train.reward import RewardConfig
 
     params = dict(ctx.params)
     with ctx.session() as session:
         sft_version = _version(session, params, "sft_version_id", (ModelKind.sft,))
-        rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
+        rankings, thumbs = datasets.rankings(session, Split.train), datasets.thumbs(session, Split.train)
+        heldout = datasets.rankings(session, Split.heldout)
+        active = model_versions.active(session, kind=ModelKind.reward)
     if not rankings.records and not thumbs.records:
         raise ValueError("no rankings or thumbs yet: annotate or rate some answers first")
     out = ctx.model_dir("reward")
@@ -183,8 +187,31 @@ def run_reward(ctx: JobContext) -> JobOutput:
         **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
     )
     metrics = ctx.train(reward.train, config)
-    lineage = TrainingData(rankings=rankings.rows(), thumbs=thumbs.rows())
-    return JobOutput("reward", str(out), _reported(ctx, metrics), sft_version.id, lineage, promote=True)
+    labels = len(rankings.records) + len(thumbs.records)
+    result = _reward_gate(ctx, out, labels, heldout, active)
+    metrics = {**_reported(ctx, metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
+    lineage = TrainingData(
+        rankings=rankings.rows(), thumbs=thumbs.rows(), baseline_version_id=active.id if active else None
+    )
+    return JobOutput("reward", str(out), metrics, sft_version.id, lineage, promote=result.promote)
+
+
+def _reward_gate(
+    ctx: JobContext, out: Path, labels: int, heldout: datasets.Export, active: ModelVersion | None
+) -> gate.GateResult:
+    """Score the new reward model and the active one on today's held-out rankings, then apply the reward gate."""
+    ctx.report(log=f"scoring on {len(heldout.records)} held-out rankings (and the active reward model with it)\n")
+    candidate = gate.score_reward_model(str(out), heldout.records, heldout.sets)
+    baseline = gate.score_reward_model(active.path, heldout.records, heldout.sets) if active else None
+    result = gate.decide_reward(labels=labels, min_labels=ctx.reward_min_labels, candidate=candidate, active=baseline)
+    for prefix, interval in (("heldout", candidate), ("active_heldout", baseline)):
+        if interval is not None:
+            numbers = {"acc": interval.estimate, "acc_low": interval.low, "acc_high": interval.high}
+            numbers.update(pairs=interval.trials, sets=interval.groups)
+            result.metrics.update({f"{prefix}_{k}": v for k, v in numbers.items()})
+    if active is not None:
+        result.metrics["baseline_version_id"] = active.id
+    return result
 
 
 def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
@@ -203,17 +230,30 @@ def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
     return files + held_out
 
 
-def _gate(ctx: JobContext, out: Path, policy: ModelVersion, params: dict[str, Any]) -> gate.GateResult:
+def _gate(
+    ctx: JobContext, out: Path, policy: ModelVersion, params: dict[str, Any], trainer_id: int | None
+) -> gate.GateResult:
+    """The policy gate, judged by a reward model that did not train the candidate (`trainer_id`: the one an RL
+    policy was trained against; None for DPO/KTO): model_versions.judge_for. When no other reward model was ever
+    active (the first turn of the flywheel), the trainer judges, and the reason says so."""
     with ctx.session() as session:
         reference = _version(session, {}, "", (ModelKind.sft,))
-        reward = _version(session, {}, "", (ModelKind.reward,))
+        judge = model_versions.judge_for(session, trainer_id=trainer_id)
+        judge = judge or (model_versions.get_version(session, version_id=trainer_id) if trainer_id else None)
         heldout = [r["messages"] for r in datasets.prompt_records(session, Split.heldout).records]
+    if judge is None:
+        raise ValueError("no active reward model to judge the new policy: train or promote one first")
     dialogues = reference_dialogues(reference, _dialogue_files(ctx))
     if not heldout:
         raise ValueError("no held-out prompts to evaluate the new policy on")
     settings = {**gate.GATE_DEFAULTS, **{k: v for k, v in params.items() if k in gate.GATE_DEFAULTS}}
-    ctx.report(log="evaluating the candidate against the active policy on held-out prompts\n")
-    return gate.evaluate_candidate(str(out), policy.path, reference.path, reward.path, heldout, dialogues, settings)
+    ctx.report(log=f"evaluating the candidate against the active policy on held-out prompts, judged by {judge.name}\n")
+    result = gate.evaluate_candidate(str(out), policy.path, reference.path, judge.path, heldout, dialogues, settings)
+    own = judge.id == trainer_id
+    note = " (its own trainer: no other reward model was ever active)" if own else ""
+    result.reason += f"; judged by {judge.name}{note}"
+    result.metrics.update(judge_version_id=judge.id, judge_is_trainer=own)
+    return result
 
 
 # The rl job's KL penalty when none is given (the automatic rule gives none). Stronger than the trainer's own 0.05: a
@@ -252,9 +292,14 @@ def run_rl(ctx: JobContext) -> JobOutput:
     if ctx.nproc > 1:
         ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
     metrics = rl.train(config, on_progress=watching.flag_logger(ctx, watch) if watch else ctx.on_progress, watch=watch)
-    result = _gate(ctx, out, policy, ctx.params)
+    result = _gate(ctx, out, policy, ctx.params, reward.id)
     metrics = {**_reported(ctx, {**metrics, **result.metrics}), "gate": result.reason, "promoted": result.promote}
-    lineage = TrainingData(prompts=train_prompts.rows(), reward_version_id=reward.id, reference_version_id=reference.id)
+    lineage = TrainingData(
+        prompts=train_prompts.rows(),
+        reward_version_id=reward.id,
+        reference_version_id=reference.id,
+        judge_version_id=result.metrics["judge_version_id"],
+    )
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 
@@ -266,7 +311,7 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     params = dict(ctx.params)
     with ctx.session() as session:
         policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
-        rankings, thumbs = datasets.rankings(session), datasets.thumbs(session)
+        rankings, thumbs = datasets.rankings(session, Split.train), datasets.thumbs(session, Split.train)
     data = {"rankings": rankings.records} if algo == "dpo" else {"thumbs": thumbs.records}
     if not next(iter(data.values())):
         raise ValueError(f"no {'rankings' if algo == 'dpo' else 'thumbs'} to train {algo.upper()} on")
@@ -279,9 +324,10 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
         **_trainer_params(params, DPOConfig, {"policy", "out", "algo", "rankings", "thumbs", "resume", "progress"}),
     )
     metrics = ctx.train(dpo.train, config)
-    result = _gate(ctx, out, policy, ctx.params)
+    result = _gate(ctx, out, policy, ctx.params, None)
     metrics = {**_reported(ctx, {**metrics, **result.metrics}), "gate": result.reason, "promoted": result.promote}
-    lineage = TrainingData(rankings=rankings.rows()) if algo == "dpo" else TrainingData(thumbs=thumbs.rows())
+    rows = {"rankings": rankings.rows()} if algo == "dpo" else {"thumbs": thumbs.rows()}
+    lineage = TrainingData(**rows, judge_version_id=result.metrics["judge_version_id"])
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 

@@ -2,18 +2,17 @@
 
 The judge must not be the reward model the policy trains against (that one can only agree with itself). In the demo
 world it is the gold scorer, when the reference policy learned from the demo world (its prompts are the world's, so
-gold is defined on them). Elsewhere it is the newest other reward model that was ever served (active or retired): an
-independent reading of the same human labels, trained on fewer of them. With neither, the watch logs the held-out
-proxy reward against KL only and cannot flag anything.
+gold is defined on them). Elsewhere it is the gate's judge (`model_versions.judge_for`): the reward model most recently
+active other than the trainer, an independent reading of the same human labels. With neither, the watch logs the
+held-out proxy reward against KL only and cannot flag anything.
 """
 
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ModelKind, ModelStatus, ModelVersion, Split
-from app.services import datasets
+from app.models import ModelVersion, Split
+from app.services import datasets, model_versions
 from app.services.training_data import TrainingData
 
 WATCH_POINTS = 8  # measurements over a job, when `watch_every` is not given
@@ -24,21 +23,6 @@ def watch_every(params: dict[str, Any], steps: int) -> int:
     """The job's `watch_every` (0: off), else about WATCH_POINTS measurements over its steps."""
     given = params.get("watch_every")
     return max(1, steps // WATCH_POINTS) if given is None else int(given)
-
-
-def other_reward_model(session: Session, trainer: ModelVersion) -> ModelVersion | None:
-    """The newest reward model, other than `trainer`, that has been served."""
-    query = (
-        select(ModelVersion)
-        .where(
-            ModelVersion.kind == ModelKind.reward,
-            ModelVersion.id != trainer.id,
-            ModelVersion.status.in_((ModelStatus.active, ModelStatus.retired)),
-        )
-        .order_by(ModelVersion.id.desc())
-        .limit(1)
-    )
-    return session.scalar(query)
 
 
 def build_watch(session: Session, *, reference: ModelVersion, trainer: ModelVersion, every: int, tokenizer_dir: str):
@@ -56,7 +40,7 @@ def build_watch(session: Session, *, reference: ModelVersion, trainer: ModelVers
     data = TrainingData.from_json(reference.training_data)
     if data.learned_from_demo:
         judge, name = text_reward_fn(World(data.demo_seed or 0).gold_score, tokenizer), "gold (demo world)"
-    elif (other := other_reward_model(session, trainer)) is not None:
+    elif (other := model_versions.judge_for(session, trainer_id=trainer.id)) is not None:
         judge, name = reward_model_fn(RewardModel.load(other.path), tokenizer), f"reward model {other.name}"
     else:
         judge, name = None, "none (no other reward model yet)"

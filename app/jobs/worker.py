@@ -51,6 +51,7 @@ def child_main(
     out: mp.Queue,
     parent_pid: int,
     nproc: int = 1,
+    reward_min_labels: int = 20,
 ) -> None:
     """Entry point of the child process: run the handler, stream reports, send the result or the error last."""
     die_with_parent(parent_pid)
@@ -63,7 +64,8 @@ def child_main(
         handler = HANDLERS.get(job_type)
         if handler is None:
             raise ValueError(f"this worker cannot run {job_type!r} jobs yet")
-        result = handler(JobContext(job_id, params, Path(data_dir), database_url, report, nproc=nproc))
+        context = JobContext(job_id, params, Path(data_dir), database_url, report, nproc, reward_min_labels)
+        result = handler(context)
         out.put({"result": result.to_message()})
     except BaseException as exc:  # everything the child hits must reach the job row
         out.put({"error": f"{type(exc).__name__}: {exc}", "log": traceback.format_exc(limit=8)})
@@ -122,6 +124,7 @@ class Worker:
                 out,
                 os.getpid(),
                 self.config.nproc,
+                self.settings.reward_min_labels,
             ),
             daemon=True,
         )

@@ -2,8 +2,12 @@
 
 - dialogues (`messages`): the visible thread of every chat that allows training, and imported dialogues;
 - rankings (`prompt`/`answers`/`ranking`): one record per annotator ranking (ties kept), for the reward model;
+  asked for one split, only rankings of that split's prompts (training jobs read `train`: rankings of `heldout`
+  prompts are the held-out human labels every reward model is scored on, never trained on);
 - pairs (`prompt`/`chosen`/`rejected`): every ordered pair of every ranking, for DPO and TRL's trainers;
 - thumbs (`prompt`/`completion`/`label`): each thumbs up/down with the context it answered, for KTO and the RM;
+  asked for one split, only thumbs whose context is a prompt of that split (its Prompt row's, else `split_for`), so
+  that a held-out prompt's labels never reach training through a chat either;
 - raw rankings: per-annotator records with ids, statuses and timing, for audits and agreement studies.
 
 Everything here reads only live rows: what a person withdrew (app/services/withdrawal.py) is gone from all of them
@@ -36,6 +40,7 @@ from app.models import (
     User,
 )
 from app.services.chat import STREAMING, visible_thread
+from app.services.prompts import content_hash, split_for
 from app.services.training_data import Rows
 
 KINDS = ("dialogues", "rankings", "pairs", "thumbs", "raw-rankings", "prompts")
@@ -45,6 +50,7 @@ KINDS = ("dialogues", "rankings", "pairs", "thumbs", "raw-rankings", "prompts")
 class Export:
     records: list[dict[str, Any]] = field(default_factory=list)
     last_id: int = 0  # the highest row id read: a version trained on these rows records it
+    sets: list[int] = field(default_factory=list)  # rankings: each record's candidate set (several annotators')
 
     def rows(self) -> Rows:
         return Rows(self.last_id, len(self.records))
@@ -107,6 +113,7 @@ def rankings(session: Session, split: Split | None = None) -> Export:
         out.records.append(
             {"prompt": prompt.messages, "answers": [c.content for c in kept], "ranking": [ranks[c.id] for c in kept]}
         )
+        out.sets.append(ranking.candidate_set_id)
         last = max(last, ranking.id)
     out.last_id = last
     return out
@@ -131,9 +138,18 @@ def pairs(session: Session, split: Split | None = None) -> Export:
     return out
 
 
-def thumbs(session: Session) -> Export:
-    """Thumbs on answers in chats that allow training, each with the context it answered."""
-    out, last = Export(), 0
+def _context_splits(session: Session, contexts: list[list[dict[str, str]]]) -> list[Split]:
+    """The split of each context: its Prompt row's when it became one (an import may set it), else the hash's."""
+    hashes = [content_hash(c) for c in contexts]
+    known = dict(
+        session.execute(select(Prompt.content_hash, Prompt.split).where(Prompt.content_hash.in_(hashes))).all()
+    )
+    return [known.get(h) or split_for(c) for h, c in zip(hashes, contexts, strict=True)]
+
+
+def thumbs(session: Session, split: Split | None = None) -> Export:
+    """Thumbs on answers in chats that allow training, each with the context it answered (of one split if asked)."""
+    out, ids = Export(), []
     rows = session.execute(
         select(Feedback, Message)
         .join(Message, Message.id == Feedback.message_id)
@@ -161,8 +177,12 @@ def thumbs(session: Session) -> Export:
                 "label": vote.value > 0,
             }
         )
-        last = max(last, vote.id)
-    out.last_id = last
+        ids.append(vote.id)
+    if split is not None:
+        keep = [s == split for s in _context_splits(session, [r["prompt"] for r in out.records])]
+        out.records = [r for r, k in zip(out.records, keep, strict=True) if k]
+        ids = [i for i, k in zip(ids, keep, strict=True) if k]
+    out.last_id = max(ids, default=0)
     return out
 
 

@@ -23,9 +23,19 @@ ROWS_SHOWN = {
     "dialogues": "chats that allow training",
     "prompts": "train-split prompts",
 }
-VERSION_REFERENCES = {"reward_version_id": "judged by reward model", "reference_version_id": "KL reference"}
+# "judged by reward model" is the one an RL policy was trained against (its name since before the gate had a judge of
+# its own); the gate's judge and a reward model's baseline have lines of their own.
+VERSION_REFERENCES = {
+    "reward_version_id": "judged by reward model",
+    "reference_version_id": "KL reference",
+    "judge_version_id": "gate's judge (a reward model that did not train it)",
+    "baseline_version_id": "gate compared it with reward model",
+}
 GATE_NUMBERS = (
     "win_rate",
+    "win_rate_low",
+    "win_rate_high",
+    "judge_version_id",
     "reward_candidate",
     "reward_active",
     "kl",
@@ -34,6 +44,17 @@ GATE_NUMBERS = (
     "gate_prompts",
     "gate_pairs",
     "gate_dialogues",
+    "gate_labels",
+    "gate_min_labels",
+    "heldout_acc",
+    "heldout_acc_low",
+    "heldout_acc_high",
+    "heldout_pairs",
+    "heldout_sets",
+    "active_heldout_acc",
+    "active_heldout_acc_low",
+    "active_heldout_acc_high",
+    "baseline_version_id",
 )
 
 
@@ -104,7 +125,8 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 
 def gate_verdict(metrics: dict[str, Any]) -> GateVerdict | None:
-    """The promotion gate's decision stored with an RL/DPO/KTO candidate, or None for versions that had no gate."""
+    """The promotion gate's decision stored with an RL/DPO/KTO candidate or a reward model, or None for versions that
+    had no gate."""
     if "gate" not in metrics:
         return None
     numbers = {k: metrics[k] for k in GATE_NUMBERS if isinstance(metrics.get(k), int | float)}
@@ -137,8 +159,9 @@ def version_names(versions: list[ModelVersion]) -> dict[int, str]:
 
 
 def referenced_names(session: Session, record: TrainingData) -> dict[int, str]:
-    """Names of the reward model and the KL reference a record names, for their links (missing ones are left out)."""
-    ids = [i for i in (record.reward_version_id, record.reference_version_id) if i is not None]
+    """Names of the versions a record names (reward model, KL reference, the gate's judge or baseline), for their
+    links (missing ones are left out)."""
+    ids = [getattr(record, key) for key in VERSION_REFERENCES if getattr(record, key) is not None]
     if not ids:
         return {}
     return {v.id: v.name for v in session.scalars(select(ModelVersion).where(ModelVersion.id.in_(ids)))}

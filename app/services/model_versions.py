@@ -60,6 +60,21 @@ def active(session: Session, *, kind: ModelKind) -> ModelVersion | None:
     )
 
 
+def judge_for(session: Session, *, trainer_id: int | None) -> ModelVersion | None:
+    """The reward model that judges a new policy: the one most recently made active other than `trainer_id`, the
+    reward model the policy was trained against (an RL policy learns that model's blind spots, so it would judge its
+    own student kindly). Only versions that were once active qualify: a candidate the reward gate held back is not
+    trusted to judge. None when no other reward model was ever active."""
+    query = select(ModelVersion).where(
+        ModelVersion.kind == ModelKind.reward,
+        ModelVersion.activated_at.isnot(None),
+        ModelVersion.status != ModelStatus.failed,
+    )
+    if trainer_id is not None:
+        query = query.where(ModelVersion.id != trainer_id)
+    return session.scalar(query.order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc()).limit(1))
+
+
 def served_version(session: Session) -> ModelVersion | None:
     for kind in SERVED_KINDS:
         version = active(session, kind=kind)

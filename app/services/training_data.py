@@ -40,6 +40,8 @@ class TrainingData:
     corpus: list[str] | None = None  # pretraining text: "demo" or file paths (stored as `data`)
     reward_version_id: int | None = None  # the reward model an RL policy was trained against
     reference_version_id: int | None = None  # its KL reference
+    judge_version_id: int | None = None  # the reward model that judged a policy at the gate (not its trainer)
+    baseline_version_id: int | None = None  # the active reward model a new reward model was compared with
     imported_from: str | None = None  # `flywheel model import-hf`
     extra: dict[str, Any] = field(default_factory=dict)  # anything else a job recorded, shown as it is
 

@@ -26,6 +26,7 @@ SMALL = {"steps": 3, "batch_size": 4}
 
 @pytest.fixture
 def factory(settings: Settings) -> sessionmaker[Session]:
+    settings.reward_min_labels = 8  # the reward gate's label count: what collect_labels collects (6 rankings, 2 thumbs)
     migrate.upgrade(settings.resolved_database_url)
     bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=3, demo_docs=300, n_layer=2, n_embd=32)
     seed_demo_prompts(settings)
@@ -101,6 +102,10 @@ def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, 
         assert {"win_rate", "kl", "ppl_candidate", "gate"} <= set(policy.metrics)
         assert policy.metrics["gate_dialogues"] == REFERENCE_DIALOGUES  # the demo's held-out reference dialogues
         assert (policy.status == ModelStatus.active) == policy.metrics["promoted"]
+        # The only reward model ever active trained it, so it judges too, and the gate's reason says so.
+        assert policy.metrics["judge_version_id"] == reward.id and policy.metrics["judge_is_trainer"] is True
+        assert f"judged by {reward.name} (its own trainer" in policy.metrics["gate"]
+        assert reward.metrics["promoted"] is True and "promoted on the label count" in reward.metrics["gate"]
 
     evaluation = run(settings, factory, "evaluate", prompts=4)
     assert evaluation.status == JobStatus.succeeded, evaluation.error

@@ -26,6 +26,8 @@ def test_a_policy_against_itself(tiny_base: Path) -> None:
     assert result["win_rate"] == 0.5 and result["ties"] == len(prompts)  # same seed, same weights: same answers
     longer = win_rate(policy, other, tok, prompts, lambda p, a: float(len(a)), max_new_tokens=8, seed=1, n=3)
     assert longer["wins"] + longer["ties"] + longer["losses"] == 3 * len(prompts) and longer["win_rate"] == 0.5
+    assert result["prompt_wins"] == [0.5] * len(prompts)  # one tie per prompt: half a win each
+    assert len(longer["prompt_wins"]) == len(prompts) and sum(longer["prompt_wins"]) == 0.5 * 3 * len(prompts)
 
     def length(prompt, answer):  # any (prompt, answer) -> float plugs in
         return float(len(answer))

@@ -7,7 +7,7 @@ import pytest
 
 from ml.checkpoint import load_checkpoint
 from ml.demo.world import World
-from ml.evaluate import reward_accuracy
+from ml.evaluate import ranking_pair_counts, reward_accuracy
 from ml.examples import load_rankings
 from ml.train.reward import RewardConfig, RewardModel, train
 
@@ -58,3 +58,14 @@ def test_reward_model_from_thumbs(make_rankings, tiny_base: Path, tmp_path: Path
     metrics = train(config)
     assert metrics["val_thumb_acc"] >= 0.85, metrics  # the sign of the reward (measured: 0.95)
     assert metrics["heldout_rankings"] > 0 and metrics["val_acc"] >= 0.8  # a prompt with an up and a down: a pair
+
+
+def test_pair_counts_per_ranking_pool_to_the_accuracy(make_rankings, trained_rm) -> None:
+    """The per-ranking counts an interval resamples add up to reward_accuracy's pooled numbers."""
+    rm = RewardModel.load(trained_rm[0])
+    fresh = load_rankings(make_rankings(40, seed=99))
+    counts = ranking_pair_counts(rm, fresh)
+    pooled = reward_accuracy(rm, fresh)
+    assert len(counts) == len(fresh) and all(0 <= right <= pairs for right, pairs in counts)
+    assert sum(p for _, p in counts) == pooled["pairs"]
+    assert sum(r for r, _ in counts) / pooled["pairs"] == pytest.approx(pooled["accuracy"], abs=1e-9)
