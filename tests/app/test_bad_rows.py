@@ -20,6 +20,7 @@ LONG = [{"role": "user", "content": "Mira lives in Oslo and has a red cat. " * 6
 @pytest.fixture
 def factory(settings: Settings) -> sessionmaker[Session]:
     """A database with a bootstrapped demo model and the demo prompts (as tests/app/test_training_jobs.py's)."""
+    settings.reward_min_labels = 8  # the reward gate's label count: what collect_labels collects
     migrate.upgrade(settings.resolved_database_url)
     bootstrap_demo_model(settings, pretrain_steps=6, sft_steps=3, demo_docs=300, n_layer=2, n_embd=32)
     seed_demo_prompts(settings)
