@@ -200,10 +200,13 @@ async def import_data(
     return RedirectResponse(notice_url(request, f"Imported {kind}: {summary}"), status_code=303)
 
 
+def _people_context(session: Session, **extra: Any) -> dict[str, Any]:
+    return {"people": users.list_users(session), "roles": list(Role), "tokens": tokens.active_counts(session), **extra}
+
+
 @router.get("/users", response_class=HTMLResponse, name="admin_users")
 def list_users(request: Request, session: SessionDep, admin: AdminUser) -> HTMLResponse:
-    context = {"people": users.list_users(session), "roles": list(Role), "tokens": tokens.active_counts(session)}
-    return render(request, "admin_users.html", context)
+    return render(request, "admin_users.html", _people_context(session))
 
 
 @router.post("/users", name="admin_users_create")
@@ -219,12 +222,7 @@ def create_user(
         users.create_user(session, username=username, password=password, role=role)
     except ServiceError as exc:
         session.rollback()
-        context = {
-            "people": users.list_users(session),
-            "roles": list(Role),
-            "error": exc.message,
-            "tokens": tokens.active_counts(session),
-        }
+        context = _people_context(session, error=exc.message)
         return render(request, "admin_users.html", context, status_code=exc.status_code)
     session.commit()
     return RedirectResponse(request.url_for("admin_users"), status_code=303)
