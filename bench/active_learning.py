@@ -1,0 +1,236 @@
+"""Active learning on the demo world: with the same label budget, does labelling the candidate sets a reward ensemble
+disagrees on give a better reward model than labelling sets at random?
+
+Per seed: a demo SFT model is trained once (pretrain -> SFT on the seed's world; both arms share it). It samples a
+pool of candidate sets (K=4 answers to each of --pool train prompts) and a held-out set per held-out prompt (ranked by
+the gold scorer; held-out prompts are never in the pool). Simulated annotators (the world's default noise) hold a
+ranking of every pool set, revealed only when a set is chosen. Both arms start from the same random seed batch, then
+label --round sets per round until --budget sets:
+
+    random        the next sets at random
+    disagreement  E bootstrap Bradley-Terry heads on the SFT trunk's features (ml/active.py) are refit on the labels
+                  so far; the next sets are those whose answers the heads order most differently
+
+Each arm's labels then train a reward model with ml.train.reward (same steps, same seed), and rm_acc is its pairwise
+accuracy against gold on the held-out sets, as in ml/demo/experiment.py. The per-seed table also shows head_acc (the
+heads' mean, refit on all the arm's labels) and how many of the arm's labelled pairs are not ties.
+
+Run:  python bench/active_learning.py            (3 seeds, ~15 minutes on 2 shared cores)
+      python bench/active_learning.py --quick    (1 seed, smaller; a smoke test)
+The last line is `active_learning: rm_acc_random=X rm_acc_active=Y labels=N seeds=S` (means over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ml.active import answer_features, choose, fit_heads, set_disagreement
+from ml.checkpoint import load_checkpoint
+from ml.demo.experiment import K, gold_rankings, sample_candidate_sets
+from ml.demo.world import SimulatedAnnotator, World
+from ml.evaluate import reward_accuracy
+from ml.examples import encode_answer, load_rankings
+from ml.tokenizer import Tokenizer
+from ml.train import pretrain, reward, sft
+from ml.train.pretrain import PretrainConfig
+from ml.train.reward import RewardConfig, RewardModel
+from ml.train.sft import SFTConfig
+
+Sets = list[tuple[list[dict[str, str]], list[str]]]
+
+
+@dataclass
+class Material:
+    """One seed's fixed material: the pool, its hidden labels, the held-out gold rankings and everyone's features."""
+
+    sft_dir: Path
+    pool: Sets
+    labels: list[list[int]]  # the annotators' ranking of each pool set
+    rows: list[list[int]]  # feature rows of each pool set's answers
+    features: torch.Tensor
+    heldout_path: Path
+    heldout_rows: list[tuple[list[int], list[int]]]  # (feature rows, gold ranks) of each held-out set
+
+
+def train_sft(world: World, out: Path, args: argparse.Namespace, seed: int) -> Path:
+    """The demo world's small chat model for this seed (the bench's one slow step, shared by both arms)."""
+    pretrain.train(
+        PretrainConfig(
+            out=str(out / "base"),
+            steps=args.pretrain_steps,
+            batch_size=16,
+            block_size=128,
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            warmup=args.pretrain_steps // 10,
+            demo_docs=1500,
+            demo_seed=seed,
+            seed=seed,
+            eval_every=0,
+            save_every=0,
+        )
+    )
+    dialogues = world.sft_dialogues(600, seed=seed, bad_fraction=0.5)
+    sft.train(
+        SFTConfig(
+            base=str(out / "base"),
+            out=str(out / "sft"),
+            data=dialogues,
+            steps=args.sft_steps,
+            lr=1e-3,
+            eval_every=0,
+            seed=seed,
+        )
+    )
+    return out / "sft"
+
+
+def build(world: World, out: Path, args: argparse.Namespace, seed: int) -> Material:
+    """Sample the pool and the held-out sets, label the pool (hidden), rank held-out by gold, compute features."""
+    sft_dir = train_sft(world, out, args, seed)
+    prompts = world.prompts(10_000)
+    train = [p for p in prompts if p.split == "train"][: args.pool]
+    heldout = [p for p in prompts if p.split == "heldout"][: args.heldout]
+    pool, _ = sample_candidate_sets(sft_dir, train, K, 40, seed, lambda _: None)
+    held, _ = sample_candidate_sets(sft_dir, heldout, K, 40, seed + 1, lambda _: None)
+    annotators = [SimulatedAnnotator(world, args.noise, seed=1000 * seed + i) for i in range(3)]
+    labels = [annotators[n % 3].rank(p, a) for n, (p, a) in enumerate(pool)]
+    heldout_path = gold_rankings(world, held, out / "heldout_gold.jsonl")
+    model, _ = load_checkpoint(sft_dir)
+    tokenizer = Tokenizer.load(sft_dir)
+    encoded, rows, held_rows = [], [], []
+    for prompt, answers in pool:
+        rows.append(list(range(len(encoded), len(encoded) + len(answers))))
+        encoded += [encode_answer(tokenizer, prompt, a, model.config.max_seq_len) for a in answers]
+    gold = SimulatedAnnotator(world, noise=0.0)
+    for prompt, answers in held:
+        held_rows.append((list(range(len(encoded), len(encoded) + len(answers))), gold.rank(prompt, answers)))
+        encoded += [encode_answer(tokenizer, prompt, a, model.config.max_seq_len) for a in answers]
+    features = answer_features(model, encoded, int(tokenizer.pad_id or 0))
+    return Material(sft_dir, pool, labels, rows, features, heldout_path, held_rows)
+
+
+def acquire(w: Material, mode: str, args: argparse.Namespace, seed: int) -> list[int]:
+    """The pool sets one arm labels: the shared random seed batch, then --round sets per round up to --budget."""
+    chosen = choose([0.0] * len(w.pool), args.round, set(), "random", random.Random(seed))
+    rng, n_round = random.Random(seed + 1), 0
+    while len(chosen) < args.budget:
+        n = min(args.round, args.budget - len(chosen))
+        priorities = [0.0] * len(w.pool)
+        if mode == "disagreement":
+            heads = fit_heads(w.features, [(w.rows[i], w.labels[i]) for i in chosen], args.heads, seed + n_round)
+            scores = heads.scores(w.features)  # (E, N)
+            priorities = [set_disagreement(scores[:, rows]) for rows in w.rows]
+        chosen += choose(priorities, n, set(chosen), mode, rng, args.explore)
+        n_round += 1
+    return chosen
+
+
+def evaluate_arm(w: Material, chosen: list[int], out: Path, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """Train the arm's reward model on its labels; its accuracy (and the heads') against gold on held-out sets."""
+    records = [{"prompt": w.pool[i][0], "answers": w.pool[i][1], "ranking": w.labels[i]} for i in chosen]
+    reward.train(
+        RewardConfig(
+            sft=str(w.sft_dir),
+            out=str(out),
+            rankings=records,
+            steps=args.reward_steps,
+            heldout_fraction=0.0,
+            eval_every=0,
+            seed=seed,
+        )
+    )
+    rm_acc = reward_accuracy(RewardModel.load(out), load_rankings([w.heldout_path]))["accuracy"]
+    heads = fit_heads(w.features, [(w.rows[i], w.labels[i]) for i in chosen], 1, seed, bootstrap=False)
+    scores = heads.scores(w.features)[0]
+    right = pairs = 0
+    for rows, ranks in w.heldout_rows:
+        for a in range(len(rows)):
+            for b in range(len(rows)):
+                if ranks[a] < ranks[b]:
+                    pairs += 1
+                    right += float(scores[rows[a]] > scores[rows[b]]) + 0.5 * float(scores[rows[a]] == scores[rows[b]])
+    informative = sum(min(w.labels[i]) < max(w.labels[i]) for i in chosen)
+    return {"rm_acc": rm_acc, "head_acc": right / max(pairs, 1), "informative": informative}
+
+
+def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    t0 = time.perf_counter()
+    w = build(World(seed), work / f"seed{seed}", args, seed)
+    result = {}
+    for mode in ("random", "disagreement"):
+        chosen = acquire(w, mode, args, seed)
+        result[mode] = evaluate_arm(w, chosen, work / f"seed{seed}" / f"rm-{mode}", args, seed)
+    result["seconds"] = time.perf_counter() - t0
+    result["pool"], result["heldout_pairs"] = (
+        len(w.pool),
+        sum(sum(ra < rb for ra in r for rb in r) for _, r in w.heldout_rows),
+    )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps: a smoke test")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pool", type=int, default=480, help="train prompts with a candidate set in the pool")
+    parser.add_argument("--heldout", type=int, default=160, help="held-out prompts (gold-ranked sets)")
+    parser.add_argument("--budget", type=int, default=96, help="sets labelled per arm")
+    parser.add_argument("--round", type=int, default=16, help="sets per round (the seed batch is one round)")
+    parser.add_argument("--heads", type=int, default=8, help="E: bootstrap heads in the ensemble")
+    parser.add_argument("--explore", type=float, default=0.0, help="share of each active round chosen at random")
+    parser.add_argument("--noise", type=float, default=0.1, help="annotators' noise (the demo's default: 0.1)")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--reward-steps", type=int, default=120)
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.pool, args.heldout, args.budget = args.seeds[:1], 160, 64, 48
+        args.pretrain_steps, args.sft_steps, args.reward_steps = 150, 80, 60
+    torch.set_num_threads(1)
+    print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
+    print(f"settings: {vars(args)}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="active-learning-") as tmp:
+        for seed in args.seeds:
+            r = run_seed(seed, args, Path(tmp))
+            rows.append(r)
+            print(
+                f"seed {seed}: rm_acc random {r['random']['rm_acc']:.4f} active {r['disagreement']['rm_acc']:.4f} | "
+                f"head_acc random {r['random']['head_acc']:.4f} active {r['disagreement']['head_acc']:.4f} | "
+                f"non-tied sets random {r['random']['informative']} active {r['disagreement']['informative']} | "
+                f"pool {r['pool']} held-out pairs {r['heldout_pairs']} | {r['seconds']:.0f}s",
+                flush=True,
+            )
+    print()
+    print(
+        f"{'seed':>4} {'rm_acc random':>14} {'rm_acc active':>14} {'delta':>7} {'head random':>12} {'head active':>12}"
+    )
+    for seed, r in zip(args.seeds, rows, strict=True):
+        a, b = r["random"], r["disagreement"]
+        print(
+            f"{seed:>4} {a['rm_acc']:>14.4f} {b['rm_acc']:>14.4f} {b['rm_acc'] - a['rm_acc']:>+7.4f} "
+            f"{a['head_acc']:>12.4f} {b['head_acc']:>12.4f}"
+        )
+    mean = {m: sum(r[m]["rm_acc"] for r in rows) / len(rows) for m in ("random", "disagreement")}
+    print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(
+        f"active_learning: rm_acc_random={mean['random']:.4f} rm_acc_active={mean['disagreement']:.4f} "
+        f"labels={args.budget} seeds={len(rows)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
