@@ -8,7 +8,9 @@ answers the heads order differently is the one whose ranking teaches the most.
 - `answer_features`: (N, D) trunk features of encoded answers, computed once, so refitting the heads is cheap;
 - `fit_heads`: E Bradley-Terry heads on bootstrap resamples of the labelled sets (a `HeadEnsemble`);
 - `set_disagreement`: (E, K) scores of one set's answers -> how much the heads disagree on their order, in [0, 1];
-- `choose`: the acquisition itself, a pure function: the n most disputed unlabelled sets, a share of them at random.
+- `choose`: the acquisition itself, a pure function: the n most disputed unlabelled sets, a share of them at random;
+- `fit_reward_ensemble` / `EnsembleScorer`: the heads over a trained reward model's trunk, saved beside it as
+  `ensemble.pt`, and read back to score new sets (what the service's reward and candidates jobs call).
 
 Run (CPU, on the demo world; both arms, several seeds):  python bench/active_learning.py --quick
 """
@@ -23,7 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ml.examples import sequence_batch
+from ml.checkpoint import load_checkpoint
+from ml.examples import encode_answer, load_rankings, sequence_batch
+from ml.tokenizer import Tokenizer
 from ml.train.losses import ranking_pairs
 
 ENSEMBLE_FILE = "ensemble.pt"
@@ -145,3 +149,46 @@ def choose(
     ranked = sorted(open_, key=lambda i: (-priorities[i], i))
     top = ranked[: n - n_random]
     return top + rng.sample(ranked[n - n_random :], n_random)
+
+
+class EnsembleScorer:
+    """A reward model's trunk and the heads saved beside it: the disagreement of new candidate sets."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, heads: HeadEnsemble) -> None:
+        self.model, self.tokenizer, self.heads = model.eval(), tokenizer, heads
+
+    @classmethod
+    def load(cls, reward_dir: str | Path) -> EnsembleScorer | None:
+        """None when the directory has no ensemble (a reward model trained before there were any)."""
+        if not (Path(reward_dir) / ENSEMBLE_FILE).exists():
+            return None
+        model, _ = load_checkpoint(reward_dir)
+        return cls(model, Tokenizer.load(reward_dir), HeadEnsemble.load(reward_dir))
+
+    def disagreement(self, sets: list[tuple[list[dict[str, str]], list[str]]]) -> list[float]:
+        """`set_disagreement` of each (prompt messages, answers) set, all answers in one pass of the trunk."""
+        encoded, spans = [], []
+        for prompt, answers in sets:
+            spans.append((len(encoded), len(encoded) + len(answers)))
+            encoded += [encode_answer(self.tokenizer, prompt, a, self.model.config.max_seq_len) for a in answers]
+        if not encoded:
+            return [0.0] * len(sets)
+        scores = self.heads.scores(answer_features(self.model, encoded, int(self.tokenizer.pad_id or 0)))
+        return [set_disagreement(scores[:, a:b]) for a, b in spans]
+
+
+def fit_reward_ensemble(reward_dir: str | Path, rankings: list, n_heads: int = 8, seed: int = 0) -> int:
+    """Fit `n_heads` bootstrap heads over a trained reward model's trunk on its rankings (records or JSONL paths) and
+    save them beside it; returns the number of sets fit on (0: nothing saved, there was no ranking)."""
+    records = load_rankings(rankings) if rankings else []
+    if not records:
+        return 0
+    model, _ = load_checkpoint(reward_dir)
+    tokenizer = Tokenizer.load(reward_dir)
+    encoded, sets = [], []
+    for r in records:
+        sets.append((list(range(len(encoded), len(encoded) + len(r.answers))), list(r.ranks)))
+        encoded += [encode_answer(tokenizer, r.prompt, a, model.config.max_seq_len) for a in r.answers]
+    features = answer_features(model, encoded, int(tokenizer.pad_id or 0))
+    fit_heads(features, sets, n_heads, seed).save(reward_dir)
+    return len(sets)
