@@ -12,10 +12,12 @@ label --round sets per round until --budget sets:
                   so far; the next sets are those whose answers the heads order most differently
 
 Each arm's labels then train a reward model with ml.train.reward (same steps, same seed), and rm_acc is its pairwise
-accuracy against gold on the held-out sets, as in ml/demo/experiment.py. The per-seed table also shows head_acc (the
-heads' mean, refit on all the arm's labels) and how many of the arm's labelled pairs are not ties.
+accuracy against gold on the held-out sets, as in ml/demo/experiment.py. The per-seed table also shows head_acc (one
+linear head on the frozen SFT trunk, fit on all the arm's labels), how many of the arm's labelled sets are not one
+big tie, and a control arm: a second random draw of the later rounds (`random-2`), whose distance from `random` is
+the noise to beat.
 
-Run:  python bench/active_learning.py            (3 seeds, ~15 minutes on 2 shared cores)
+Run:  python bench/active_learning.py            (3 seeds, 5-15 minutes on 2 shared cores)
       python bench/active_learning.py --quick    (1 seed, smaller; a smoke test)
 The last line is `active_learning: rm_acc_random=X rm_acc_active=Y labels=N seeds=S` (means over seeds).
 """
@@ -46,6 +48,8 @@ from ml.train.pretrain import PretrainConfig
 from ml.train.reward import RewardConfig, RewardModel
 from ml.train.sft import SFTConfig
 
+# (name, mode, draw): `random-2` is a second random draw, the control that shows how far two random arms differ.
+ARMS = [("random", "random", 0), ("random-2", "random", 1), ("disagreement", "disagreement", 0)]
 Sets = list[tuple[list[dict[str, str]], list[str]]]
 
 
@@ -121,10 +125,11 @@ def build(world: World, out: Path, args: argparse.Namespace, seed: int) -> Mater
     return Material(sft_dir, pool, labels, rows, features, heldout_path, held_rows)
 
 
-def acquire(w: Material, mode: str, args: argparse.Namespace, seed: int) -> list[int]:
-    """The pool sets one arm labels: the shared random seed batch, then --round sets per round up to --budget."""
+def acquire(w: Material, mode: str, args: argparse.Namespace, seed: int, draw: int = 0) -> list[int]:
+    """The pool sets one arm labels: the shared random seed batch, then --round sets per round up to --budget.
+    `draw` > 0: another random draw of the later rounds (the control arm)."""
     chosen = choose([0.0] * len(w.pool), args.round, set(), "random", random.Random(seed))
-    rng, n_round = random.Random(seed + 1), 0
+    rng, n_round = random.Random(seed + 1 + 1000 * draw), 0
     while len(chosen) < args.budget:
         n = min(args.round, args.budget - len(chosen))
         priorities = [0.0] * len(w.pool)
@@ -169,9 +174,9 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, dict[
     t0 = time.perf_counter()
     w = build(World(seed), work / f"seed{seed}", args, seed)
     result = {}
-    for mode in ("random", "disagreement"):
-        chosen = acquire(w, mode, args, seed)
-        result[mode] = evaluate_arm(w, chosen, work / f"seed{seed}" / f"rm-{mode}", args, seed)
+    for arm, mode, draw in ARMS:
+        chosen = acquire(w, mode, args, seed, draw)
+        result[arm] = evaluate_arm(w, chosen, work / f"seed{seed}" / f"rm-{arm}", args, seed)
     result["seconds"] = time.perf_counter() - t0
     result["pool"], result["heldout_pairs"] = (
         len(w.pool),
@@ -207,7 +212,8 @@ def main() -> int:
             r = run_seed(seed, args, Path(tmp))
             rows.append(r)
             print(
-                f"seed {seed}: rm_acc random {r['random']['rm_acc']:.4f} active {r['disagreement']['rm_acc']:.4f} | "
+                f"seed {seed}: rm_acc random {r['random']['rm_acc']:.4f} active {r['disagreement']['rm_acc']:.4f} "
+                f"random-2 {r['random-2']['rm_acc']:.4f} | "
                 f"head_acc random {r['random']['head_acc']:.4f} active {r['disagreement']['head_acc']:.4f} | "
                 f"non-tied sets random {r['random']['informative']} active {r['disagreement']['informative']} | "
                 f"pool {r['pool']} held-out pairs {r['heldout_pairs']} | {r['seconds']:.0f}s",
@@ -215,14 +221,17 @@ def main() -> int:
             )
     print()
     print(
-        f"{'seed':>4} {'rm_acc random':>14} {'rm_acc active':>14} {'delta':>7} {'head random':>12} {'head active':>12}"
+        f"{'seed':>4} {'rm_acc random':>14} {'rm_acc active':>14} {'delta':>7} {'random-2':>9} {'delta A/A':>10} "
+        f"{'head random':>12} {'head active':>12}"
     )
     for seed, r in zip(args.seeds, rows, strict=True):
-        a, b = r["random"], r["disagreement"]
+        a, b, c = r["random"], r["disagreement"], r["random-2"]
         print(
             f"{seed:>4} {a['rm_acc']:>14.4f} {b['rm_acc']:>14.4f} {b['rm_acc'] - a['rm_acc']:>+7.4f} "
-            f"{a['head_acc']:>12.4f} {b['head_acc']:>12.4f}"
+            f"{c['rm_acc']:>9.4f} {c['rm_acc'] - a['rm_acc']:>+10.4f} {a['head_acc']:>12.4f} {b['head_acc']:>12.4f}"
         )
+    control = sum(r["random-2"]["rm_acc"] for r in rows) / len(rows)
+    print(f"control: a second random draw of the same budget gives rm_acc={control:.4f} on average")
     mean = {m: sum(r[m]["rm_acc"] for r in rows) / len(rows) for m in ("random", "disagreement")}
     print("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(
