@@ -86,3 +86,14 @@ def test_with_random_the_default_the_oldest_open_set_comes_first_whatever_its_pr
         order.append(task["set_id"])
         rank(api, task)
     assert order == ids
+
+
+def test_the_setting_reads_flywheel_active_learning_and_refuses_other_values(monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    assert Settings().active_learning == ActiveLearning.random
+    monkeypatch.setenv("FLYWHEEL_ACTIVE_LEARNING", "disagreement")
+    assert Settings().active_learning == ActiveLearning.disagreement
+    monkeypatch.setenv("FLYWHEEL_ACTIVE_LEARNING", "uncertainty")
+    with pytest.raises(ValidationError, match=r"random.*disagreement"):
+        Settings()
