@@ -135,7 +135,7 @@ def acquire(w: Material, mode: str, args: argparse.Namespace, seed: int, draw: i
         if mode == "disagreement":
             heads = fit_heads(w.features, [(w.rows[i], w.labels[i]) for i in chosen], args.heads, seed + n_round)
             scores = heads.scores(w.features)  # (E, N)
-            priorities = [set_disagreement(scores[:, rows]) for rows in w.rows]
+            priorities = [set_disagreement(scores[:, rows], args.measure) for rows in w.rows]
         chosen += choose(priorities, n, set(chosen), mode, rng, args.explore)
         n_round += 1
     return chosen
@@ -221,6 +221,7 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=96, help="sets labelled per arm")
     parser.add_argument("--round", type=int, default=16, help="sets per round (the seed batch is one round)")
     parser.add_argument("--heads", type=int, default=8, help="E: bootstrap heads in the ensemble")
+    parser.add_argument("--measure", choices=["vote", "soft"], default="vote", help="disagreement (ml/active.py)")
     parser.add_argument("--explore", type=float, default=0.0, help="share of each active round chosen at random")
     parser.add_argument("--noise", type=float, default=0.1, help="annotators' noise (the demo's default: 0.1)")
     parser.add_argument("--random-draws", type=int, default=3, help="random arms per seed (X is their mean)")

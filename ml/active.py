@@ -32,6 +32,7 @@ from ml.train.losses import ranking_pairs
 
 ENSEMBLE_FILE = "ensemble.pt"
 MODES = ("random", "disagreement")
+MEASURES = ("vote", "soft")
 
 
 @torch.no_grad()
@@ -120,15 +121,24 @@ def fit_heads(
     return HeadEnsemble(weight.detach(), mean, std)
 
 
-def set_disagreement(scores: Tensor) -> float:
-    """(E, K) every head's reward of one set's K answers -> the heads' disagreement on the answers' order: over the
-    K(K-1)/2 pairs, the mean of 4 p (1 - p), p = the share of heads that put the first answer above the second.
-    0: every head orders every pair alike; 1: every pair splits the heads half and half."""
+def set_disagreement(scores: Tensor, measure: str = "vote") -> float:
+    """(E, K) every head's reward of one set's K answers -> the heads' disagreement on the answers' order, in [0, 1].
+
+    `vote`: over the K(K-1)/2 pairs, the mean of 4 p (1 - p), p = the share of heads that put the first answer above
+    the second. 0: every head orders every pair alike; 1: every pair splits the heads half and half.
+    `soft`: over the pairs, 4 x the variance across heads of sigmoid(r_i - r_j), each head's Bradley-Terry probability
+    that i beats j. Two answers every head finds equal (0.5 each) are not disputed, only unknowable, so they score 0
+    where `vote` counts them as a coin-flip split; heads sure of opposite orders score 1."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown disagreement measure {measure!r}; expected one of {MEASURES}")
     k = scores.size(1)
     if k < 2:
         return 0.0
-    above = (scores[:, :, None] > scores[:, None, :]).float().mean(0)  # (K, K): share of heads with i above j
     i, j = torch.triu_indices(k, k, offset=1)
+    if measure == "soft":
+        q = torch.sigmoid(scores[:, i] - scores[:, j])  # (E, pairs)
+        return float((4 * q.var(0, unbiased=False)).mean())
+    above = (scores[:, :, None] > scores[:, None, :]).float().mean(0)  # (K, K): share of heads with i above j
     p = above[i, j]
     return float((4 * p * (1 - p)).mean())
 

@@ -22,6 +22,20 @@ def test_disagreement_is_zero_when_the_heads_order_alike_and_one_when_every_pair
     assert set_disagreement(torch.tensor([[1.0], [2.0]])) == 0.0  # one answer: nothing to order
 
 
+def test_soft_disagreement_is_the_variance_of_the_heads_win_probabilities() -> None:
+    sure_opposite = torch.tensor([[20.0, 0.0], [0.0, 20.0]])
+    assert set_disagreement(sure_opposite, "soft") == pytest.approx(1.0)
+    assert set_disagreement(sure_opposite, "vote") == 1.0
+    # Heads that find two answers all but equal: a coin-flip split by vote, no dispute at all softly.
+    nearly_equal = torch.tensor([[0.001, 0.0], [0.0, 0.001]])
+    assert set_disagreement(nearly_equal, "vote") == 1.0 and set_disagreement(nearly_equal, "soft") < 1e-5
+    # One pair, sigmoid(ln 3) = 0.75 and sigmoid(-ln 3) = 0.25: variance 0.0625, times 4.
+    log3 = torch.tensor(3.0).log().item()
+    assert set_disagreement(torch.tensor([[log3, 0.0], [0.0, log3]]), "soft") == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="unknown disagreement measure"):
+        set_disagreement(sure_opposite, "entropy")
+
+
 def test_choose_takes_the_most_disputed_unlabelled_items_and_random_takes_any() -> None:
     priorities = [0.1, 0.9, 0.5, 0.9, 0.0, 0.7]
     assert choose(priorities, 3, {1}, "disagreement", random.Random(0)) == [3, 5, 2]  # 1 is labelled; ties by index
