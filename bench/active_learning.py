@@ -17,7 +17,7 @@ linear head on the frozen SFT trunk, fit on all the arm's labels), how many of t
 big tie. The random arm is drawn --random-draws times (3) per seed and X is their mean: two random draws of 96 sets
 differ by up to ±0.05 in rm_acc, which is the noise any gain must clear (their min-max is in the table).
 
-Run:  python bench/active_learning.py            (3 seeds, 5-15 minutes on 2 shared cores)
+Run:  python bench/active_learning.py            (5 seeds, 6-20 minutes on 2 shared cores)
       python bench/active_learning.py --quick    (1 seed, smaller; a smoke test)
 The last line is `active_learning: rm_acc_random=X rm_acc_active=Y labels=N seeds=S` (means over seeds; X also over
 the random draws).
@@ -215,7 +215,7 @@ def report(args: argparse.Namespace, rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps: a smoke test")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--pool", type=int, default=480, help="train prompts with a candidate set in the pool")
     parser.add_argument("--heldout", type=int, default=160, help="held-out prompts (gold-ranked sets)")
     parser.add_argument("--budget", type=int, default=96, help="sets labelled per arm")
