@@ -15,7 +15,7 @@ Each arm's labels then train a reward model with ml.train.reward (same steps, sa
 accuracy against gold on the held-out sets, as in ml/demo/experiment.py. The per-seed table also shows head_acc (one
 linear head on the frozen SFT trunk, fit on all the arm's labels), how many of the arm's labelled sets are not one
 big tie. The random arm is drawn --random-draws times (3) per seed and X is their mean: two random draws of 96 sets
-differ by up to ±0.05 in rm_acc, which is the noise any gain must clear (their min-max is in the table).
+differ by up to 0.13 in rm_acc (seed 4), the noise any gain must clear (their min-max is in the table).
 
 Run:  python bench/active_learning.py            (5 seeds, 6-20 minutes on 2 shared cores)
       python bench/active_learning.py --quick    (1 seed, smaller; a smoke test)
