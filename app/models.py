@@ -240,6 +240,9 @@ class CandidateSet(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = created_at_column()
+    # The reward ensemble's disagreement on the order of the set's answers (ml/active.py), 0-1; NULL: not scored.
+    # With FLYWHEEL_ACTIVE_LEARNING=disagreement annotators get the highest first.
+    priority: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     candidates: Mapped[list["Candidate"]] = relationship(order_by="Candidate.position")
 

@@ -27,6 +27,11 @@ class SignupMode(StrEnum):
     invite_only = "invite-only"
 
 
+class ActiveLearning(StrEnum):
+    random = "random"
+    disagreement = "disagreement"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_file=None, extra="ignore")
 
@@ -61,6 +66,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=0, description="CPU threads for serving (0: torch's default, one per core).")
     candidates_per_set: int = Field(4, ge=2, le=9, description="K: answers sampled for annotators to rank.")
     annotations_per_set: int = Field(3, ge=1, description="Distinct annotators who rank each candidate set.")
+    active_learning: ActiveLearning = Field(
+        ActiveLearning.random,
+        description="`disagreement`: the candidates job picks, and annotators first get, the sets a reward "
+        "ensemble disputes most; `random`: prompts in id order, sets oldest first.",
+    )
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest request body (uploads: 60 MiB).")
     auto_retrain_after: int = Field(0, ge=0, description="Enqueue reward + RL after this many new labels; 0 = off.")
     reward_min_labels: int = Field(

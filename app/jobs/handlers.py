@@ -5,8 +5,10 @@ process) registers that directory as a model version only after the handler retu
 leaves a half-written model registered.
 """
 
+import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +168,17 @@ def run_sft(ctx: JobContext) -> JobOutput:
 
 def run_reward(ctx: JobContext) -> JobOutput:
     """Train a reward model from the train-split rankings and thumbs; the reward gate decides whether it becomes the
-    active one (the held-out split's rankings are what it is scored on)."""
+    active one (the held-out split's rankings are what it is scored on). Beside it go the bootstrap heads of active
+    learning (ml/active.py, one pass of the trunk over the rankings), and with `active_learning=disagreement` every set
+    nobody has ranked yet gets the new ensemble's disagreement as priority."""
+    from ml.active import MODES, fit_reward_ensemble
     from ml.train import reward
     from ml.train.reward import RewardConfig
 
     params = dict(ctx.params)
+    mode = params.pop("active_learning", "random")
+    if mode not in MODES:
+        raise ValueError(f"active_learning must be one of {', '.join(MODES)}, got {mode!r}")
     with ctx.session() as session:
         sft_version = _version(session, params, "sft_version_id", (ModelKind.sft,))
         rankings, thumbs = datasets.rankings(session, Split.train), datasets.thumbs(session, Split.train)
@@ -187,6 +195,13 @@ def run_reward(ctx: JobContext) -> JobOutput:
         **_trainer_params(params, RewardConfig, {"sft", "out", "rankings", "thumbs", "resume", "progress"}),
     )
     metrics = ctx.train(reward.train, config)
+    try:  # the active-learning heads are an aid: a row they cannot read must not cost the reward model
+        metrics["ensemble_sets"] = fit_reward_ensemble(out, rankings.records, seed=config.seed)
+    except ValueError as exc:
+        metrics["ensemble_sets"] = 0
+        ctx.report(log=f"no active-learning ensemble: {exc}\n")
+    if mode == "disagreement" and metrics["ensemble_sets"]:
+        metrics["rescored_sets"] = _rescore_open_sets(ctx, out)
     labels = len(rankings.records) + len(thumbs.records)
     result = _reward_gate(ctx, out, labels, heldout, active)
     metrics = {**_reported(ctx, metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
@@ -212,6 +227,26 @@ def _reward_gate(
     if active is not None:
         result.metrics["baseline_version_id"] = active.id
     return result
+
+
+def _rescore_open_sets(ctx: JobContext, reward_dir: Path) -> int:
+    """Priority = the new ensemble's disagreement, for every candidate set that has no ranking yet; one transaction."""
+    from sqlalchemy import select
+
+    from app.models import CandidateSet, Prompt, Ranking
+    from ml.active import EnsembleScorer
+
+    scorer = EnsembleScorer.load(reward_dir)
+    with ctx.session() as session, session.begin():
+        ranked = select(Ranking.candidate_set_id)
+        query = select(CandidateSet, Prompt.messages).join(Prompt, Prompt.id == CandidateSet.prompt_id)
+        open_sets = session.execute(query.where(CandidateSet.id.not_in(ranked))).all()
+        if scorer is None or not open_sets:
+            return 0
+        sets = [(messages, [c.content for c in cset.candidates]) for cset, messages in open_sets]
+        for (cset, _), priority in zip(open_sets, scorer.disagreement(sets), strict=True):
+            cset.priority = priority
+    return len(open_sets)
 
 
 def reference_dialogues(reference: ModelVersion, files: list[str]) -> list[Any]:
@@ -342,35 +377,101 @@ HANDLERS: dict[str, Callable[[JobContext], JobOutput]] = {
 
 
 def run_candidates(ctx: JobContext) -> JobOutput:
-    """Pre-sample candidate sets (K answers each) for prompts that have none, so annotators never wait."""
-    from sqlalchemy import select
+    """Pre-sample candidate sets (K answers each) for prompts that have none, so annotators never wait.
 
-    from app.models import CandidateSet, Prompt
-    from app.services import annotation
-    from ml.checkpoint import load_checkpoint
-    from ml.engine import Engine
-    from ml.screen import prompt_fits, screen, skip_metrics
-    from ml.tokenizer import Tokenizer
+    With active learning (param `active_learning`, by default FLYWHEEL_ACTIVE_LEARNING, set to `disagreement`) it
+    samples sets for `pool` such prompts (default 3 x `sets`) and keeps the `sets` that the reward model's ensemble
+    (ml/active.py, fit by the reward job) disputes most, each with its disagreement as its priority. Without an
+    ensemble yet it does what `random` does: the first prompts in id order, every sampled set kept.
+    """
+    from ml.active import MODES, choose
 
     params = dict(ctx.params)
     sets, k = int(params.pop("sets", 20)), int(params.pop("k", 4))
     max_new_tokens = int(params.pop("max_new_tokens", 96))
+    mode, pool = params.pop("active_learning", "random"), params.pop("pool", None)
+    if mode not in MODES:
+        raise ValueError(f"active_learning must be one of {', '.join(MODES)}, got {mode!r}")
     with ctx.session() as session:
         policy = _version(session, params, "policy_version_id", (ModelKind.policy, ModelKind.sft))
-        have = select(CandidateSet.prompt_id)
-        waiting = [(p.id, p.messages) for p in session.scalars(select(Prompt).where(Prompt.id.not_in(have)))]
+        scorer = _ensemble_scorer(session, params) if mode == "disagreement" else None
+        waiting = _prompts_without_sets(session)
     if params:
         raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
-    model, _ = load_checkpoint(policy.path)
-    tokenizer = Tokenizer.load(policy.path)
-    # A prompt too long for the policy (or malformed) is skipped and counted, and the next one taken instead, so it
-    # never blocks the queue of prompts waiting for candidates.
-    fits = prompt_fits(tokenizer, model.config.max_seq_len, max_new_tokens)
-    screened = screen([m for _, m in waiting], "prompt", fits, names=[f"prompt {i}" for i, _ in waiting], limit=sets)
+    model, tokenizer = _load_policy(policy)
+    todo, skipped = _fitting(
+        waiting, tokenizer, model.config.max_seq_len, max_new_tokens, pool or 3 * sets if scorer else sets
+    )
+    store = partial(_store_set, ctx, policy, max_new_tokens)  # (prompt_id, answers, priority=None)
+    sampled = _sample_sets(ctx, model, tokenizer, todo, k, max_new_tokens, on_set=None if scorer else store)
+    if scorer is None:
+        return JobOutput(metrics=_reported(ctx, {"sets": len(sampled), **skipped}))
+    priorities = scorer.disagreement([(messages, [a for a, _ in answers]) for _, messages, answers in sampled])
+    keep = choose(priorities, sets, set(), "disagreement", random.Random(ctx.job_id))
+    for i in keep:
+        store(sampled[i][0], sampled[i][2], priorities[i])
+    chosen = [priorities[i] for i in keep]
+    metrics = {"sets": len(keep), "pool": len(sampled), "priority_mean": sum(chosen) / max(len(chosen), 1)}
+    return JobOutput(metrics=_reported(ctx, {**metrics, **skipped}))
+
+
+def _prompts_without_sets(session: Session) -> list[tuple[int, list[dict[str, str]]]]:
+    from sqlalchemy import select
+
+    from app.models import CandidateSet, Prompt
+
+    have = select(CandidateSet.prompt_id)
+    query = select(Prompt).where(Prompt.id.not_in(have)).order_by(Prompt.id)
+    return [(p.id, p.messages) for p in session.scalars(query)]
+
+
+def _ensemble_scorer(session: Session, params: dict[str, Any]) -> Any:
+    """The active (or named) reward model's ensemble, or None when there is no reward model or it has none."""
+    from ml.active import EnsembleScorer
+
+    try:
+        reward = _version(session, params, "reward_version_id", (ModelKind.reward,))
+    except ValueError:
+        return None
+    return EnsembleScorer.load(reward.path)
+
+
+def _load_policy(policy: ModelVersion) -> tuple[Any, Any]:
+    from ml.checkpoint import load_checkpoint
+    from ml.tokenizer import Tokenizer
+
+    return load_checkpoint(policy.path)[0], Tokenizer.load(policy.path)
+
+
+def _fitting(
+    waiting: list[tuple[int, list[dict[str, str]]]], tokenizer: Any, max_seq_len: int, max_new_tokens: int, limit: int
+) -> tuple[list[tuple[int, list[dict[str, str]]]], dict[str, int]]:
+    """The first `limit` waiting prompts that leave room to answer. A prompt too long for the policy (or malformed)
+    is skipped and counted, and the next one taken instead, so it never blocks the queue; none fits: an error."""
+    from ml.screen import prompt_fits, screen, skip_metrics
+
+    fits = prompt_fits(tokenizer, max_seq_len, max_new_tokens)
+    screened = screen([m for _, m in waiting], "prompt", fits, names=[f"prompt {i}" for i, _ in waiting], limit=limit)
     todo = [(waiting[i][0], p.messages) for i, p in zip(screened.kept_at, screened.kept, strict=True)]
     if waiting and not todo:
         screened.require()
+    return todo, skip_metrics(screened)
+
+
+def _sample_sets(
+    ctx: JobContext,
+    model: Any,
+    tokenizer: Any,
+    todo: list[tuple[int, list[dict[str, str]]]],
+    k: int,
+    max_new_tokens: int,
+    on_set: Callable[..., Any] | None,
+) -> list[tuple[int, list[dict[str, str]], list[tuple[str, int]]]]:
+    """K answers of the policy to each prompt (temperature 1, top-p 0.95), each set handed to `on_set` as it is done."""
+    from ml.engine import Engine
+
     engine, stops = Engine(model), set(tokenizer.stop_token_ids)
+    out = []
     for i, (prompt_id, messages) in enumerate(todo):
         samples = engine.generate(
             tokenizer.render_prompt(messages),
@@ -382,16 +483,33 @@ def run_candidates(ctx: JobContext) -> JobOutput:
             seed=ctx.job_id * 1000 + i,
         )
         answers = [(tokenizer.decode(s.token_ids, skip_special=True).strip(), len(s.token_ids)) for s in samples]
-        with ctx.session() as session, session.begin():
-            annotation.create_set(
-                session,
-                prompt_id=prompt_id,
-                answers=answers,
-                model_version_id=policy.id,
-                params={"temperature": 1.0, "top_p": 0.95, "max_tokens": max_new_tokens},
-            )
+        out.append((prompt_id, messages, answers))
+        if on_set is not None:
+            on_set(prompt_id, answers)
         ctx.report(progress=(i + 1) / len(todo), metrics={"step": i + 1, "sets": i + 1})
-    return JobOutput(metrics=_reported(ctx, {"sets": len(todo), **skip_metrics(screened)}))
+    return out
+
+
+def _store_set(
+    ctx: JobContext,
+    policy: ModelVersion,
+    max_new_tokens: int,
+    prompt_id: int,
+    answers: list[tuple[str, int]],
+    priority: float | None = None,
+) -> None:
+    """One set, in its own transaction: annotators can start on it while the job samples the next."""
+    from app.services import annotation
+
+    with ctx.session() as session, session.begin():
+        annotation.create_set(
+            session,
+            prompt_id=prompt_id,
+            answers=answers,
+            model_version_id=policy.id,
+            params={"temperature": 1.0, "top_p": 0.95, "max_tokens": max_new_tokens},
+            priority=priority,
+        )
 
 
 def run_evaluate(ctx: JobContext) -> JobOutput:

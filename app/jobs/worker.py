@@ -27,6 +27,7 @@ from app.services.training_data import TrainingData
 from app.settings import Settings
 
 log = logging.getLogger("flywheel.worker")
+ACTIVE_LEARNING_JOBS = frozenset({"candidates", "reward"})  # jobs that take `active_learning` (ml/active.py)
 
 
 @dataclass
@@ -110,6 +111,8 @@ class Worker:
 
     def run_job(self, job_id: int, job_type: str, params: dict[str, Any]) -> None:
         log.info("job %s (%s) started on %s", job_id, job_type, self.worker_id)
+        if job_type in ACTIVE_LEARNING_JOBS:  # the job's own parameter wins over FLYWHEEL_ACTIVE_LEARNING
+            params = {"active_learning": self.settings.active_learning.value, **params}
         self._discard_outputs(job_id)  # leftovers of an attempt whose worker died
         ctx = mp.get_context("spawn")
         out: mp.Queue = ctx.Queue()

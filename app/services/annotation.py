@@ -1,7 +1,8 @@
 """Annotation: hand out the next candidate set to rank, take rankings, measure agreement between annotators.
 
 Each set is ranked by `per_set` distinct annotators; nobody sees a set twice; the sets with the fewest rankings go
-first. A ranking names every candidate of its set exactly once (equal ranks are ties) and lands whole or not at all.
+first, and among them the oldest, or with active learning the one the reward ensemble disputes most (`priority`).
+A ranking names every candidate of its set exactly once (equal ranks are ties) and lands whole or not at all.
 """
 
 import itertools
@@ -29,9 +30,10 @@ _sets, _candidates, _prompts = CandidateSet.__table__, Candidate.__table__, Prom
 _rankings, _entries = Ranking.__table__, RankingEntry.__table__
 
 
-def _next_set_queries() -> tuple[Select, Select]:
+def _next_set_queries() -> tuple[Select, Select, Select]:
     """From set id `floor` on: the oldest set with exactly `level` rankings that `annotator_id` has not ranked; and
-    the oldest set with at most `level` rankings (the next floor of that level)."""
+    the oldest set with at most `level` rankings (the next floor of that level). Then the set with exactly `level`
+    rankings, not ranked by `annotator_id`, of the highest priority (unscored sets last, then the oldest)."""
     count = select(func.count()).select_from(_rankings).where(_rankings.c.candidate_set_id == _sets.c.id)
     count = count.scalar_subquery()
     mine = exists().where(
@@ -39,12 +41,17 @@ def _next_set_queries() -> tuple[Select, Select]:
     )
     after = _sets.c.id >= bindparam("floor")
     first = select(_sets.c.id).order_by(_sets.c.id).limit(1)
-    return first.where(after, count == bindparam("level"), ~mine), first.where(after, count <= bindparam("level"))
+    by_priority = select(_sets.c.id).order_by(_sets.c.priority.desc().nulls_last(), _sets.c.id).limit(1)
+    return (
+        first.where(after, count == bindparam("level"), ~mine),
+        first.where(after, count <= bindparam("level")),
+        by_priority.where(count == bindparam("level"), ~mine),
+    )
 
 
 # The statements of the annotation loop are built once, as Core: building one (and its cache key) on every request,
 # and the ORM's handling of its results, cost more CPU than SQLite spent running it.
-_NEXT_SET, _LEVEL_FLOOR = _next_set_queries()
+_NEXT_SET, _LEVEL_FLOOR, _NEXT_BY_PRIORITY = _next_set_queries()
 _TASK = (
     select(
         _prompts.c.id,
@@ -71,7 +78,12 @@ _INSERT_RANKING = _rankings.insert().returning(_rankings.c.id)
 
 
 def next_set_id(
-    session: Session, *, annotator_id: int, per_set: int, floors: dict[int, int] | None = None
+    session: Session,
+    *,
+    annotator_id: int,
+    per_set: int,
+    floors: dict[int, int] | None = None,
+    by_priority: bool = False,
 ) -> int | None:
     """The id of the existing set that most needs this annotator: not ranked by them, fewest rankings, oldest.
 
@@ -84,7 +96,16 @@ def next_set_id(
     than `level` rankings; as rankings are only ever added, that stays true, and the walk starts there. The answer is
     the same as without floors whenever that holds; the caller drops them now and then, and before concluding that
     there is no set at all.
+
+    `by_priority` (active learning): within a level, the set of the highest `priority` first. That order is not the
+    sets' id order, so no floor applies and each level's query reads every set's count of rankings.
     """
+    if by_priority:
+        for level in range(per_set):
+            set_id = session.execute(_NEXT_BY_PRIORITY, {"level": level, "annotator_id": annotator_id}).scalar()
+            if set_id is not None:
+                return set_id
+        return None
     floors = {} if floors is None else floors
     for level in range(per_set):
         floor = floors.get(level, 0)
@@ -126,13 +147,15 @@ def create_set(
     model_version_id: int | None,
     params: dict,
     seed: int | None = None,
+    priority: float | None = None,
 ) -> CandidateSet:
-    """Store K answers in a random order (positions are what annotators see as A, B, C…)."""
+    """Store K answers in a random order (positions are what annotators see as A, B, C…); `priority` is the reward
+    ensemble's disagreement on them, when active learning scored them."""
     if len(answers) < 2:
         raise Invalid("a candidate set needs at least two answers")
     order = list(range(len(answers)))
     random.Random(seed).shuffle(order)
-    cset = CandidateSet(prompt_id=prompt_id, model_version_id=model_version_id, params=params)
+    cset = CandidateSet(prompt_id=prompt_id, model_version_id=model_version_id, params=params, priority=priority)
     session.add(cset)
     session.flush()
     for position, index in enumerate(order):

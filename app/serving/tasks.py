@@ -12,6 +12,7 @@ from app.models import User
 from app.services import annotation, prompts
 from app.serving.inference import InferenceService, ModelUnavailable, SamplingParams
 from app.serving.process_state import process_state
+from app.settings import ActiveLearning
 from app.threads import run_db, run_in_transaction
 
 CANDIDATE_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 96}
@@ -31,7 +32,10 @@ def _prompt_sync_due(app: FastAPI) -> bool:
 
 def _next_set_id(app: FastAPI, session: Session, annotator_id: int, per_set: int) -> int | None:
     """annotation.next_set_id with this process's floors, which are dropped every few seconds (a lower bound that a
-    deleted ranking or a set committed late would make wrong is wrong for that long at most) and before a None."""
+    deleted ranking or a set committed late would make wrong is wrong for that long at most) and before a None. With
+    active learning on, the most disputed set first (no floors: that order is not the ids')."""
+    if app.state.settings.active_learning == ActiveLearning.disagreement:
+        return annotation.next_set_id(session, annotator_id=annotator_id, per_set=per_set, by_priority=True)
     now, state = time.monotonic(), process_state(app)
     if now - state.next_set_floors_at >= FLOOR_REFRESH_S:
         state.next_set_floors, state.next_set_floors_at = {}, now

@@ -161,3 +161,50 @@ def test_the_gate_measures_perplexity_on_reference_dialogues_never_on_users_chat
                 assert split_of(user["content"]) == "heldout"
                 assert world.gold_score([user], answer["content"]) > 0.7  # a good answer
     assert reference_dialogues(ModelVersion(training_data={"data": ["books.txt"]}), []) == []
+
+
+def test_active_learning_the_reward_job_fits_an_ensemble_and_candidates_keep_the_most_disputed_sets(
+    settings: Settings, factory
+) -> None:
+    """The reward job saves bootstrap heads beside its model and, with `disagreement`, scores the sets nobody has
+    ranked; the candidates job then samples a pool and keeps the sets the heads dispute most, with their priority.
+    With `random` (the default) sets come in prompt order with no priority, as before."""
+    from pathlib import Path
+
+    from ml.active import ENSEMBLE_FILE
+
+    collect_labels(factory)
+    with factory() as db:
+        prompt = db.query(Prompt).filter(Prompt.split == Split.train).order_by(Prompt.id.desc()).first()
+        waiting = annotation.create_set(
+            db, prompt_id=prompt.id, answers=[("4", 1), ("Go away.", 2)], model_version_id=None, params={}
+        ).id
+        db.commit()
+    job = run(settings, factory, "reward", active_learning="disagreement", **SMALL)
+    assert job.status == JobStatus.succeeded, job.error
+    with factory() as db:
+        reward = db.query(ModelVersion).filter_by(kind=ModelKind.reward).one()
+        assert (Path(reward.path) / ENSEMBLE_FILE).exists() and reward.metrics["ensemble_sets"] == 6
+        assert reward.metrics["rescored_sets"] == 1 and 0.0 <= db.get(CandidateSet, waiting).priority <= 1.0
+        before = {c.id for c in db.query(CandidateSet)}
+
+    job = run(settings, factory, "candidates", active_learning="disagreement", sets=2, pool=5, k=3, max_new_tokens=6)
+    assert job.status == JobStatus.succeeded, job.error
+    with factory() as db:
+        fresh = db.query(CandidateSet).filter(CandidateSet.id.not_in(before)).all()
+        assert len(fresh) == 2 and all(c.priority is not None and 0.0 <= c.priority <= 1.0 for c in fresh)
+        assert job.metrics[-1]["sets"] == 5  # all five of the pool were sampled, two kept
+        before |= {c.id for c in fresh}
+
+    assert settings.active_learning == "random"
+    job = run(settings, factory, "candidates", sets=2, k=3, max_new_tokens=6)
+    assert job.status == JobStatus.succeeded, job.error
+    with factory() as db:
+        fresh = db.query(CandidateSet).filter(CandidateSet.id.not_in(before)).order_by(CandidateSet.id).all()
+        assert len(fresh) == 2 and all(c.priority is None for c in fresh)
+        have = {c.prompt_id for c in db.query(CandidateSet).filter(CandidateSet.id.not_in({c.id for c in fresh}))}
+        first = [p.id for p in db.query(Prompt).order_by(Prompt.id) if p.id not in have][:2]
+        assert [c.prompt_id for c in fresh] == first  # the first prompts without a set, in id order
+
+    job = run(settings, factory, "candidates", active_learning="uncertainty")
+    assert job.status == JobStatus.failed and "active_learning must be one of random, disagreement" in job.error
