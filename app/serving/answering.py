@@ -92,6 +92,8 @@ def require_room(app: FastAPI, session: Session, *, user: User, answer: Message)
     """Refuse (413, saying the limit and how far over) an answer whose conversation the served model cannot take:
     called on a thread after the message and its empty answer are flushed and before they are committed, so a
     refusal stores nothing. The history is exactly the one `answer()` will send (`_prepare`)."""
+    if app.state.inference.current is None:  # no model: nothing to measure against (send refuses with require_model)
+        return
     conversation = chat.get_conversation(session, user=user, conversation_id=answer.conversation_id)
     history = chat.history_for_model(chat.messages_of(session, conversation=conversation), upto=answer)
     app.state.inference.encode_chat(history)
