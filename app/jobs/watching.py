@@ -52,8 +52,7 @@ def flag_logger(ctx: Any, watch: Any):
 
     def on_progress(info: dict[str, Any]) -> None:
         ctx.on_progress(info)
-        if info.get("overopt") and len(watch.flags) == 1 and not getattr(watch, "logged", False):
-            watch.logged = True
+        if info.get("overopt") and len(watch.flags) == 1:  # the step that raised the first flag: it is logged once
             ctx.report(log=f"warning: {watch.flags[0]} (judge: {watch.judge_name})\n")
 
     return on_progress

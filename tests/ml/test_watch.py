@@ -10,13 +10,9 @@ import torch
 from ml.demo.world import World
 from ml.train.rl import RLConfig, train
 from ml.train.watch import Watch, overoptimisation, pairwise_agreement
+from tests.ml.test_rl import target_fraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TARGET = set(range(100, 140))
-
-
-def target_fraction(prompts, answers) -> list[float]:
-    return [sum(t in TARGET for t in a) / max(1, len(a)) for a in answers]
 
 
 def test_pairwise_agreement_counts_the_pairs_both_scorers_tell_apart() -> None:
