@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -63,6 +64,7 @@ class Material:
     features: torch.Tensor
     heldout_path: Path
     heldout_rows: list[tuple[list[int], list[int]]]  # (feature rows, gold ranks) of each held-out set
+    encoded: list[tuple[list[int], list[int]]]  # every pool and held-out answer, tokenised (the feature rows' order)
 
 
 def train_sft(world: World, out: Path, args: argparse.Namespace, seed: int) -> Path:
@@ -121,10 +123,55 @@ def build(world: World, out: Path, args: argparse.Namespace, seed: int) -> Mater
         held_rows.append((list(range(len(encoded), len(encoded) + len(answers))), gold.rank(prompt, answers)))
         encoded += [encode_answer(tokenizer, prompt, a, model.config.max_seq_len) for a in answers]
     features = answer_features(model, encoded, int(tokenizer.pad_id or 0))
-    return Material(sft_dir, pool, labels, rows, features, heldout_path, held_rows)
+    return Material(sft_dir, pool, labels, rows, features, heldout_path, held_rows, encoded)
 
 
-def acquire(w: Material, mode: str, args: argparse.Namespace, seed: int, draw: int = 0) -> list[int]:
+def committee_scores(w: Material, chosen: list[int], args: argparse.Namespace, seed: int, work: Path) -> torch.Tensor:
+    """(E, N) every committee member's reward of every answer. `heads`: E bootstrap linear heads on the frozen SFT
+    trunk's features; `models`: E full reward models, each trained (--committee-steps) on a bootstrap resample of the
+    labels so far, so the committee disagrees where the reward model that will be trained is itself unsure."""
+    if args.committee == "heads":
+        return fit_heads(w.features, [(w.rows[i], w.labels[i]) for i in chosen], args.heads, seed).scores(w.features)
+    g, rows = random.Random(seed), []
+    for member in range(args.heads):
+        sample = [chosen[g.randrange(len(chosen))] for _ in chosen]
+        records = [{"prompt": w.pool[i][0], "answers": w.pool[i][1], "ranking": w.labels[i]} for i in sample]
+        out = work / f"committee-{seed}-{member}"
+        config = RewardConfig(
+            sft=str(w.sft_dir),
+            out=str(out),
+            rankings=records,
+            steps=args.committee_steps,
+            heldout_fraction=0.0,
+            eval_every=0,
+            seed=seed * 100 + member,
+        )
+        try:
+            reward.train(config)
+        except ValueError:  # a resample with no comparison at all: this member sits out
+            continue
+        rows.append(RewardModel.load(out).score_encoded(w.encoded))
+        shutil.rmtree(out)
+    return torch.stack(rows)
+
+
+def coreset(w: Material, chosen: list[int], n: int) -> list[int]:
+    """k-centre greedy (Sener & Savarese): the n sets farthest from every labelled one, one at a time, a set being the
+    mean of its answers' standardised trunk features: coverage of what the pool holds instead of disagreement."""
+    x = (w.features - w.features.mean(0)) / w.features.std(0).clamp(min=1e-6)
+    sets = torch.stack([x[rows].mean(0) for rows in w.rows])  # (S, D)
+    nearest = torch.cdist(sets, sets[chosen]).min(1).values  # (S,)
+    picked = []
+    for _ in range(n):
+        i = int(nearest.argmax())
+        picked.append(i)
+        nearest = torch.minimum(nearest, torch.cdist(sets, sets[i : i + 1])[:, 0])
+    return picked
+
+
+def acquire(
+    w: Material, mode: str, args: argparse.Namespace, seed: int, draw: int = 0, work: Path = Path(".")
+) -> list[int]:
     """The pool sets one arm labels: the shared random seed batch, then --round sets per round up to --budget.
     `draw` > 0: another random draw of the later rounds (the control arm)."""
     chosen = choose([0.0] * len(w.pool), args.round, set(), "random", random.Random(seed))
@@ -132,9 +179,12 @@ def acquire(w: Material, mode: str, args: argparse.Namespace, seed: int, draw: i
     while len(chosen) < args.budget:
         n = min(args.round, args.budget - len(chosen))
         priorities = [0.0] * len(w.pool)
+        if mode == "disagreement" and args.acquire == "coreset":
+            chosen += coreset(w, chosen, n)
+            n_round += 1
+            continue
         if mode == "disagreement":
-            heads = fit_heads(w.features, [(w.rows[i], w.labels[i]) for i in chosen], args.heads, seed + n_round)
-            scores = heads.scores(w.features)  # (E, N)
+            scores = committee_scores(w, chosen, args, seed + n_round, work)  # (E, N)
             priorities = [set_disagreement(scores[:, rows], args.measure) for rows in w.rows]
         chosen += choose(priorities, n, set(chosen), mode, rng, args.explore)
         n_round += 1
@@ -176,7 +226,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, dict[
     for draw in range(args.random_draws):  # several random arms: their spread is the noise the active arm must beat
         chosen = acquire(w, "random", args, seed, draw)
         result["random"].append(evaluate_arm(w, chosen, work / f"seed{seed}" / f"rm-random-{draw}", args, seed))
-    chosen = acquire(w, "disagreement", args, seed)
+    chosen = acquire(w, "disagreement", args, seed, work=work / f"seed{seed}")
     result["disagreement"] = evaluate_arm(w, chosen, work / f"seed{seed}" / "rm-disagreement", args, seed)
     result["seconds"] = time.perf_counter() - t0
     result["pool"], result["heldout_pairs"] = (
@@ -221,6 +271,9 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=96, help="sets labelled per arm")
     parser.add_argument("--round", type=int, default=16, help="sets per round (the seed batch is one round)")
     parser.add_argument("--heads", type=int, default=8, help="E: bootstrap heads in the ensemble")
+    parser.add_argument("--acquire", choices=["disagreement", "coreset"], default="disagreement", help="active arm")
+    parser.add_argument("--committee", choices=["heads", "models"], default="heads", help="the ensemble's members")
+    parser.add_argument("--committee-steps", type=int, default=60, help="training steps of each committee model")
     parser.add_argument("--measure", choices=["vote", "soft"], default="vote", help="disagreement (ml/active.py)")
     parser.add_argument("--explore", type=float, default=0.0, help="share of each active round chosen at random")
     parser.add_argument("--noise", type=float, default=0.1, help="annotators' noise (the demo's default: 0.1)")

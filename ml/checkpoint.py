@@ -4,6 +4,8 @@
     model.safetensors       the weights; a tied lm_head is stored once (as the embedding) and re-tied on load
     tokenizer.json          written by the tokenizer's own .save(directory) when a tokenizer is given
     generation_config.json  default sampling settings for this model
+    adapter/                a model trained with LoRA (ml.lora): its adapters alone, in the layout PEFT loads; the
+                            weights above have them folded in, so every reader serves it as a plain model
 
 Saving is atomic: everything is written and fsynced in a temporary sibling directory which then takes the
 directory's place, so a reader (the server hot-swapping models, a crashed trainer resuming) sees the old complete
@@ -29,10 +31,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ml import lora
 from ml.model import ModelConfig, RotaryEmbedding, Transformer
 
 FORMAT = "flywheel"
 WEIGHTS, CONFIG, GENERATION = "model.safetensors", "config.json", "generation_config.json"
+ADAPTER_DIR = "adapter"
 GENERATION_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
     "top_k": None,
@@ -67,12 +71,16 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         save_file(_weights_to_store(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if (spec := lora.spec_of(model)) is not None:  # served merged; the adapter alone beside it, for export
+            base = extra.get("adapter_base") or extra.get("parent") or ""
+            lora.save_adapter(model, tmp / ADAPTER_DIR, base=str(Path(base).resolve()) if base else "")
+            extra["lora"] = spec.to_dict()
         config = {**model.config.to_dict(), "scalar_head": model.scalar_head, "format": FORMAT, "extra": extra}
         _write_json(tmp / CONFIG, config)
         _write_json(tmp / GENERATION, {**GENERATION_DEFAULTS, **_stop_ids(tokenizer), **(generation or {})})
         if tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(tmp)
-        for path in tmp.iterdir():
+        for path in tmp.rglob("*"):
             _fsync(path)
         _swap_into_place(tmp, directory)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error, without errno
@@ -111,6 +119,11 @@ def load_checkpoint(
     return model, meta
 
 
+def load_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
+    """The caller metadata (`extra`) of a model directory, without reading its weights."""
+    return dict(_read_json(Path(directory) / CONFIG).get("extra", {}))
+
+
 def unwrap(model: Any) -> Transformer:
     """The Transformer inside a torch.compile and/or DistributedDataParallel wrapper."""
     while not isinstance(model, Transformer):
@@ -122,8 +135,9 @@ def unwrap(model: Any) -> Transformer:
 
 
 def _weights_to_store(model: Transformer) -> dict[str, torch.Tensor]:
-    """The state dict with a tied lm_head dropped (safetensors refuses shared storage), contiguous, on CPU."""
-    state = model.state_dict()
+    """The state dict with LoRA adapters folded in and a tied lm_head dropped (safetensors refuses shared storage),
+    contiguous, on CPU."""
+    state = lora.merged_state_dict(model)
     if not model.scalar_head and model.lm_head.weight is model.embed_tokens.weight:
         state.pop("lm_head.weight")
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

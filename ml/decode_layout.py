@@ -58,7 +58,7 @@ class BlockedLinear(nn.Module):
     def __init__(self, linear: Linear, block: int = 512) -> None:
         super().__init__()
         self.n_out = linear.weight.size(1)
-        self.register_buffer("blocks", blocked(linear.weight.detach(), block))
+        self.register_buffer("blocks", blocked(linear.effective_weight(), block))  # a LoRA update folded in
         self.bias = linear.bias.detach() if linear.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:

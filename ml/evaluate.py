@@ -24,6 +24,7 @@ from ml.checkpoint import load_checkpoint
 from ml.demo.world import World
 from ml.engine import Sampling
 from ml.examples import Dialogue, Message, Ranking, encode_ranking, tokenize_dialogue
+from ml.textstream import decode_text
 from ml.tokenizer import Tokenizer
 from ml.train import rollout
 from ml.train.losses import bradley_terry_loss, kl_estimate, pairwise_accuracy
@@ -115,7 +116,7 @@ def sample_answers(
     """n answers per prompt (prompt-major) as a rollout and as text (stop tokens removed)."""
     ro = rollout.collect(model, tokenizer, prompts, n, max_new_tokens, sampling, seed)
     stops = set(tokenizer.stop_token_ids)
-    return ro, [tokenizer.decode([t for t in a if t not in stops]) for a in ro.answers()]
+    return ro, [decode_text(tokenizer, [t for t in a if t not in stops], skip_special=False) for a in ro.answers()]
 
 
 @torch.no_grad()

@@ -256,10 +256,19 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_module("adapter", None)  # a LoRA update (ml.lora), given by ml.lora.attach
 
     def forward(self, x: Tensor) -> Tensor:
         y = x @ self.weight
-        return y + self.bias if self.bias is not None else y
+        y = y + self.bias if self.bias is not None else y
+        return self.adapter(x, y) if self.adapter is not None else y
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """The (in, out) weight this layer applies now: with an enabled adapter, the weight with it folded in."""
+        if self.adapter is None or not self.adapter.enabled:
+            return self.weight.detach()
+        return self.weight.detach() + self.adapter.weight_delta(self.weight.size(1)).to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -285,8 +294,11 @@ class Attention(nn.Module):
 
         One place for what this layer does to q and k, so decoding paths that re-implement attention stay in step.
         """
+        return self.rotate_qk(heads[:, :, : self.n_head + self.n_kv_head], cos, sin)
+
+    def rotate_qk(self, qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """`position_qk` of the q and k heads alone (B, T, H + Hkv, head_dim)."""
         H = self.n_head
-        qk = heads[:, :, : H + self.n_kv_head]
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         return apply_rotary(qk, cos, sin) if self.use_rope else qk  # q and k rotated together
@@ -297,8 +309,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         heads = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)
-        qk = self.position_qk(heads, *rope)  # (B, T, H + Hkv, head_dim)
-        q, k, v = qk[:, :, :H], qk[:, :, H:], heads[:, :, H + Hkv :]
+        # split, not slices: in training, one backward that concatenates the parts' gradients instead of one that
+        # zero-fills a full-size gradient per slice and then sums them (~5% of a SmolLM2 LoRA step)
+        qk, v = heads.split([H + Hkv, Hkv], dim=2)
+        q, k = self.rotate_qk(qk, *rope).split([H, Hkv], dim=2)  # (B, T, H or Hkv, head_dim)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, head_dim)
         else:  # (B, Hkv, T, head_dim) views: the kernel takes strided inputs, no copies
@@ -423,17 +437,23 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         doc_ids: Tensor | None = None,
         last_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        loss_only: bool = False,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """idx (B, T) -> (logits (B, T, vocab) or values (B, T), mean cross-entropy over targets != -100 or None).
 
         attention_mask: (B, T) bool, True = real token, for left-padded rows; with a cache it covers the new
         tokens only (the cache remembers earlier ones). doc_ids: (B, T) document of each token in packed rows;
         tokens attend within their document only and positions restart at each document. last_only: compute
-        the head for the last position only (sampling after a long prefill), giving (B, 1, vocab).
+        the head for the last position only (sampling after a long prefill), giving (B, 1, vocab). loss_only (with
+        targets): (None, loss), the head computed only where a target is set -- in chat SFT, where most positions
+        are the prompt's, that skips most of a 49k-vocabulary head's work.
         """
         x = self.hidden_states(idx, kv_cache, attention_mask, position_ids, doc_ids, last_only)
         if self.scalar_head:
             return self.score_head(x).squeeze(-1), None  # (B, T)
+        if loss_only and targets is not None:
+            keep = targets != -100
+            return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep])
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:

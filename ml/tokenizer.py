@@ -123,6 +123,10 @@ class Tokenizer:
         """Everything needed to rebuild this tokenizer, as one JSON string (to broadcast across DDP ranks)."""
         return json.dumps({"tokenizer": self._tok.to_str(), "config": self.config})
 
+    def spec(self) -> dict:
+        """tokenizer.json as a dict: its model, decoder and added tokens (ml/textstream.py reads the decoder)."""
+        return json.loads(self._tok.to_str())
+
     @classmethod
     def from_str(cls, data: str) -> Tokenizer:
         blob = json.loads(data)

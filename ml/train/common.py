@@ -31,7 +31,9 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ml.checkpoint import save_checkpoint
+from ml import lora
+from ml.checkpoint import ADAPTER_DIR, load_checkpoint, save_checkpoint
+from ml.model import Transformer
 
 TRAIN_STATE = "train_state.pt"
 Batch = Any  # whatever a trainer's loss_fn takes: (x, y) for pretraining, with masks for SFT, pairs for rewards
@@ -62,9 +64,20 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
     progress: bool = False  # draw progress on stderr
+    lora: dict[str, Any] | None = None  # LoRA adapters (ml.lora.LoraSpec fields) on a frozen model; None: full
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad flag; each trainer checks its own."""
+
+    @property
+    def lora_spec(self) -> lora.LoraSpec | None:
+        return lora.LoraSpec.from_dict(self.lora)
+
+    def with_lora(self, model: nn.Module) -> nn.Module:
+        """The model to train: with --lora-rank, frozen and given adapters (ml.lora); else as it is."""
+        if (spec := self.lora_spec) is not None:
+            lora.attach(model, spec)
+        return model
 
     def require_at_least_one(self, *names: str) -> None:
         for name in names:
@@ -112,6 +125,36 @@ class LoopTrainConfig(TrainConfig):
 
 
 Config = TypeVar("Config", bound=TrainConfig)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA policy
+
+
+def load_policy_and_reference(
+    policy: str, reference: str | None, spec: lora.LoraSpec | None, device: torch.device
+) -> tuple[Transformer, Transformer, str]:
+    """(policy to train, frozen KL reference, the directory of the weights the policy's adapters sit on).
+
+    Full fine-tuning loads two models. With LoRA there is one trunk and the reference is that trunk without adapters
+    (ml.lora.share_trunk: no second copy). A policy that was itself trained as adapters on this reference (an earlier
+    RL round) is loaded as reference + its adapter, which goes on training, so the reference stays exact; a policy
+    on another trunk gets new adapters and the reference is loaded beside it."""
+    ref_dir = reference or policy
+    if spec is None:
+        model, ref = load_checkpoint(policy, device=device)[0], load_checkpoint(ref_dir, device=device)[0]
+        return model, ref.requires_grad_(False), policy
+    adapter = Path(policy) / ADAPTER_DIR
+    if Path(ref_dir).resolve() != Path(policy).resolve() and lora.adapter_base(adapter) == Path(ref_dir).resolve():
+        trunk, _ = load_checkpoint(ref_dir, device=device)
+        lora.load_adapter(trunk, adapter)
+        return trunk, lora.share_trunk(trunk), ref_dir
+    model, _ = load_checkpoint(policy, device=device)
+    if Path(ref_dir).resolve() == Path(policy).resolve():
+        ref = lora.share_trunk(model)
+    else:
+        ref = load_checkpoint(ref_dir, device=device)[0].requires_grad_(False)
+    lora.attach(model, spec)
+    return model, ref, policy
 
 
 # ------------------------------------------------------------------------------------------- devices and DDP
@@ -303,7 +346,7 @@ def save_train_state(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "model": unwrap(model).state_dict(),
+        "model": _model_state(unwrap(model)),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "rng_torch": torch.get_rng_state(),
@@ -326,7 +369,7 @@ def load_train_state(
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: no {path.name} in {path.parent}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    unwrap(model).load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"], strict=not lora.has_adapters(unwrap(model)))
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_torch"])
     if state["rng_cuda"] and torch.cuda.is_available():
@@ -334,6 +377,11 @@ def load_train_state(
     random.setstate(_as_python_rng_state(state["rng_python"]))
     generator.set_state(state["data_generator"])
     return int(state["step"]), state["extra"]
+
+
+def _model_state(model: nn.Module) -> dict[str, Tensor]:
+    """What resuming needs of the model: all of it, or with LoRA only what trains (the base is the checkpoint's)."""
+    return lora.trainable_state_dict(model) if lora.has_adapters(model) else model.state_dict()
 
 
 def _as_python_rng_state(state: Any) -> tuple:
@@ -572,6 +620,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig, **
     add("--device", default=defaults.device, help=h["device"])
     add("--threads", type=int, default=defaults.threads, help=h["threads"])
     add("--progress", action="store_true", help=h["progress"])
+    add("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the frozen model (0: off)")
+    add("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: twice the rank)")
+    add("--lora-targets", default=",".join(lora.TARGETS), help="comma-separated projections to adapt (HF names)")
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser, defaults: LoopTrainConfig, **help: str) -> None:
@@ -592,7 +643,12 @@ def add_loop_arguments(parser: argparse.ArgumentParser, defaults: LoopTrainConfi
 def config_from_args(config_type: type[Config], args: argparse.Namespace) -> Config:
     """The config of parsed flags (flags that are not its fields, such as a subcommand's, are left out)."""
     names = {f.name for f in fields(config_type)}
-    return config_type(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "lora_rank", 0):
+        alpha = args.lora_alpha or 2.0 * args.lora_rank
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        values["lora"] = {"rank": args.lora_rank, "alpha": alpha, "targets": targets}
+    return config_type(**values)
 
 
 def run_cli(

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ml.checkpoint import load_checkpoint
 from ml.examples import (
     Message,
     SequenceBatch,
@@ -219,7 +218,7 @@ def train(config: DPOConfig, on_progress: ProgressCallback | None = None) -> dic
 
 def _run(config: DPOConfig, dist: Distributed, on_progress: ProgressCallback | None) -> dict[str, Any]:
     config.check_out()
-    model, reference, tokenizer = _models(config, dist.device)
+    model, reference, tokenizer, trunk = _models(config, dist.device)
     max_len = min(config.max_len or model.config.max_seq_len, model.config.max_seq_len)
     data = build_offline_data(config, tokenizer, max_len)
     torch.manual_seed(config.seed)
@@ -245,22 +244,23 @@ def _run(config: DPOConfig, dist: Distributed, on_progress: ProgressCallback | N
         loss_fn=lambda m, batch: preference_loss(m, reference, batch, config)[0],
         evaluate=lambda: evaluate_preferences(model, reference, tokenizer, heldout, config, max_len),
         on_progress=on_progress,
-        checkpoint=lambda step: _metadata(config, step),
+        checkpoint=lambda step: _metadata(config, step, trunk),
         tokenizer=tokenizer,
     )
 
 
-def _models(config: DPOConfig, device: torch.device) -> tuple[Transformer, Transformer, Tokenizer]:
-    """The policy to train, its frozen reference, and their tokenizer."""
-    model, _ = load_checkpoint(config.policy, device=device)
-    reference, _ = load_checkpoint(config.reference or config.policy, device=device)
+def _models(config: DPOConfig, device: torch.device) -> tuple[Transformer, Transformer, Tokenizer, str]:
+    """The policy to train, its frozen reference (with LoRA: the same trunk, adapters off), their tokenizer, and
+    the directory the policy's adapters sit on."""
+    model, reference, trunk = common.load_policy_and_reference(
+        config.policy, config.reference, config.lora_spec, device
+    )
     if model.scalar_head or reference.scalar_head:
         raise ValueError("DPO/KTO optimise a language model; the policy and reference may not be reward models")
-    reference.requires_grad_(False)
-    return model, reference, Tokenizer.load(config.policy)
+    return model, reference, Tokenizer.load(config.policy), trunk
 
 
-def _metadata(config: DPOConfig, step: int) -> dict[str, Any]:
+def _metadata(config: DPOConfig, step: int, trunk: str) -> dict[str, Any]:
     """How the saved policy was made, for its config.json."""
     record = {**asdict(config), **{k: describe_sources(getattr(config, k)) for k in ("rankings", "thumbs")}}
     return {
@@ -270,6 +270,7 @@ def _metadata(config: DPOConfig, step: int) -> dict[str, Any]:
         "method": config.algo,
         "step": step,
         "dpo": record,
+        "adapter_base": trunk if config.lora_spec is not None else None,
     }
 
 

@@ -69,6 +69,8 @@ class PretrainConfig(common.LoopTrainConfig):
         )
         if self.lr <= 0 or not 0 < self.heldout_fraction < 1:
             raise ValueError("--lr must be positive and the held-out fraction between 0 and 1")
+        if self.lora:
+            raise ValueError("pretraining trains every weight: LoRA (--lora-rank) is for fine-tuning")
         if self.data != ["demo"] and "demo" in self.data:
             raise ValueError("--data takes either 'demo' or paths, not both")
         if self.init and self.tokenizer:

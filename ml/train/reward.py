@@ -275,7 +275,7 @@ def _reward_model(config: RewardConfig, device: torch.device) -> tuple[Transform
     lm, _ = load_checkpoint(config.sft, device=device)
     torch.manual_seed(config.seed)  # the new score head's initialisation
     model = lm if lm.scalar_head else scalar_model_from(lm)
-    return model, Tokenizer.load(config.sft)
+    return config.with_lora(model), Tokenizer.load(config.sft)
 
 
 def _finish(

@@ -36,13 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml import lora
+from ml.checkpoint import save_checkpoint
 from ml.data import PackedTokens, read_documents
 from ml.demo.world import World
 from ml.engine import Sampling
 from ml.examples import Message, describe_sources
 from ml.model import Transformer, scalar_model_from
 from ml.screen import Screened, prompt_fits, screen, skip_metrics
+from ml.textstream import decode_text
 from ml.tokenizer import Tokenizer
 from ml.train import common, rollout
 from ml.train.common import ProgressCallback
@@ -144,6 +146,7 @@ class Trainer:
     generator: torch.Generator
     ptx: PackedTokens | None = None
     skipped: dict[str, Any] = field(default_factory=dict)  # ml.screen.skip_metrics of the prompts
+    trunk: str = ""  # with LoRA: the model directory whose frozen weights the policy's adapters sit on
 
 
 @dataclass
@@ -273,7 +276,7 @@ def step_stats(tr: Trainer, exp: Experience) -> dict[str, Any]:
 
 def _answer_text(tokenizer: Tokenizer, ids: list[int]) -> str:
     stops = set(tokenizer.stop_token_ids)
-    return tokenizer.decode([t for t in ids if t not in stops])
+    return decode_text(tokenizer, [t for t in ids if t not in stops], skip_special=False)
 
 
 # ------------------------------------------------------------------------------------------------- rewards
@@ -305,13 +308,13 @@ def text_reward_fn(scorer: Callable[[list[Message], str], float], tokenizer: Tok
 
 def build_trainer(config: RLConfig, reward_fn: RewardFn | None, device: torch.device) -> Trainer:
     """Load the policy, the frozen reference, the reward model and (PPO) the value model; make the optimizers."""
-    policy, _ = load_checkpoint(config.policy, device=device)
-    reference, _ = load_checkpoint(config.reference or config.policy, device=device)
+    policy, reference, trunk = common.load_policy_and_reference(
+        config.policy, config.reference, config.lora_spec, device
+    )
     if policy.scalar_head or reference.scalar_head:
         raise ValueError("the policy and the reference must be language models, not reward/value models")
     if reference.config.vocab_size != policy.config.vocab_size:
         raise ValueError("the reference and the policy have different vocabularies")
-    reference.requires_grad_(False)
     tokenizer = Tokenizer.load(config.policy)
     rm = RewardModel.load(config.reward_model, device=device) if config.reward_model else None
     if reward_fn is None:
@@ -324,8 +327,7 @@ def build_trainer(config: RLConfig, reward_fn: RewardFn | None, device: torch.de
         init = config.value_init or ("reward" if rm is not None else "policy")
         if init == "reward" and rm is None:
             raise ValueError("--value-init reward needs --reward-model")
-        value_model = copy.deepcopy(rm.model) if init == "reward" else scalar_model_from(policy)
-        value_model.requires_grad_(True)
+        value_model = _value_model(config, policy, rm.model if init == "reward" and rm else None)
     optimizers = [policy.configure_optimizer(weight_decay=0.0, lr=config.lr)]
     if value_model is not None:
         optimizers.append(value_model.configure_optimizer(weight_decay=0.0, lr=config.value_lr or 2 * config.lr))
@@ -358,7 +360,23 @@ def build_trainer(config: RLConfig, reward_fn: RewardFn | None, device: torch.de
         generator,
         ptx,
         skip_metrics(prompts),
+        trunk,
     )
+
+
+def _value_model(config: RLConfig, policy: Transformer, reward_model: Transformer | None) -> Transformer:
+    """PPO's critic, from the reward model (or the policy). With LoRA it is that model's frozen trunk, shared, not
+    copied, with its own adapters and a trainable copy of the score head."""
+    source = reward_model if reward_model is not None else policy
+    spec = config.lora_spec
+    if spec is None:
+        value_model = copy.deepcopy(source) if reward_model is not None else scalar_model_from(policy)
+        return value_model.requires_grad_(True)
+    value_model = lora.share_trunk(source, scalar_head=True)
+    if reward_model is not None:
+        value_model.score_head = copy.deepcopy(reward_model.score_head)
+    lora.attach(value_model, spec)
+    return value_model
 
 
 def _prompts(config: RLConfig, tokenizer: Tokenizer, max_seq_len: int) -> Screened:
@@ -405,6 +423,8 @@ def train(
         **{k: v for k, v in history[-1].items() if k != "samples"},
         **watch_summary(watch),
     }
+    if config.lora_spec is not None:
+        metrics["adapter_base"] = tr.trunk
     extra = {
         "kind": "policy",
         "parent": config.policy,
@@ -412,6 +432,7 @@ def train(
         "reward_model": config.reward_model,
         "rl": record,
         "metrics": metrics,
+        "adapter_base": tr.trunk if config.lora_spec is not None else None,
     }
     save_checkpoint(out, tr.policy, tokenizer=tr.tokenizer, extra=extra)
     return {**metrics, "history": history, "out": str(out)}

@@ -117,8 +117,9 @@ def logprobs(
     """(N, R) log-probs of the rollout's answer tokens under `model` and the sampling transform (0 on padding),
     and optionally (N, R) entropies of that transformed distribution. Differentiable when grad is enabled."""
     P = rollout.prompt_len
-    logits, _ = model(rollout.input_ids, attention_mask=rollout.attention_mask)  # (N, P + R, V)
-    logits = transform_logits(logits[:, P - 1 : -1].float(), sampling.temperature, sampling.top_k, sampling.top_p)
+    hidden = model.hidden_states(rollout.input_ids, attention_mask=rollout.attention_mask)  # (N, P + R, D)
+    logits = model.lm_head(hidden[:, P - 1 : -1])  # (N, R, V): the head only where answer tokens are predicted
+    logits = transform_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
     logp = logits.log_softmax(dim=-1).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)  # (N, R)
     mask = rollout.response_mask
     logp = logp.clamp(min=LOGPROB_FLOOR).masked_fill(~mask, 0.0)

@@ -67,7 +67,7 @@ def train(config: SFTConfig, on_progress: ProgressCallback | None = None) -> dic
 
 def dialogue_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean cross-entropy over the assistant tokens of a batch (targets elsewhere are IGNORE)."""
-    return model(batch["x"], targets=batch["y"], doc_ids=batch.get("doc_ids"))[1]
+    return model(batch["x"], targets=batch["y"], doc_ids=batch.get("doc_ids"), loss_only=True)[1]
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def _run(config: SFTConfig, dist: Distributed, on_progress: ProgressCallback | N
     data = SFTData(dialogues.require(2), tokenizer, max_len, config.heldout_fraction, config.seed, config.packing)
 
     torch.manual_seed(config.seed)
-    model.train()
+    model = config.with_lora(model).train()
     training = common.start_training(model, config)
     metrics: dict[str, Any] = {"train_dialogues": len(data.examples["train"]), **skip_metrics(dialogues)}
     metrics["heldout_dialogues"] = len(data.examples["heldout"])

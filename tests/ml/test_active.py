@@ -49,26 +49,33 @@ def test_choose_takes_the_most_disputed_unlabelled_items_and_random_takes_any() 
         choose(priorities, 1, set(), "uncertainty", random.Random(0))
 
 
-def test_bootstrap_heads_agree_where_the_labels_are_and_disagree_where_they_never_looked() -> None:
-    """Labelled sets vary only along feature 0 (the truth: more is better); the pool also has sets that vary only
-    along feature 3, which no label ever moved. The heads order the first kind alike, the second kind at random."""
+def test_bootstrap_heads_agree_where_the_labels_are_and_part_ways_where_they_conflict() -> None:
+    """Most labelled sets vary only along feature 0 (the truth: more is better); six vary only along feature 3 and
+    their labels conflict (three say more is better, three less). Each head's bootstrap resample tips feature 3 its
+    own way, so the heads order feature-3 sets apart and feature-0 sets alike. (A direction no label ever moved is
+    not a test of this: the L2 term shrinks it to ~1e-9 in every head, below float32's resolution of the scores.)"""
     g = torch.Generator().manual_seed(0)
-    d, n_sets = 6, 40
+    d, n_sets, n_conflict = 6, 40, 6
     seen = torch.zeros(n_sets * 2, d)
     seen[:, 0] = torch.randn(n_sets * 2, generator=g)
-    unseen = torch.zeros(n_sets * 2, d)
-    unseen[:, 3] = torch.randn(n_sets * 2, generator=g)
-    features = torch.cat([seen, unseen])  # features 1, 2, 4, 5 never vary: nothing to learn or to dispute there
+    disputed = torch.zeros(n_sets * 2, d)
+    disputed[:, 3] = torch.randn(n_sets * 2, generator=g)
+    features = torch.cat([seen, disputed])  # features 1, 2, 4, 5 never vary: nothing to learn or to dispute there
     pairs = [[2 * s, 2 * s + 1] for s in range(2 * n_sets)]
     labelled = [(rows, [1, 2] if features[rows[0], 0] > features[rows[1], 0] else [2, 1]) for rows in pairs[:n_sets]]
-    heads = fit_heads(features, labelled[: n_sets // 2], n_heads=16, seed=0)
+    conflicting = [(rows, [1, 2] if i % 2 else [2, 1]) for i, rows in enumerate(pairs[n_sets : n_sets + n_conflict])]
+    heads = fit_heads(features, labelled[: n_sets // 2] + conflicting, n_heads=16, seed=0)
     scores = heads.scores(features)  # (E, N)
     on_data = [set_disagreement(scores[:, rows]) for rows in pairs[n_sets // 2 : n_sets]]  # same kind, not fit on
-    off_data = [set_disagreement(scores[:, rows]) for rows in pairs[n_sets:]]
+    off_data = [set_disagreement(scores[:, rows]) for rows in pairs[n_sets + n_conflict :]]
     assert sum(off_data) / len(off_data) > 0.5 > 0.1 > sum(on_data) / len(on_data), (on_data, off_data)
     mean = scores.mean(0)
     right = [(mean[a] > mean[b]) == (ranks[0] < ranks[1]) for (a, b), ranks in labelled[n_sets // 2 :]]
     assert sum(right) / len(right) >= 0.9  # and the heads learned the truth, not only to agree
+    # Without resampling every head sees the same conflict, cancels it the same way, and the dispute is gone.
+    alike = fit_heads(features, labelled[: n_sets // 2] + conflicting, n_heads=16, seed=0, bootstrap=False)
+    same = [set_disagreement(alike.scores(features)[:, rows], "soft") for rows in pairs[n_sets + n_conflict :]]
+    assert sum(same) / len(same) < 0.1
 
 
 def test_the_ensemble_is_saved_beside_a_reward_model_and_scores_new_sets(

@@ -25,13 +25,23 @@ from ml.train import reward
 from ml.train.reward import RewardConfig
 
 
-def test_tiny_experiment_raises_gold_and_reward_model_beats_chance(tmp_path: Path) -> None:
+def test_tiny_experiment_runs_every_stage_and_each_does_its_job(tmp_path: Path) -> None:
+    """Every stage does its own job at this size: pretraining beats the unigram model, SFT lowers its loss, the
+    reward model orders held-out pairs better than chance, RL raises the reward it is given. Whether RL also raises
+    gold is a claim about the quick and full scales (README, three seeds each): at this size it is a coin flip that
+    flipped with the machine (CI measured gold 0.146 -> 0.133 on seed 0 where this machine measured 0.117 -> 0.163),
+    so it is not asserted here."""
     seen: set[str] = set()
     result = run_experiment(
         ExperimentConfig(out=str(tmp_path / "exp"), scale="tiny", seed=0), on_progress=lambda i: seen.add(i["stage"])
     )
-    assert result["rm_acc"] > 0.5, result["stages"]["reward"]  # the reward model learned something true
-    assert result["gold_rl"] > result["gold_sft"], result["policies"]  # RL made the served policy better
+    stages = result["stages"]
+    assert stages["pretrain"]["val_loss"] < stages["pretrain"]["unigram_entropy"], stages["pretrain"]
+    assert stages["sft"]["val_loss"] < stages["sft"]["val_loss_start"], stages["sft"]
+    assert result["rm_acc"] > 0.5, stages["reward"]  # the reward model learned something true
+    assert stages["rl-ppo"]["reward_last"] > stages["rl-ppo"]["reward_first"], stages["rl-ppo"]
+    assert set(result["policies"]) == {"sft", "rl-ppo"}
+    assert all(0 <= policy["gold"] <= 1 for policy in result["policies"].values()), result["policies"]
     assert 0 <= result["kl"] < 50 and math.isfinite(result["kl"])
     assert {"pretrain", "sft", "sample", "reward", "rl-ppo", "evaluate"} <= seen
     report = format_report(result).splitlines()

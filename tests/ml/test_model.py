@@ -24,6 +24,9 @@ def test_shapes_and_loss_ignores_minus_100() -> None:
     expected = F.cross_entropy(logits[:, 4:].reshape(-1, 97), y[:, 4:].reshape(-1))
     torch.testing.assert_close(loss, expected)
     assert model(x)[1] is None
+    none, only = model(x, targets=y, loss_only=True)  # the head at the targeted positions alone: the same loss
+    assert none is None
+    torch.testing.assert_close(only, expected)
 
 
 def test_scalar_head_gives_one_value_per_position() -> None:

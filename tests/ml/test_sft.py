@@ -47,14 +47,14 @@ def test_gradients_come_only_from_assistant_tokens(tiny_base: Path) -> None:
 
     def keep(module, inputs, output):
         output.retain_grad()
-        captured["logits"] = output
+        captured["hidden"] = output
 
     for packing in (False, True):
         batch = SFTData(dialogues, tok, 128, packing=packing).get_batch("train", 4, torch.Generator().manual_seed(0))
-        handle = model.lm_head.register_forward_hook(keep)
+        handle = model.norm.register_forward_hook(keep)  # the final hidden states, (B, T, n_embd)
         dialogue_loss(model, batch).backward()
         handle.remove()
-        touched = captured["logits"].grad.abs().sum(dim=-1) > 0  # (B, T): positions the loss depends on
+        touched = captured["hidden"].grad.abs().sum(dim=-1) > 0  # (B, T): positions the loss depends on
         assert torch.equal(touched, batch["y"] != IGNORE)
         model.zero_grad()
         # and those targets are exactly the tokens that follow an assistant header, up to and including <|end|>
