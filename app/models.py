@@ -141,6 +141,32 @@ class User(Base):
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class RoleRequestStatus(enum.StrEnum):
+    pending = "pending"
+    approved = "approved"
+    rejected = "rejected"
+
+
+class RoleRequest(Base):
+    """A user's request for the annotator role, decided by an admin on the people page. One row per user: asking
+    again after a rejection reopens it, so the unique user id keeps two requests from racing in."""
+
+    __tablename__ = "role_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), unique=True)
+    status: Mapped[RoleRequestStatus] = mapped_column(
+        checked_enum(RoleRequestStatus, "role_request_status"), default=RoleRequestStatus.pending, index=True
+    )
+    message: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = created_at_column()
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    decided_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
+    decided_by: Mapped[User | None] = relationship(foreign_keys=[decided_by_id])
+
+
 class UserSession(Base):
     """A login: the cookie carries a random id whose hash is looked up here, so logout and disabling take effect."""
 
@@ -350,6 +376,8 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     type: Mapped[str] = mapped_column(String(32))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # what the trainer ran with, defaults filled in (None until the job's handler built its config)
+    effective_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     status: Mapped[JobStatus] = mapped_column(checked_enum(JobStatus, "job_status"), default=JobStatus.queued)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Where the served model runs: cpu or cuda.")
     torch_threads: int = Field(1, ge=0, description="CPU threads for serving (0: torch's default, one per core).")
     candidates_per_set: int = Field(4, ge=2, le=9, description="K: answers sampled for annotators to rank.")
+    candidate_temperature: float = Field(
+        1.0, ge=0, le=2, description="Sampling temperature of candidate answers (lower it for a small real model)."
+    )
+    candidate_top_p: float = Field(0.95, gt=0, le=1, description="Nucleus (top-p) of candidate answers.")
+    candidate_max_tokens: int = Field(96, gt=0, description="Longest candidate answer (in tokens).")
     annotations_per_set: int = Field(3, ge=1, description="Distinct annotators who rank each candidate set.")
     active_learning: ActiveLearning = Field(
         ActiveLearning.random,

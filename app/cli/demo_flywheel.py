@@ -88,7 +88,13 @@ class Driver:
         return job
 
     def served_gold(
-        self, client: httpx.Client, world: World, prompts: list[list[dict]], samples: int, seed: int
+        self,
+        client: httpx.Client,
+        world: World,
+        prompts: list[list[dict]],
+        samples: int,
+        seed: int,
+        max_tokens: int = 48,
     ) -> tuple[str, float]:
         """Mean gold score of what a chatting user gets: `samples` answers per prompt at the chat's default sampling
         (temperature 0.8, top-p 0.95), seeded so that two policies are compared on the same random draws."""
@@ -98,7 +104,7 @@ class Driver:
             body = {
                 "model": model,
                 "messages": messages,
-                "max_tokens": 48,
+                "max_tokens": max_tokens,
                 "temperature": 0.8,
                 "top_p": 0.95,
                 "n": samples,

@@ -1,6 +1,9 @@
 """`flywheel model …`: import a Hugging Face or GGUF checkpoint, export one, list and promote versions."""
 
 import argparse
+import json
+import shutil
+from pathlib import Path
 
 from app.cli.common import CLIError, add, group, session_factory
 from app.db import transaction
@@ -53,10 +56,31 @@ def cmd_model_export(args: argparse.Namespace, settings: Settings) -> None:
     from ml.hf import export_hf
 
     try:
+        if args.adapter:
+            print(f"exported the LoRA adapter to {_export_adapter(Path(args.src), Path(args.dst), args.base)}")
+            return
         model, _ = load_checkpoint(args.src)
         print(f"exported to {export_hf(model, args.dst, tokenizer_dir=args.src)}")
     except (CheckpointError, ValueError, OSError) as exc:
         raise CLIError(f"cannot export {args.src}: {exc}") from exc
+
+
+def _export_adapter(src: Path, dst: Path, base: str | None) -> Path:
+    """Copy a LoRA-trained model's adapter (PEFT layout) to `dst`, naming `base` (an HF directory or hub id of the
+    frozen base, e.g. that base exported with export-hf) as the model PEFT should load it onto."""
+    from ml.checkpoint import ADAPTER_DIR
+    from ml.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    adapter = src / ADAPTER_DIR
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise ValueError("it was not trained with LoRA (no adapter/ inside): export the whole model without --adapter")
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(adapter / ADAPTER_WEIGHTS, dst / ADAPTER_WEIGHTS)
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    if base:
+        config["base_model_name_or_path"] = base
+    (dst / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return dst
 
 
 def cmd_model_list(args: argparse.Namespace, settings: Settings) -> None:
@@ -87,6 +111,13 @@ def register(groups) -> None:
     exp = add(model_cmds, "export-hf", cmd_model_export, "export a model directory in its family's HF layout")
     exp.add_argument("src", help="a Flywheel model directory")
     exp.add_argument("dst", help="the Hugging Face directory to write (transformers and vLLM load it)")
+    exp.add_argument(
+        "--adapter",
+        action="store_true",
+        help="export only the LoRA adapter of a model trained with lora (PEFT's layout: adapter_config.json + "
+        "adapter_model.safetensors); without it the whole model is exported with the adapter merged in",
+    )
+    exp.add_argument("--base", help="with --adapter: the HF directory or hub id of the base to record in it")
     add(model_cmds, "list", cmd_model_list, "list model versions")
     add(model_cmds, "promote", cmd_model_promote, "make a version the active one of its kind").add_argument(
         "id", type=int

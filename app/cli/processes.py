@@ -28,24 +28,38 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     if not args.no_migrate:
         migrate.upgrade(settings.resolved_database_url)
     if not args.no_bootstrap:
-        from app.jobs.bootstrap import bootstrap_demo_model, seed_demo_prompts
-
-        bootstrap_demo_model(settings)
-        seed_demo_prompts(settings)
+        _bootstrap(settings, f"http://{host}:{port}/", worker=not args.no_worker)
     worker = None
     if not args.no_worker:  # the embedded default: one worker process beside the web server
         command = [sys.executable, "-m", "app.cli", "worker", "--nproc", str(args.worker_nproc)]
         worker = subprocess.Popen(command, env=worker_env)
-    print(f"Flywheel serving on http://{host}:{port}", file=sys.stderr)
+    print(f"Flywheel serving on http://{host}:{port} (Ctrl-C stops it)", file=sys.stderr)
     # uvicorn re-raises SIGTERM once it has shut down; with the default action that kills this process on the spot,
-    # before `finally` stops the worker (left running, orphaned). Exit through `finally` instead.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # before `finally` stops the worker (left running, orphaned). Exit through `finally` instead, with success: a
+    # stop that was asked for is no error (`make run` would print one).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         _serve_web(args, host, port)
     finally:
         if worker is not None:
             worker.terminate()
             worker.wait(30)
+
+
+def _bootstrap(settings: Settings, url: str, *, worker: bool) -> None:
+    """First start: fill the demo prompt pool and, when no model is served, queue the demo model's training for the
+    worker, so that the server answers at once while it trains (the home page shows how far it got)."""
+    from app.db import make_engine, make_session_factory, transaction
+    from app.jobs.bootstrap import enqueue_bootstrap, pending_bootstrap, seed_demo_prompts
+
+    seed_demo_prompts(settings)
+    with transaction(make_session_factory(make_engine(settings.resolved_database_url))) as session:
+        job = enqueue_bootstrap(session) or pending_bootstrap(session)
+        job_id = job.id if job else None
+    if job_id is None:
+        return
+    where = "the worker trains it" if worker else "start `flywheel worker` to train it"
+    print(f"No model yet: {where} now (job {job_id}, a few minutes); progress on {url}", file=sys.stderr)
 
 
 def _serve_web(args: argparse.Namespace, host: str, port: int) -> None:
@@ -109,7 +123,7 @@ def register(groups) -> None:
     )
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
     serve.add_argument("--no-worker", action="store_true", help="run no embedded worker (run `flywheel worker`s)")
-    serve.add_argument("--no-bootstrap", action="store_true", help="do not train the demo model on first start")
+    serve.add_argument("--no-bootstrap", action="store_true", help="do not queue the demo model's training")
     serve.add_argument(
         "--no-access-log",
         action="store_true",

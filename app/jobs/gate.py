@@ -31,6 +31,10 @@ GATE_DEFAULTS = {
     "gate_samples": 4,
     "gate_confidence": 0.9,  # two-sided: the lower bound is a one-sided 95% bound
 }
+# How the gate samples when the job does not say: both policies alike. An rl job's own `max_new_tokens`,
+# `temperature` and `top_p` replace these, so a policy is judged at the length and sampling it was trained for (at 64
+# tokens a policy trained on 32-token answers is judged on text it never learned to end).
+GATE_SAMPLING = {"max_new_tokens": 64, "temperature": 0.7, "top_p": None}
 REFERENCE_DIALOGUES = 64  # the most dialogues perplexity is measured on (the first ones: a fixed set)
 RESAMPLES = 2000  # bootstrap resamples: the ends moved by under 0.01 across 10 seeds (48 prompts x 4 pairs)
 REWARD_CONFIDENCE = 0.9  # the reward-model gate's interval
@@ -174,10 +178,12 @@ def evaluate_candidate(
     judge = RewardModel.load(judge_dir)
     prompts, held_out, skipped = _usable(tokenizer, candidate.config.max_seq_len, prompts, dialogues, params)
     n = int(params["gate_samples"])
-    sampling = Sampling(temperature=0.7)
-    wins = win_rate(candidate, active, tokenizer, prompts, judge, sampling=sampling, n=n)
+    how = {**GATE_SAMPLING, **{k: params[k] for k in GATE_SAMPLING if params.get(k) is not None}}
+    sampling = Sampling(temperature=float(how["temperature"]), top_p=how["top_p"] and float(how["top_p"]))
+    length = int(how["max_new_tokens"])
+    wins = win_rate(candidate, active, tokenizer, prompts, judge, max_new_tokens=length, sampling=sampling, n=n)
     interval = bootstrap_interval([(w, n) for w in wins["prompt_wins"]], confidence=float(params["gate_confidence"]))
-    kl = policy_reward_and_kl(candidate, reference, tokenizer, prompts, judge, sampling=sampling)
+    kl = policy_reward_and_kl(candidate, reference, tokenizer, prompts, judge, max_new_tokens=length, sampling=sampling)
     ppl_new = dialogue_perplexity(candidate, tokenizer, held_out)["ppl"] if held_out else 1.0
     ppl_old = dialogue_perplexity(active, tokenizer, held_out)["ppl"] if held_out else 1.0
     metrics = {
@@ -188,6 +194,7 @@ def evaluate_candidate(
         "ppl_candidate": ppl_new,
         "ppl_active": ppl_old,
         "gate_prompts": len(prompts),
+        "gate_max_new_tokens": length,
         "gate_pairs": wins["wins"] + wins["ties"] + wins["losses"],
         "gate_dialogues": len(held_out),
         **skipped,

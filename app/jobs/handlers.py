@@ -7,68 +7,19 @@ leaves a half-written model registered.
 
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.db import make_engine, make_session_factory
 from app.jobs import gate, watching
+from app.jobs.bootstrap import run_bootstrap
+from app.jobs.context import JobContext, JobOutput
 from app.models import ModelKind, ModelVersion, Split
 from app.services import datasets, model_versions
 from app.services.training_data import TrainingData
-
-
-@dataclass
-class JobContext:
-    job_id: int
-    params: dict[str, Any]
-    data_dir: Path
-    database_url: str
-    report: Callable[..., None]  # report(progress=None, metrics=None, log=None)
-    nproc: int = 1  # processes to train with (`flywheel worker --nproc`): local DDP ranks, this process is rank 0
-    reward_min_labels: int = 20  # FLYWHEEL_REWARD_MIN_LABELS: the reward-model gate's label count
-
-    def session(self) -> Session:
-        """A database session of the child's own (a forked connection pool must not be shared)."""
-        if not hasattr(self, "_factory"):
-            self._factory = make_session_factory(make_engine(self.database_url))
-        return self._factory()
-
-    def model_dir(self, kind: str) -> Path:
-        return self.data_dir / "models" / f"{kind}-job{self.job_id}"
-
-    def train(self, trainer: Callable[..., dict[str, Any]], config: Any) -> dict[str, Any]:
-        """Run an ml/ trainer on `nproc` processes (app/jobs/ranks.py). The config is built once, here, so every rank
-        trains on the same rows even while new labels arrive; each progress point says how many ranks trained."""
-        from app.jobs.ranks import run_ranks
-
-        return run_ranks(
-            trainer, config, nproc=self.nproc, on_progress=self.on_progress, log=lambda line: self.report(log=line)
-        )
-
-    def on_progress(self, info: dict[str, Any]) -> None:
-        """Adapter for ml/ trainers' progress callbacks: step/max_steps → progress, the rest → a metric point."""
-        step, total = info.get("step"), info.get("max_steps")
-        progress = step / total if isinstance(step, int) and isinstance(total, int) and total > 0 else None
-        point = {k: v for k, v in info.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        self.report(progress=progress, metrics=point)
-
-
-@dataclass
-class JobOutput:
-    model_kind: str | None = None
-    model_dir: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    parent_id: int | None = None
-    training_data: TrainingData = field(default_factory=TrainingData)
-    promote: bool = False  # make the new version the active one of its kind (after the gate, for policies)
-
-    def to_message(self) -> dict[str, Any]:
-        """What the child sends the worker (plain data through a pipe; the record as its stored JSON)."""
-        return {**asdict(self), "training_data": self.training_data.to_json()}
 
 
 def _params(ctx: JobContext, allowed: set[str]) -> dict[str, Any]:
@@ -85,7 +36,10 @@ def run_pretrain(ctx: JobContext) -> JobOutput:
 
     allowed = {f.name for f in fields(PretrainConfig)} - {"out", "resume", "progress"}
     out = ctx.model_dir("base")
-    config = PretrainConfig(out=str(out), **_params(ctx, allowed))
+    params = _params(ctx, allowed)
+    if isinstance(params.get("data"), str):  # {"data": "notes.txt"}: one source, not a list of its letters
+        params["data"] = [params["data"]]
+    config = PretrainConfig(out=str(out), **params)
     metrics = ctx.train(pretrain.train, config)
     return JobOutput(
         model_kind="base",
@@ -131,6 +85,20 @@ def _trainer_params(params: dict[str, Any], config_type: type, fixed: set[str]) 
     return {k: v for k, v in params.items() if k in allowed}
 
 
+def _adapter_lineage(out: Path, candidates: list[ModelVersion]) -> dict[str, Any]:
+    """A LoRA-trained model's lineage: its adapter's settings and which version's frozen weights it sits on (one of
+    `candidates`, found by the base directory its saved adapter names); {} for a model trained in full."""
+    from ml.checkpoint import ADAPTER_DIR, load_checkpoint_metadata
+    from ml.lora import adapter_base
+
+    spec = load_checkpoint_metadata(out).get("lora")
+    if not spec:
+        return {}
+    base = adapter_base(out / ADAPTER_DIR)
+    found = next((v.id for v in candidates if base is not None and Path(v.path).resolve() == base), None)
+    return {"adapter": spec, "adapter_base_version_id": found}
+
+
 def _dialogue_files(ctx: JobContext) -> list[str]:
     folder = ctx.data_dir / "datasets" / "dialogues"
     return sorted(str(p) for p in folder.iterdir() if not p.name.endswith(".tmp")) if folder.exists() else []
@@ -160,7 +128,13 @@ def run_sft(ctx: JobContext) -> JobOutput:
     if collected:  # the trainer takes "demo" alone or records and files: mix the demo in as records
         config.data = (demo_dialogues(config) if include_demo else []) + collected
     metrics = ctx.train(sft.train, config)
-    lineage = TrainingData(dialogues=chats.rows(), files=files, demo=include_demo, demo_seed=config.demo_seed)
+    lineage = TrainingData(
+        dialogues=chats.rows(),
+        files=files,
+        demo=include_demo,
+        demo_seed=config.demo_seed,
+        **_adapter_lineage(out, [base]),
+    )
     return JobOutput(
         "sft", str(out), _reported(ctx, metrics), base.id, lineage, promote=bool(ctx.params.get("promote"))
     )
@@ -206,7 +180,10 @@ def run_reward(ctx: JobContext) -> JobOutput:
     result = _reward_gate(ctx, out, labels, heldout, active)
     metrics = {**_reported(ctx, metrics), **result.metrics, "gate": result.reason, "promoted": result.promote}
     lineage = TrainingData(
-        rankings=rankings.rows(), thumbs=thumbs.rows(), baseline_version_id=active.id if active else None
+        rankings=rankings.rows(),
+        thumbs=thumbs.rows(),
+        baseline_version_id=active.id if active else None,
+        **_adapter_lineage(out, [sft_version]),
     )
     return JobOutput("reward", str(out), metrics, sft_version.id, lineage, promote=result.promote)
 
@@ -281,7 +258,8 @@ def _gate(
     dialogues = reference_dialogues(reference, _dialogue_files(ctx))
     if not heldout:
         raise ValueError("no held-out prompts to evaluate the new policy on")
-    settings = {**gate.GATE_DEFAULTS, **{k: v for k, v in params.items() if k in gate.GATE_DEFAULTS}}
+    known = {*gate.GATE_DEFAULTS, *gate.GATE_SAMPLING}
+    settings = {**gate.GATE_DEFAULTS, **{k: v for k, v in params.items() if k in known}}
     ctx.report(log=f"evaluating the candidate against the active policy on held-out prompts, judged by {judge.name}\n")
     result = gate.evaluate_candidate(str(out), policy.path, reference.path, judge.path, heldout, dialogues, settings)
     own = judge.id == trainer_id
@@ -324,6 +302,9 @@ def run_rl(ctx: JobContext) -> JobOutput:
         prompts=train_prompts.records,
         **_trainer_params(params, RLConfig, {"policy", "out", "reward_model", "reference", "prompts", "progress"}),
     )
+    ctx.record_params(
+        config, policy_version_id=policy.id, reference_version_id=reference.id, reward_version_id=reward.id
+    )
     if ctx.nproc > 1:
         ctx.report(log=f"rl trains in one process: its rollouts do not run under DDP (asked for {ctx.nproc})\n")
     metrics = rl.train(config, on_progress=watching.flag_logger(ctx, watch) if watch else ctx.on_progress, watch=watch)
@@ -334,6 +315,7 @@ def run_rl(ctx: JobContext) -> JobOutput:
         reward_version_id=reward.id,
         reference_version_id=reference.id,
         judge_version_id=result.metrics["judge_version_id"],
+        **_adapter_lineage(out, [policy, reference]),
     )
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
@@ -362,7 +344,9 @@ def run_preferences(ctx: JobContext, algo: str) -> JobOutput:
     result = _gate(ctx, out, policy, ctx.params, None)
     metrics = {**_reported(ctx, {**metrics, **result.metrics}), "gate": result.reason, "promoted": result.promote}
     rows = {"rankings": rankings.rows()} if algo == "dpo" else {"thumbs": thumbs.rows()}
-    lineage = TrainingData(**rows, judge_version_id=result.metrics["judge_version_id"])
+    lineage = TrainingData(
+        **rows, judge_version_id=result.metrics["judge_version_id"], **_adapter_lineage(out, [policy])
+    )
     return JobOutput("policy", str(out), metrics, policy.id, lineage, promote=result.promote)
 
 
@@ -398,6 +382,8 @@ def run_candidates(ctx: JobContext) -> JobOutput:
         waiting = _prompts_without_sets(session)
     if params:
         raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
+    chosen = dict(sets=sets, k=k, max_new_tokens=max_new_tokens, active_learning=mode, pool=pool)
+    ctx.record_params(chosen, policy_version_id=policy.id)
     model, tokenizer = _load_policy(policy)
     todo, skipped = _fitting(
         waiting, tokenizer, model.config.max_seq_len, max_new_tokens, pool or 3 * sets if scorer else sets
@@ -469,6 +455,7 @@ def _sample_sets(
 ) -> list[tuple[int, list[dict[str, str]], list[tuple[str, int]]]]:
     """K answers of the policy to each prompt (temperature 1, top-p 0.95), each set handed to `on_set` as it is done."""
     from ml.engine import Engine
+    from ml.textstream import decode_text
 
     engine, stops = Engine(model), set(tokenizer.stop_token_ids)
     out = []
@@ -482,7 +469,7 @@ def _sample_sets(
             stop_token_ids=stops,
             seed=ctx.job_id * 1000 + i,
         )
-        answers = [(tokenizer.decode(s.token_ids, skip_special=True).strip(), len(s.token_ids)) for s in samples]
+        answers = [(decode_text(tokenizer, s.token_ids).strip(), len(s.token_ids)) for s in samples]
         out.append((prompt_id, messages, answers))
         if on_set is not None:
             on_set(prompt_id, answers)
@@ -532,6 +519,8 @@ def run_evaluate(ctx: JobContext) -> JobOutput:
         raise ValueError(f"unknown parameters for this job: {', '.join(sorted(params))}")
     if not heldout:
         raise ValueError("no held-out prompts to evaluate on")
+    chosen = dict(prompts=n_prompts, version_id=policy.id, reference_version_id=reference.id)
+    ctx.record_params(chosen, reward_version_id=reward.id)
     model, _ = load_checkpoint(policy.path)
     ref, _ = load_checkpoint(reference.path)
     tokenizer = Tokenizer.load(policy.path)
@@ -545,4 +534,4 @@ def run_evaluate(ctx: JobContext) -> JobOutput:
     return JobOutput(metrics=_reported(ctx, {**result, **skip_metrics(screened)}))
 
 
-HANDLERS.update({"candidates": run_candidates, "evaluate": run_evaluate})
+HANDLERS.update({"candidates": run_candidates, "evaluate": run_evaluate, "bootstrap": run_bootstrap})

@@ -11,6 +11,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app.db import make_engine, make_session_factory, transaction
 from app.jobs.child import die_with_parent
-from app.models import JobStatus, ModelKind
+from app.models import JobStatus, ModelKind, ModelStatus, ModelVersion
 from app.services import app_settings, jobs, model_versions
 from app.services.training_data import TrainingData
 from app.settings import Settings
@@ -56,18 +59,30 @@ def child_main(
 ) -> None:
     """Entry point of the child process: run the handler, stream reports, send the result or the error last."""
     die_with_parent(parent_pid)
-    from app.jobs.handlers import HANDLERS, JobContext
+    # Ctrl-C in a terminal reaches the whole process group: the worker decides what happens to the job (it puts it
+    # back in the queue), so the child must not fail it with a KeyboardInterrupt first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
 
-    def report(progress: float | None = None, metrics: dict | None = None, log: str | None = None) -> None:
-        out.put({"progress": progress, "metrics": metrics, "log": log})
+    from app.jobs.handlers import HANDLERS, JobContext
+    from app.jobs.ranks import free_cores
+
+    torch.set_num_threads(free_cores())  # threads on busy cores make every step wait for the slowest one
+
+    def report(
+        progress: float | None = None, metrics: dict | None = None, log: str | None = None, params: dict | None = None
+    ) -> None:
+        out.put({"progress": progress, "metrics": metrics, "log": log, "params": params})
 
     try:
         handler = HANDLERS.get(job_type)
         if handler is None:
             raise ValueError(f"this worker cannot run {job_type!r} jobs yet")
         context = JobContext(job_id, params, Path(data_dir), database_url, report, nproc, reward_min_labels)
+        report(log=f"{job_type} job {job_id} started\n")
         result = handler(context)
-        out.put({"result": result.to_message()})
+        wrote = f": wrote {Path(result.model_dir).name}" if result.model_dir else ""
+        out.put({"result": result.to_message(), "log": f"training finished{wrote}\n"})
     except BaseException as exc:  # everything the child hits must reach the job row
         out.put({"error": f"{type(exc).__name__}: {exc}", "log": traceback.format_exc(limit=8)})
 
@@ -82,8 +97,6 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop the training child and put its job back in the queue, then exit."""
-        import signal
-
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
 
@@ -143,7 +156,7 @@ class Worker:
 
     def _supervise(self, job_id: int, child, out: mp.Queue) -> dict | None:
         """Relay reports until the child sends its last message; None when the job must stop."""
-        pending: dict[str, Any] = {"progress": None, "metrics": [], "log": ""}
+        pending: dict[str, Any] = {"progress": None, "metrics": [], "log": "", "params": None}
         next_beat = 0.0
         while True:
             try:
@@ -162,6 +175,8 @@ class Worker:
                     pending["metrics"].append(message["metrics"])
                 if message.get("log"):
                     pending["log"] += message["log"]
+                if message.get("params") is not None:
+                    pending["params"] = message["params"]
             elif not child.is_alive() and out.empty():
                 return {"error": f"the training process died (exit code {child.exitcode})"}
             if self.stop.is_set():
@@ -181,8 +196,9 @@ class Worker:
                 progress=pending["progress"],
                 metrics=pending["metrics"],
                 log=pending["log"] or None,
+                params=pending["params"],
             )
-        pending.update(progress=None, metrics=[], log="")
+        pending.update(progress=None, metrics=[], log="", params=None)
         return alive
 
     def _stop_child(self, child) -> None:
@@ -209,17 +225,9 @@ class Worker:
             if not jobs.finish(session, job_id=job_id, worker_id=self.worker_id, status=JobStatus.succeeded):
                 return  # the job was taken away meanwhile: its output is not ours to register
             if result.get("model_dir"):
-                model_versions.register(
-                    session,
-                    name=Path(result["model_dir"]).name,
-                    kind=ModelKind(result["model_kind"]),
-                    path=result["model_dir"],
-                    parent_id=result.get("parent_id"),
-                    metrics=result.get("metrics") or {},
-                    training_data=TrainingData.from_json(result.get("training_data")),
-                    job_id=job_id,
-                    activate=bool(result.get("promote")),
-                )
+                version = _register(session, result, job_id)
+                state = "promoted: now active" if version.status == ModelStatus.active else version.status.value
+                jobs.append_log(session, job_id=job_id, text=f"registered model version {version.name} ({state})\n")
         log.info("job %s succeeded", job_id)
 
     def _discard_outputs(self, job_id: int) -> None:
@@ -230,3 +238,23 @@ class Worker:
             shutil.rmtree(leftover, ignore_errors=True)
         for leftover in models.glob(f".*-job{job_id}.tmp-*") if models.exists() else []:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _register(session: Session, result: dict[str, Any], job_id: int) -> ModelVersion:
+    """Register the model a job wrote (after any parent model the same job wrote: the bootstrap's base under its
+    SFT model); the new version."""
+    parent_id = result.get("parent_id")
+    if result.get("parent_output"):
+        parent_id = _register(session, result["parent_output"], job_id).id
+    version = model_versions.register(
+        session,
+        name=result.get("name") or Path(result["model_dir"]).name,
+        kind=ModelKind(result["model_kind"]),
+        path=result["model_dir"],
+        parent_id=parent_id,
+        metrics=result.get("metrics") or {},
+        training_data=TrainingData.from_json(result.get("training_data")),
+        job_id=job_id,
+        activate=bool(result.get("promote")),
+    )
+    return version

@@ -332,3 +332,21 @@ def agreement(session: Session) -> Agreement:
     everything = [t for ts in taus.values() for t in ts]
     overall = sum(everything) / len(everything) if everything else None
     return Agreement(overall, per_annotator, compared)
+
+
+@dataclass(frozen=True)
+class AnnotatorProgress:
+    left: int  # sets that still need rankings and that this annotator has not ranked (new ones are sampled on demand)
+    done_today: int  # rankings, skips and flags by this annotator since midnight UTC
+
+
+def annotator_progress(
+    session: Session, *, annotator_id: int, per_set: int, now: datetime | None = None
+) -> AnnotatorProgress:
+    """The annotator's counters: tasks left for them and what they did today."""
+    count = select(func.count()).select_from(_rankings).where(_rankings.c.candidate_set_id == _sets.c.id)
+    mine = exists().where(_rankings.c.candidate_set_id == _sets.c.id, _rankings.c.annotator_id == annotator_id)
+    open_sets = select(func.count()).select_from(_sets).where(count.scalar_subquery() < per_set, ~mine)
+    midnight = (now or utcnow()).replace(hour=0, minute=0, second=0, microsecond=0)
+    today = select(func.count()).where(Ranking.annotator_id == annotator_id, Ranking.created_at >= midnight)
+    return AnnotatorProgress(session.scalar(open_sets) or 0, session.scalar(today) or 0)

@@ -6,12 +6,14 @@ from sqlalchemy import Row, Select, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, Invalid, NotFound
-from app.models import Conversation, Message, MessageRole, User, utcnow
+from app.models import Conversation, Message, MessageRole, ModelVersion, User, utcnow
 from app.services import withdrawal
 from app.services.text import clean
 
 MAX_MESSAGE_CHARS = 8000
 MAX_TITLE_CHARS = 200
+TITLE_FROM_MESSAGE_CHARS = 60  # a title made from the first message fits the sidebar
+DEFAULT_TITLE = "New chat"
 STREAMING = "streaming"  # finish_reason of an assistant message whose answer is being generated
 
 
@@ -33,10 +35,33 @@ def get_conversation(session: Session, *, user: User, conversation_id: int) -> C
 
 
 def create_conversation(session: Session, *, user: User, title: str | None = None) -> Conversation:
-    conversation = Conversation(user_id=user.id, title=_clean_title(clean(title or "New chat")))
+    conversation = Conversation(user_id=user.id, title=_clean_title(clean(title or DEFAULT_TITLE)))
     session.add(conversation)
     session.flush()
     return conversation
+
+
+def start_conversation(
+    session: Session, *, user: User, content: str, sampling: dict | None = None
+) -> tuple[Conversation, Message, Message]:
+    """A conversation is made only with its first message (the chat page never leaves empty ones behind): the
+    conversation, titled from the message, the message and its empty answer; one transaction with the caller."""
+    conversation = create_conversation(session, user=user)
+    message, answer = add_user_message(
+        session, user=user, conversation_id=conversation.id, content=content, sampling=sampling
+    )
+    return conversation, message, answer
+
+
+def title_from(content: str) -> str:
+    """A title from a message: its first non-empty line, cut at a word near TITLE_FROM_MESSAGE_CHARS."""
+    line = next((" ".join(x.split()) for x in content.splitlines() if x.strip()), "") or DEFAULT_TITLE
+    if len(line) <= TITLE_FROM_MESSAGE_CHARS:
+        return line
+    cut = line[:TITLE_FROM_MESSAGE_CHARS]
+    if " " in cut[TITLE_FROM_MESSAGE_CHARS // 2 :]:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip() + "…"
 
 
 def _clean_title(title: str) -> str:
@@ -104,6 +129,15 @@ def messages_of(session: Session, *, conversation: Conversation) -> list[Message
     return list(session.scalars(query))
 
 
+def model_names(session: Session, *, messages: list[Message]) -> dict[int, str]:
+    """The name of the model version that wrote each answer, by version id (the page shows who answered)."""
+    ids = {m.model_version_id for m in messages if m.model_version_id is not None}
+    if not ids:
+        return {}
+    rows = session.execute(select(ModelVersion.id, ModelVersion.name).where(ModelVersion.id.in_(ids)))
+    return {version_id: name for version_id, name in rows}
+
+
 def visible_thread(messages: list[Message]) -> list[tuple[Message, list[Message]]]:
     """The thread as shown: each turn with the earlier answers it replaced (regenerated siblings), newest last."""
     siblings: dict[int | None, list[Message]] = {}
@@ -130,8 +164,11 @@ def history_for_model(messages: list[Message], upto: Message) -> list[dict[str, 
     return history
 
 
-def add_user_message(session: Session, *, user: User, conversation_id: int, content: str) -> tuple[Message, Message]:
-    """Store the user's message and an empty assistant answer to be streamed into; one transaction with the caller."""
+def add_user_message(
+    session: Session, *, user: User, conversation_id: int, content: str, sampling: dict | None = None
+) -> tuple[Message, Message]:
+    """Store the user's message and an empty assistant answer to be streamed into; one transaction with the caller.
+    `sampling`: how the answer is to be sampled (the page's answer settings), kept on the answer until it is."""
     conversation = get_conversation(session, user=user, conversation_id=conversation_id)
     content = clean(content).strip()
     if not content:
@@ -152,10 +189,11 @@ def add_user_message(session: Session, *, user: User, conversation_id: int, cont
         role=MessageRole.assistant,
         content="",
         finish_reason=STREAMING,
+        sampling_params=sampling,
     )
     session.add(answer)
-    if conversation.title == "New chat":
-        conversation.title = content[:60] + ("…" if len(content) > 60 else "")
+    if conversation.title == DEFAULT_TITLE:
+        conversation.title = title_from(content)
     conversation.updated_at = utcnow()
     session.flush()
     return message, answer
@@ -178,6 +216,7 @@ def regenerate(session: Session, *, user: User, message_id: int) -> Message:
         role=MessageRole.assistant,
         content="",
         finish_reason=STREAMING,
+        sampling_params=old.sampling_params,  # asked again as it was asked before
     )
     session.add(answer)
     session.flush()

@@ -52,6 +52,18 @@ def set_feedback(
     return feedback
 
 
+def set_reason(
+    session: Session, *, user: User, message_id: int, reason: str | None = None, comment: str | None = None
+) -> Feedback:
+    """Change the reason and comment of the person's existing vote (the page saves them as soon as they are picked);
+    without a vote there is nothing to attach them to: a 409 that says to pick a thumb."""
+    vote = get_feedback(session, user=user, message_id=message_id)
+    if vote is None:
+        owned_message(session, user=user, message_id=message_id)  # someone else's message stays a 404
+        raise Conflict("pick 👍 or 👎 first: a reason is saved with a vote")
+    return set_feedback(session, user=user, message_id=message_id, value=vote.value, reason=reason, comment=comment)
+
+
 def clear_feedback(session: Session, *, user: User, message_id: int) -> None:
     owned_message(session, user=user, message_id=message_id)
     session.execute(delete(Feedback).where(Feedback.message_id == message_id, Feedback.user_id == user.id))

@@ -16,7 +16,7 @@ from app.errors import Conflict, Invalid, NotFound
 from app.models import Job, JobStatus, utcnow
 from app.services.training_data import TrainingData
 
-JOB_TYPES = frozenset({"pretrain", "sft", "reward", "rl", "dpo", "kto", "evaluate", "candidates"})
+JOB_TYPES = frozenset({"pretrain", "sft", "reward", "rl", "dpo", "kto", "evaluate", "candidates", "bootstrap"})
 FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 LOG_TAIL_CHARS = 8000
 MAX_METRIC_POINTS = 2000
@@ -116,9 +116,10 @@ def heartbeat(
     progress: float | None = None,
     metrics: list[dict[str, Any]] | None = None,
     log: str | None = None,
+    params: dict[str, Any] | None = None,
 ) -> bool:
-    """Renew the lease and record progress. False when the job is no longer this worker's or a cancel was asked:
-    the worker must then stop the training."""
+    """Renew the lease and record progress (and the parameters the trainer runs with, once known). False when the job
+    is no longer this worker's or a cancel was asked: the worker must then stop the training."""
     job = _owned_running(session, job_id=job_id, worker_id=worker_id)
     if job is None:
         return False
@@ -131,7 +132,15 @@ def heartbeat(
         job.metrics = (list(job.metrics or []) + metrics)[-MAX_METRIC_POINTS:]
     if log:
         job.log_tail = ((job.log_tail or "") + log)[-LOG_TAIL_CHARS:]
+    if params is not None:
+        job.effective_params = params
     return not job.cancel_requested
+
+
+def append_log(session: Session, *, job_id: int, text: str) -> None:
+    """Add a line to a job's log after it finished (the worker names the version it registered)."""
+    job = get_job(session, job_id=job_id)
+    job.log_tail = ((job.log_tail or "") + text)[-LOG_TAIL_CHARS:]
 
 
 def finish(session: Session, *, job_id: int, worker_id: str, status: JobStatus, error: str | None = None) -> bool:

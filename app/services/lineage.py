@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.models import ModelVersion
 from app.services import withdrawal
-from app.services.training_data import Rows, TrainingData
+from app.services.training_data import Rows, TrainingData, as_sources
 
 # TrainingData's rows -> what they are, in words
 ROWS_SHOWN = {
@@ -30,6 +30,7 @@ VERSION_REFERENCES = {
     "reference_version_id": "KL reference",
     "judge_version_id": "gate's judge (a reward model that did not train it)",
     "baseline_version_id": "gate compared it with reward model",
+    "adapter_base_version_id": "frozen base under the LoRA adapter",
 }
 GATE_NUMBERS = (
     "win_rate",
@@ -98,10 +99,24 @@ def describe_training_data(
         version_id = getattr(record, key)
         if version_id is not None:
             items.append(LineageItem(label, names.get(int(version_id), f"version {version_id}"), int(version_id)))
+    if record.adapter:
+        a = record.adapter
+        targets = ", ".join(as_sources(a.get("targets")) or [])
+        text = f"rank {a.get('rank')}, alpha {a.get('alpha')} on {targets}; served with the adapter merged in"
+        items.append(LineageItem("LoRA adapter", text))
     plain = {"demo seed": record.demo_seed, "imported from": record.imported_from}
     items += [LineageItem(label, str(value)) for label, value in plain.items() if value is not None]
-    items += [LineageItem(key.replace("_", " "), str(value)) for key, value in record.extra.items()]
+    items += [LineageItem(key.replace("_", " "), _as_text(value)) for key, value in record.extra.items()]
     return items
+
+
+def _as_text(value: Any) -> str:
+    """A recorded value in words: a list as its items joined, a string as it is (never its letters)."""
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) if value else "none"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def withdrawn_data(session: Session, version: ModelVersion) -> LineageItem | None:
@@ -165,3 +180,46 @@ def referenced_names(session: Session, record: TrainingData) -> dict[int, str]:
     if not ids:
         return {}
     return {v.id: v.name for v in session.scalars(select(ModelVersion).where(ModelVersion.id.in_(ids)))}
+
+
+@dataclass
+class GraphNode:
+    version_id: int
+    name: str
+    kind: str
+    status: str
+    note: str = ""  # how it relates (e.g. "judged it", "frozen base + LoRA adapter rank 8")
+    current: bool = False
+
+
+@dataclass
+class LineageGraph:
+    """What the model page draws: the chain from the first version down to this one, the versions trained from it,
+    and the versions it refers to beside the chain (its reward model, KL reference, judge, frozen base)."""
+
+    chain: list[GraphNode]
+    children: list[GraphNode]
+    references: list[GraphNode]
+
+
+def _node(version: ModelVersion, note: str = "", current: bool = False) -> GraphNode:
+    return GraphNode(version.id, version.name, version.kind.value, version.status.value, note, current)
+
+
+def graph(session: Session, version: ModelVersion) -> LineageGraph:
+    """base -> SFT -> reward/policy down to `version`; a LoRA version names its frozen base and adapter."""
+    record = TrainingData.from_json(version.training_data)
+    note = ""
+    if record.adapter:
+        base = session.get(ModelVersion, record.adapter_base_version_id) if record.adapter_base_version_id else None
+        under = base.name if base is not None else "its parent"
+        note = f"{under} + LoRA adapter (rank {record.adapter.get('rank')}), served merged"
+    chain = [_node(v) for v in reversed(ancestors(session, version))] + [_node(version, note, current=True)]
+    on_chain = {n.version_id for n in chain}
+    references = []
+    for key, label in VERSION_REFERENCES.items():
+        ref_id = getattr(record, key)
+        ref = session.get(ModelVersion, ref_id) if ref_id is not None and ref_id not in on_chain else None
+        if ref is not None:
+            references.append(_node(ref, label))
+    return LineageGraph(chain, [_node(c) for c in children(session, version)], references)

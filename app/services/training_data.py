@@ -43,7 +43,14 @@ class TrainingData:
     judge_version_id: int | None = None  # the reward model that judged a policy at the gate (not its trainer)
     baseline_version_id: int | None = None  # the active reward model a new reward model was compared with
     imported_from: str | None = None  # `flywheel model import-hf`
+    adapter: dict[str, Any] | None = None  # trained as LoRA adapters (rank, alpha, targets); served merged
+    adapter_base_version_id: int | None = None  # the version whose frozen weights the adapters sit on
     extra: dict[str, Any] = field(default_factory=dict)  # anything else a job recorded, shown as it is
+
+    def __post_init__(self) -> None:
+        """A single source given as a string is one source: iterated, it would read as its letters."""
+        self.corpus = as_sources(self.corpus)
+        self.files = as_sources(self.files)
 
     def to_json(self) -> dict[str, Any]:
         stored: dict[str, Any] = {}
@@ -68,11 +75,11 @@ class TrainingData:
                 count = stored.pop(count_key, None)
                 setattr(record, name, Rows(int(stored.pop(id_key) or 0), count if isinstance(count, int) else None))
         if "data" in stored:  # a string in versions registered before this record: one source, not its letters
-            data = stored.pop("data")
-            record.corpus = [data] if isinstance(data, str) else [str(d) for d in data or []]
+            record.corpus = as_sources(stored.pop("data"))
         for name in _PLAIN:
             if name != "corpus" and name in stored:
                 setattr(record, name, stored.pop(name))
+        record.files = as_sources(record.files)
         record.extra = stored
         return record
 
@@ -80,6 +87,15 @@ class TrainingData:
     def learned_from_demo(self) -> bool:
         """Whether the demo world's data went into it (then the gate may read the demo's held-out dialogues)."""
         return bool(self.demo) or any(source.startswith("demo") for source in self.corpus or [])
+
+
+def as_sources(value: Any) -> list[str] | None:
+    """Sources (corpus entries, file names) as a list of strings: a lone string or path is one source."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        return [str(value)]
+    return [str(v) for v in value]
 
 
 _PLAIN = [f.name for f in fields(TrainingData) if f.name not in ROW_KEYS and f.name != "extra"]

@@ -10,31 +10,43 @@ and the process streaming the answer hears it there (`process_state.LiveAnswers`
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime
 
 from fastapi import FastAPI
 from sqlalchemy.orm import Session
 
 from app.db import transaction
-from app.errors import Conflict
+from app.errors import Conflict, ServiceError
 from app.models import Message, User
 from app.services import chat
 from app.serving.inference import Delta, InferenceService, ModelUnavailable, SamplingParams
 from app.serving.process_state import process_state
 from app.threads import run_db
 
+ERROR = "error"  # finish_reason of an answer the model refused before its first token (the stream said why)
 
-def _prepare(app: FastAPI, user: User, message_id: int) -> tuple[list[dict[str, str]], datetime | None]:
-    """The history the model answers, and the Stop already recorded on the message (one from before this stream
-    started is not for it)."""
+
+def _prepare(
+    app: FastAPI, user: User, message_id: int
+) -> tuple[list[dict[str, str]], datetime | None, SamplingParams | None]:
+    """The history the model answers, the Stop already recorded on the message (one from before this stream
+    started is not for it), and the sampling asked for when the message was stored (the page's answer settings)."""
     with app.state.session_factory() as session:
         message = chat.get_message(session, user=user, message_id=message_id)
         if message.finish_reason != chat.STREAMING:
             raise Conflict(f"message {message_id} is already answered")
         conversation = chat.get_conversation(session, user=user, conversation_id=message.conversation_id)
         history = chat.history_for_model(chat.messages_of(session, conversation=conversation), upto=message)
-        return history, message.stop_requested_at
+        return history, message.stop_requested_at, sampling_from(message.sampling_params)
+
+
+def sampling_from(stored: dict | None) -> SamplingParams | None:
+    """The sampling parameters stored on a message (keys this version does not know are ignored)."""
+    if not stored:
+        return None
+    known = {f.name for f in fields(SamplingParams)}
+    return SamplingParams(**{k: v for k, v in stored.items() if k in known})
 
 
 def _save(
@@ -59,10 +71,10 @@ async def answer(
 ) -> AsyncIterator[Delta]:
     """Deltas of the answer; stops early when a Stop sets the message's stop event."""
     service: InferenceService = app.state.inference
-    params = params or SamplingParams(max_tokens=app.state.settings.max_new_tokens)
     live = process_state(app).answers
     # Ownership first: someone else's message is a 404 whether or not it is streaming (no 409 that reveals it is).
-    history, seen = await run_db(_prepare, app, user, message_id)
+    history, seen, asked = await run_db(_prepare, app, user, message_id)
+    params = params or asked or SamplingParams(max_tokens=app.state.settings.max_new_tokens)
     stop = live.claim(message_id, seen)  # a 409 when this process streams it already
     version_id = service.current.version_id if service.current else None
     parts: list[str] = []
@@ -76,6 +88,10 @@ async def answer(
             if stop.is_set():
                 finish = "stopped"
                 break
+    except ServiceError:
+        if not parts:  # refused before a token (too long for the model now served, none served): say so, not "stopped"
+            finish = ERROR
+        raise
     finally:
         live.release(message_id)
         text, sampling = "".join(parts), asdict(params)

@@ -19,9 +19,11 @@ import torch
 
 from app.errors import Invalid, ServiceError, TooManyRequests
 from app.services.text import clean
+from ml import textstream
 from ml.batcher import BatchDecoder, Request
 from ml.checkpoint import load_checkpoint
 from ml.slots import kv_bytes_per_token
+from ml.textstream import TextStream
 from ml.tokenizer import Tokenizer
 
 log = logging.getLogger("flywheel.inference")
@@ -102,8 +104,7 @@ class _Stream:
         self.queue: asyncio.Queue[tuple[int, str | None] | None] = asyncio.Queue()
         self.tokens: list[int] = []
         self.sent = ""  # the text yielded so far
-        self.prefix = 0  # incremental decoding: tokens[prefix:read] were decoded into the tail of `sent`
-        self.read = 0
+        self.text = TextStream(model.tokenizer)  # whole characters only: an incomplete one waits for its bytes
 
 
 def _deliver(deliveries: list[tuple[_Stream, int, str | None]]) -> None:
@@ -132,6 +133,7 @@ class InferenceService:
         """Load a model directory and make it the one new requests use (the old one drains, then is dropped)."""
         model, _ = load_checkpoint(directory, device=self.device)
         tokenizer = Tokenizer.load(directory)
+        textstream.warm(tokenizer)
         c = model.config
         per_token = kv_bytes_per_token(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).dtype)
         kv_tokens = max(1, int(self.limits.kv_cache_mb * 2**20) // per_token)
@@ -217,18 +219,17 @@ class InferenceService:
                         loaded.decoder.cancel(key)
 
     def _delta(self, stream: _Stream, token: int, finish: str | None) -> Delta:
-        """The new text after one token, decoded incrementally (a few tokens, not the whole answer, each time)."""
+        """The new text after one token: the whole characters it completes (ml/textstream.py)."""
         if token < 0:  # the generation thread gave up on this request
             return Delta("", finish or "error", len(stream.tokens))
-        tokenizer = stream.model.tokenizer
-        if not (finish == "stop" and token in tokenizer.stop_token_ids):
+        new = ""
+        if not (finish == "stop" and token in stream.model.tokenizer.stop_token_ids):
             stream.tokens.append(token)
-        before = tokenizer.decode(stream.tokens[stream.prefix : stream.read], skip_special=True)
-        after = tokenizer.decode(stream.tokens[stream.prefix :], skip_special=True)
-        if after.endswith("\ufffd") and not finish:
-            return Delta("", None, len(stream.tokens))  # an incomplete UTF-8 character: wait for the rest of it
-        new = after[len(before) :] if after.startswith(before) else after
-        stream.prefix, stream.read = stream.read, len(stream.tokens)
+            new = stream.text.push(token)
+        if finish:
+            new += stream.text.flush()  # a character still incomplete at the end is dropped, never shown as "�"
+        if not new and not finish:
+            return Delta("", None, len(stream.tokens))
         text = stream.sent + clean(new)  # what is shown is exactly what gets stored
         stop_hit = next((s for s in stream.params.stop if s and s in text), None)
         if stop_hit is not None:

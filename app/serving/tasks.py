@@ -12,10 +12,9 @@ from app.models import User
 from app.services import annotation, prompts
 from app.serving.inference import InferenceService, ModelUnavailable, SamplingParams
 from app.serving.process_state import process_state
-from app.settings import ActiveLearning
+from app.settings import ActiveLearning, Settings
 from app.threads import run_db, run_in_transaction
 
-CANDIDATE_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 96}
 PROMPT_SYNC_INTERVAL_S = 10.0
 FLOOR_REFRESH_S = 10.0
 
@@ -59,12 +58,19 @@ def _pick(app: FastAPI, annotator: User) -> annotation.Task | tuple[int, list] |
         return (prompt.id, prompt.messages) if prompt is not None else None
 
 
-async def _sample(service: InferenceService, messages: list, k: int) -> list[tuple[str, int]]:
+def candidate_sampling(settings: Settings) -> dict[str, float | int]:
+    """How candidate answers are sampled (FLYWHEEL_CANDIDATE_*), as stored with each set."""
+    return {
+        "temperature": settings.candidate_temperature,
+        "top_p": settings.candidate_top_p,
+        "max_tokens": settings.candidate_max_tokens,
+    }
+
+
+async def _sample(service: InferenceService, messages: list, k: int, sampling: dict) -> list[tuple[str, int]]:
     async def one(seed: int) -> tuple[str, int]:
         parts, tokens = [], 0
-        params = SamplingParams(
-            CANDIDATE_SAMPLING["max_tokens"], CANDIDATE_SAMPLING["temperature"], CANDIDATE_SAMPLING["top_p"], None, seed
-        )
+        params = SamplingParams(sampling["max_tokens"], sampling["temperature"], sampling["top_p"], None, seed)
         async for delta in service.stream(messages, params):
             parts.append(delta.text)
             tokens = delta.tokens
@@ -85,11 +91,12 @@ async def next_task(app: FastAPI, annotator: User) -> annotation.Task | None:
     if service.current is None:
         raise ModelUnavailable("no model is being served to sample candidate answers from")
     version_id = service.current.version_id
-    answers = await _sample(service, messages, app.state.settings.candidates_per_set)
+    sampling = candidate_sampling(app.state.settings)
+    answers = await _sample(service, messages, app.state.settings.candidates_per_set, sampling)
 
     def store(session: Session) -> annotation.Task:
         cset = annotation.create_set(
-            session, prompt_id=prompt_id, answers=answers, model_version_id=version_id, params=CANDIDATE_SAMPLING
+            session, prompt_id=prompt_id, answers=answers, model_version_id=version_id, params=sampling
         )
         return annotation.load_task(session, set_id=cset.id)
 
