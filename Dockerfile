@@ -79,9 +79,9 @@ USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8000
 
-# /healthz answers once the server is up; the first start trains the demo model before that, hence the long start.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
+# /healthz answers once the server is up, within seconds: a first start trains the demo model in the worker meanwhile.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=1m --retries=3 \
   CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('FLYWHEEL_PORT', '8000'), timeout=4)"]
 
-# `flywheel serve` migrates the database, trains the demo model on a first start, starts one worker and serves.
+# `flywheel serve` migrates the database, queues the demo model's training on a first start, starts a worker, serves.
 CMD ["flywheel", "serve"]

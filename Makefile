@@ -7,21 +7,26 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 .PHONY: setup run test lint format bench real-model clean
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "Creating $(VENV) (once)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --upgrade pip
 
 # torch first and pinned: on these machines that takes the local CPU wheel; elsewhere the same pin comes from PyPI.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	rm -f $(VENV)/.installed-*
-	touch $@
+	@echo "Installing Flywheel and its dependencies into $(VENV) (a few minutes the first time)"
+	@$(BIN)/pip install --quiet --progress-bar off torch==2.13.0
+	@$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
 
 setup: $(STAMP)
 
+# `exec`: the server takes the recipe shell's place. A shell waiting on it would die of Ctrl-C's SIGINT and make
+# would print `*** [run] Interrupt`; the server stops cleanly on it. No access log: the home page polls while the
+# demo model trains, a line every 2 s.
 run: setup
-	$(BIN)/flywheel db upgrade
-	$(BIN)/flywheel serve --no-migrate
+	@$(BIN)/flywheel db upgrade
+	@exec $(BIN)/flywheel serve --no-migrate --no-access-log
 
 test: setup
 	$(BIN)/ruff check .

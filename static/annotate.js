@@ -1,5 +1,6 @@
 // Ranking workspace: number keys pick the next best answer (Shift+number ties with the previous pick), Backspace
-// undoes, Enter submits, S skips, F flags; drag and drop (SortableJS) orders the list; long answers collapse.
+// undoes, Enter submits, S skips, F flags; drag and drop (SortableJS) orders the list; ranked cards move to the top
+// in rank order; long answers collapse.
 (function () {
   "use strict";
   var form, items, picks = [], started = Date.now();
@@ -14,10 +15,31 @@
       rankOf(pick.item).value = String(rank);
       pick.item.classList.add("ranked");
     });
+    reorder();
     var done = items.every(function (item) { return rankOf(item).value !== ""; });
     document.getElementById("ranking-status").textContent = done
       ? "All ranked — press Enter to submit."
       : picks.length + " of " + items.length + " ranked";
+  }
+
+  // The cards move as they are ranked: ranked ones first, best first, then the rest in their original order.
+  // Keys stay with their cards (each shows its number), so "3" always means the card labelled 3.
+  function reorder() {
+    var list = document.getElementById("candidates");
+    var ranked = picks.map(function (p) { return p.item; });
+    var rest = items.filter(function (item) { return ranked.indexOf(item) < 0; });
+    var order = ranked.concat(rest);
+    var current = Array.prototype.slice.call(list.children);
+    if (order.every(function (item, i) { return current[i] === item; })) { return; }
+    var before = {};
+    order.forEach(function (item) { before[item.id] = item.getBoundingClientRect(); });
+    order.forEach(function (item) { list.appendChild(item); });
+    order.forEach(function (item) { // slide from the old place to the new one (skipped when motion is reduced)
+      var now = item.getBoundingClientRect();
+      var dx = before[item.id].left - now.left, dy = before[item.id].top - now.top;
+      if ((!dx && !dy) || !item.animate || window.matchMedia("(prefers-reduced-motion: reduce)").matches) { return; }
+      item.animate([{ transform: "translate(" + dx + "px, " + dy + "px)" }, { transform: "none" }], { duration: 160 });
+    });
   }
 
   function pick(index, tie) {

@@ -72,6 +72,7 @@ class JobPublic(BaseModel):
     id: int
     type: str
     params: dict[str, Any]
+    effective_params: dict[str, Any] | None = None  # what the trainer ran with, defaults filled in (once started)
     status: JobStatus
     priority: int
     worker_id: str | None

@@ -96,9 +96,15 @@ def test_dashboard_jobs_and_charts(client: TestClient, db: Session) -> None:
         )
     )
     db.commit()
-    page = client.get("/admin")
-    assert page.status_code == 200 and "rankings" in page.text and "ann-a" in page.text
-    assert "all rankings (row ids up to 42)" in page.text and "val_acc=0.8" in page.text
+    overview = client.get("/admin")
+    assert overview.status_code == 200 and 'id="overview-counts"' in overview.text
+    assert "labels per day" in overview.text  # today's two rankings make a trend line
+    for section in ("/admin/data", "/admin/jobs", "/admin/models", "/admin/users", "/admin/settings"):
+        assert f'href="http://testserver{section}"' in overview.text  # the nav between the pages
+    data = client.get("/admin/data")
+    assert data.status_code == 200 and "rankings" in data.text and "ann-a" in data.text
+    page = client.get("/admin/models")
+    assert "all rankings (row ids up to 42)" in page.text and "held-out accuracy: 80.0%" in page.text
     assert "gate: <strong>held back</strong> — wins 0.6" in page.text
     created = client.post(
         "/admin/jobs", data={"type": "reward", "params": '{"steps": 3}', "csrf_token": csrf}, follow_redirects=False
@@ -120,6 +126,8 @@ def test_dashboard_jobs_and_charts(client: TestClient, db: Session) -> None:
     db.commit()
     detail = client.get(f"/admin/jobs/{job_id}")
     assert "<polyline" in detail.text and "loss: 0.9 → 0.6" in detail.text and "step 2" in detail.text
+    assert 'id="job-log"' in detail.text and "Yes, cancel job" in detail.text  # Cancel is asked twice
+    assert '"steps": 3' in detail.text and "defaults are filled in" in detail.text  # as given, until a worker starts
     partial = client.get(f"/admin/jobs/{job_id}", headers={"HX-Request": "true"})
     assert partial.text.lstrip().startswith("{#") or partial.text.lstrip().startswith("<section")
     assert "<html" not in partial.text
@@ -194,7 +202,7 @@ def test_model_lineage_on_the_admin_page(client: TestClient, db: Session) -> Non
     db.add(policy)
     db.commit()
 
-    page = client.get("/admin").text
+    page = client.get("/admin/models").text
     row = page[page.index(f'id="model-{policy.id}"') :]
     row = row[: row.index("</tr>")]
     assert f'href="http://testserver/admin/models/{sft.id}" class="parent">sft-job2</a>' in row
@@ -230,3 +238,18 @@ def test_lineage_descriptions() -> None:
     assert gate_verdict({"val_acc": 0.8}) is None
     verdict = gate_verdict({"gate": "wins 0.600", "promoted": True, "win_rate": 0.6, "steps": 3})
     assert verdict.promoted and verdict.numbers == {"win_rate": 0.6}
+
+
+def test_a_source_given_as_a_string_reads_as_one_source_not_its_letters() -> None:
+    """The lineage once spelt `corpus: d, e, m, o, , d, i, a, l, …`: a string iterated as a list of sources."""
+    from app.services.lineage import describe_training_data
+    from app.services.training_data import TrainingData
+
+    for record in (
+        TrainingData(corpus="demo dialogues.txt", files="/data/datasets/d/a.jsonl"),  # type: ignore[arg-type]
+        TrainingData.from_json({"data": "demo dialogues.txt", "files": "/data/datasets/d/a.jsonl"}),
+    ):
+        lines = {i.label: i.text for i in describe_training_data(record)}
+        assert lines["corpus"] == "demo dialogues.txt" and lines["imported dialogue files"] == "a.jsonl"
+    extra = {i.label: i.text for i in describe_training_data({"sources": ["x", "y"], "note": "plain words"})}
+    assert extra == {"sources": "x, y", "note": "plain words"}

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.models import Feedback, Message, MessageRole, User
-from app.services import tokens
+from app.services import chat, tokens
 from app.settings import Settings
 from ml.tokenizer import Tokenizer
 from tests.conftest import serving
@@ -43,10 +43,13 @@ def wait_until(predicate, what: str, timeout: float = 30) -> None:
 
 
 def start_chat(client: TestClient, db: Session, name: str = "ulla") -> tuple[str, int]:
-    make_user(db, name)
+    """A signed-in user with an empty conversation (as the REST API makes them; the page makes one with its first
+    message)."""
+    user = make_user(db, name)
     csrf = login(client, name)
-    response = client.post("/chat", data={"csrf_token": csrf}, follow_redirects=False)
-    return csrf, int(response.headers["location"].rsplit("/", 1)[1])
+    conversation = chat.create_conversation(db, user=user)
+    db.commit()
+    return csrf, conversation.id
 
 
 def send(client: TestClient, csrf: str, conversation_id: int, content: str) -> int:

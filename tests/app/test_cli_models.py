@@ -65,6 +65,51 @@ def test_import_serve_and_export(tmp_path: Path, monkeypatch, capsys) -> None:
         assert (back(ids).logits - hf(ids).logits).abs().max() < 1e-4
 
 
+def test_export_of_a_lora_model_merged_and_as_an_adapter_peft_loads(tmp_path: Path, monkeypatch, capsys) -> None:
+    peft = pytest.importorskip("peft")
+    from ml import lora
+    from ml.checkpoint import save_checkpoint
+
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))
+    assert run(monkeypatch, capsys, "db", "upgrade")[0] == 0
+    src = tiny_llama(tmp_path / "llama")
+    assert run(monkeypatch, capsys, "model", "import-hf", str(src), "--out", str(tmp_path / "base"))[0] == 0
+    model, _ = load_checkpoint(tmp_path / "base")
+    torch.manual_seed(0)
+    with torch.no_grad():  # what a LoRA job leaves: adapters that changed, saved beside the merged weights
+        for p in lora.attach(model, lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))):
+            p.add_(0.05 * torch.randn_like(p))
+    tuned = save_checkpoint(tmp_path / "tuned", model, Tokenizer.load(tmp_path / "base"), extra={"parent": "x"})
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        expected, _ = model(ids)
+
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "model",
+        "export-hf",
+        str(tuned),
+        str(tmp_path / "adapter"),
+        "--adapter",
+        "--base",
+        str(src),
+    )  # fmt: skip -- one command line
+    assert code == 0 and "exported the LoRA adapter" in out, err
+    with_adapter = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(src), tmp_path / "adapter"
+    ).eval()
+    assert run(monkeypatch, capsys, "model", "export-hf", str(tuned), str(tmp_path / "merged"))[0] == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (with_adapter(ids).logits - expected).abs().max() < 1e-4
+        assert (merged(ids).logits - expected).abs().max() < 1e-4
+    code, _, err = run(
+        monkeypatch, capsys, "model", "export-hf", str(tmp_path / "base"), str(tmp_path / "x"), "--adapter"
+    )
+    assert code != 0 and "not trained with LoRA" in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -118,7 +118,7 @@ def test_a_corrupt_checkpoint_is_refused_with_its_reason_and_the_served_model_st
                 json={"model": "good", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
             )
             assert answer.status_code == 200, answer.text
-        page = client.get("/admin", headers=admin)
+        page = client.get("/admin/models", headers=admin)
         assert "unreadable weights" in page.text and 'id="served-model">good<' in page.text
 
         # Promoting the good one again makes the database agree with what every server still serves: no reload.

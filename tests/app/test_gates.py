@@ -244,7 +244,7 @@ def _version_of(factory, job: Job) -> ModelVersion:
         return db.query(ModelVersion).filter_by(job_id=job.id).one()
 
 
-def _admin_page(settings: Settings, path: str = "/admin") -> str:
+def _admin_page(settings: Settings, path: str) -> str:
     with TestClient(create_app(settings)) as client:
         with make_session_factory(make_engine(settings.resolved_database_url))() as db:
             make_user(db, "chief", Role.admin)
@@ -270,11 +270,11 @@ def test_the_reward_job_never_trains_on_heldout_sets_and_too_few_labels_stay_a_c
     assert settings.reward_min_labels == 20
     assert version.status == ModelStatus.candidate and version.metrics["promoted"] is False
     assert version.metrics["gate"] == "trained on 4 labels, fewer than the 20 required"
-    page = _admin_page(settings)
+    page = _admin_page(settings, "/admin/models")
     row = page[page.index(f'id="model-{version.id}"') :]
     row = row[: row.index("</tr>")]
     assert "gate: <strong>held back</strong> — trained on 4 labels, fewer than the 20 required" in row
-    assert "heldout_acc=" in row and "Promote" in row  # an admin can still promote it by hand
+    assert "held-out human-label accuracy: " in row and "Promote" in row  # an admin can still promote it by hand
 
 
 def test_an_accurate_reward_model_is_promoted_and_the_policy_gate_is_judged_by_another(

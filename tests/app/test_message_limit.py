@@ -46,14 +46,16 @@ def assert_over(message: str) -> None:
     assert limit == LIMIT and over == size - limit > 0
 
 
-def new_chat(client: TestClient, csrf: str) -> int:
-    response = client.post("/chat", data={"csrf_token": csrf}, follow_redirects=False)
-    return int(response.headers["location"].rsplit("/", 1)[1])
+def new_chat(db: Session) -> int:
+    """An empty conversation of ulla's (as the REST API makes them)."""
+    conversation = chat.create_conversation(db, user=db.scalar(select(User).where(User.username == "ulla")))
+    db.commit()
+    return conversation.id
 
 
 def test_the_page_refuses_a_message_over_the_limit_and_stores_nothing(served) -> None:
     client, db, csrf = served
-    conversation_id = new_chat(client, csrf)
+    conversation_id = new_chat(db)
     page = client.get(f"/chat/{conversation_id}").text
     assert f'maxlength="{chat.MAX_MESSAGE_CHARS}"' in page and f"up to {LIMIT} tokens" in page
     before = count(db)
@@ -87,7 +89,7 @@ def test_the_rest_api_refuses_a_message_over_the_limit_and_stores_nothing(served
 
 def test_regenerate_over_the_limit_is_refused_and_stores_nothing(served) -> None:
     client, db, csrf = served
-    conversation_id = new_chat(client, csrf)
+    conversation_id = new_chat(db)
     user = db.scalar(select(User).where(User.username == "ulla"))
     _, answer = chat.add_user_message(db, user=user, conversation_id=conversation_id, content=LONG)  # as if stored
     chat.finish_answer(  # before a smaller model was served

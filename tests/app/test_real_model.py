@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.test_chat import read_sse, send
+from tests.app.test_chat import read_sse
 from tests.conftest import free_port
 from tests.factories import PASSWORD, login
 
@@ -98,9 +98,10 @@ def test_the_chat_page_answers(server) -> None:
     url, _ = server
     with httpx.Client(base_url=url, timeout=300) as client:
         csrf = login(client, "reader")
-        created = client.post("/chat", data={"csrf_token": csrf}, follow_redirects=False)
-        conversation_id = int(created.headers["location"].rsplit("/", 1)[1])
-        answer_id = send(client, csrf, conversation_id, QUESTION)
+        form = {"content": QUESTION, "csrf_token": csrf}
+        created = client.post("/chat", data=form, headers={"HX-Request": "true"})  # a new chat's first message
+        conversation_id = int(created.headers["HX-Push-Url"].rsplit("/", 1)[1])
+        answer_id = int(created.text.split('data-stream-url="')[1].split("/stream")[0].rsplit("/", 1)[1])
         text, finish = read_sse(client, answer_id)
         page = client.get(f"/chat/{conversation_id}").text
     print(f"\nchat page (temperature 0.8)\nuser: {QUESTION}\nassistant: {text}")

@@ -31,7 +31,7 @@ def add_labels(session: Session, n: int, start: int = 0) -> None:
 def test_set_on_the_admin_page_without_javascript(client: TestClient, db: Session) -> None:
     make_user(db, "chief", Role.admin)
     csrf = login(client, "chief")
-    page = client.get("/admin")
+    page = client.get("/admin/settings")
     assert 'id="retrain-state">off<' in page.text and 'name="auto_retrain_after"' in page.text
     assert "from FLYWHEEL_AUTO_RETRAIN_AFTER" in page.text
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ModelKind, ModelVersion, Prompt, PromptSource, Role, User
-from app.services import annotation, chat, jobs, prompts, tokens, users
+from app.services import annotation, chat, jobs, prompts, role_requests, tokens, users
 from tests.factories import PASSWORD, csrf_from, db_snapshot, login, make_user
 
 ROLES = ("anonymous", "user", "annotator", "admin")
@@ -98,7 +98,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/api/v1/tokens"): ((401, 201, 201, 201), body(name="matrix")),
     ("DELETE", "/api/v1/tokens/{token_id}"): ((401, 200, 200, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
     ("GET", "/chat"): ((303, 200, 200, 200), nothing),
-    ("POST", "/chat"): ((401, 303, 303, 303), form()),
+    ("POST", "/chat"): ((401, 503, 503, 503), form(content="hello")),  # a new chat's first message; no model served
     ("GET", "/chat/{conversation_id}"): ((303, 200, 200, 200), nothing),
     ("POST", "/chat/{conversation_id}/messages"): ((401, 503, 503, 503), form(content="hello")),  # no model served
     ("POST", "/chat/{conversation_id}/settings"): ((401, 303, 303, 303), form(title="renamed", allow_training="true")),
@@ -107,6 +107,10 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/chat/messages/{streaming_message_id}/stream"): ((303, 503, 503, 503), nothing),  # no model served
     ("POST", "/chat/messages/{message_id}/stop"): ((401, 200, 200, 200), form()),
     ("POST", "/chat/messages/{message_id}/feedback"): ((401, 303, 303, 303), form(value="1", reason="helpful")),
+    ("POST", "/chat/messages/{message_id}/feedback/reason"): (
+        (401, 303, 303, 303),
+        form(reason="wrong"),
+    ),  # voted above
     ("POST", "/chat/messages/{last_answer_id}/regenerate"): ((401, 303, 303, 303), form()),
     ("GET", "/api/v1/conversations"): ((401, 200, 200, 200), nothing),
     ("POST", "/api/v1/conversations"): ((401, 201, 201, 201), body(title="api")),
@@ -122,7 +126,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/api/v1/models/rollback"): ((401, 403, 403, 409), body(kind="policy")),  # nothing to roll back to
     ("GET", "/v1/models"): ((401, 200, 200, 200), nothing),
     ("POST", "/v1/chat/completions"): ((401, 503, 503, 503), body(messages=[{"role": "user", "content": "hi"}])),
-    ("GET", "/annotate"): ((303, 403, 200, 200), nothing),
+    ("GET", "/annotate"): ((303, 200, 200, 200), nothing),  # a user gets the page that asks for the role
     ("POST", "/annotate/sets/{set_id}"): ((401, 403, 303, 303), form(action="skip")),
     ("GET", "/annotate/guidelines"): ((303, 403, 200, 200), nothing),
     ("POST", "/annotate/guidelines"): ((401, 403, 403, 303), form(text="Rank carefully.")),
@@ -145,6 +149,11 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("POST", "/api/v1/jobs/{job_id}/cancel"): ((401, 403, 403, 200), lambda c: {"headers": {"X-CSRF-Token": c.csrf}}),
     ("GET", "/admin/models/{version_id}"): ((303, 403, 403, 200), nothing),
     ("POST", "/admin/settings"): ((401, 403, 403, 303), form(auto_retrain_after="0")),
+    ("GET", "/admin/settings"): ((303, 403, 403, 200), nothing),
+    ("GET", "/admin/data"): ((303, 403, 403, 200), nothing),
+    ("GET", "/admin/models"): ((303, 403, 403, 200), nothing),
+    ("POST", "/admin/role-requests/{request_id}"): ((401, 403, 403, 303), form(decision="approve")),
+    ("POST", "/annotate/request-role"): ((401, 303, 409, 409), form(message="I would like to help")),
     ("GET", "/api/v1/settings"): ((401, 403, 403, 200), nothing),
     ("PATCH", "/api/v1/settings"): ((401, 403, 403, 200), body(auto_retrain_after=0)),
 }
@@ -248,6 +257,7 @@ def callers(app: FastAPI, db: Session) -> dict[str, Caller]:
         "delete_user_id": make_user(db, "doomed-page").id,
         "api_delete_user_id": make_user(db, "doomed-api").id,
         "kind": "rankings",
+        "request_id": role_requests.ask(db, user=make_user(db, "asker")).id,
     }
     db.commit()
     result = {}
@@ -300,6 +310,7 @@ def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(
             "kind",
             "delete_user_id",
             "api_delete_user_id",
+            "request_id",
         )
     }
     gone = make_user(db, "gone", Role.annotator)

@@ -4,7 +4,9 @@ Tiny models and a handful of steps: this checks the wiring (datasets from rows, 
 record), not model quality — that is the end-to-end flywheel test's job.
 """
 
+import asyncio
 import itertools
+from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,10 +18,17 @@ from app.jobs.gate import REFERENCE_DIALOGUES, decide
 from app.jobs.handlers import reference_dialogues
 from app.jobs.worker import Worker, WorkerConfig
 from app.models import CandidateSet, Job, JobStatus, ModelKind, ModelStatus, ModelVersion, Prompt, Role, Split
-from app.services import annotation, chat, feedback, jobs
+from app.services import annotation, chat, feedback, jobs, model_versions
+from app.services.text import clean
+from app.serving.inference import InferenceService
 from app.settings import Settings
+from ml import lora
+from ml.checkpoint import load_checkpoint
 from ml.demo.world import World, split_of
-from tests.factories import make_user
+from ml.engine import Engine
+from ml.tokenizer import Tokenizer
+from tests.app.test_inference import GREEDY, collect
+from tests.factories import login, make_user
 
 SMALL = {"steps": 3, "batch_size": 4}
 
@@ -90,16 +99,24 @@ def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, 
         assert reward.status == ModelStatus.active and reward.training_data["rankings"] == 6
         assert reward.training_data["thumbs"] == 2 and "val_acc" in reward.metrics
         assert reward.job_id == reward_job.id and reward_job.metrics  # progress points were recorded
+    # What it ran with, defaults filled in (not the `{}`-ish params it was given), and a log of a successful job.
+    ran_with = reward_job.effective_params
+    assert ran_with["steps"] == SMALL["steps"] and ran_with["lr"] == 3e-4 and ran_with["rankings"] == {"records": 6}
+    assert "out" not in ran_with and "sft" in ran_with
+    assert "reward job" in reward_job.log_tail and f"step {SMALL['steps']}/{SMALL['steps']}" in reward_job.log_tail
+    assert f"registered model version {reward.name} (promoted: now active)" in reward_job.log_tail
 
     rl_job = run(
         settings, factory, "rl", steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, gate_prompts=4
     )
     assert rl_job.status == JobStatus.succeeded, rl_job.error
+    assert rl_job.effective_params["kl_coef"] == 0.5 and rl_job.effective_params["prompts"]["records"] > 0
     with factory() as db:
         policy = db.query(ModelVersion).filter_by(kind=ModelKind.policy).one()
         sft = db.query(ModelVersion).filter_by(kind=ModelKind.sft).one()
         assert policy.parent_id == sft.id and policy.training_data["reward_version_id"] == reward.id
         assert {"win_rate", "kl", "ppl_candidate", "gate"} <= set(policy.metrics)
+        assert policy.metrics["gate_max_new_tokens"] == 8  # judged at the length it was trained for, not 64
         assert policy.metrics["gate_dialogues"] == REFERENCE_DIALOGUES  # the demo's held-out reference dialogues
         assert (policy.status == ModelStatus.active) == policy.metrics["promoted"]
         # The only reward model ever active trained it, so it judges too, and the gate's reason says so.
@@ -110,6 +127,12 @@ def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, 
     evaluation = run(settings, factory, "evaluate", prompts=4)
     assert evaluation.status == JobStatus.succeeded, evaluation.error
     assert {"reward_mean", "kl"} <= set(evaluation.metrics[-1])
+    assert evaluation.effective_params == {
+        "prompts": 4,
+        "version_id": policy.id if policy.status == ModelStatus.active else sft.id,
+        "reference_version_id": sft.id,
+        "reward_version_id": reward.id,
+    }
     candidates = run(settings, factory, "candidates", sets=2, k=3, max_new_tokens=6)
     assert candidates.status == JobStatus.succeeded, candidates.error
     with factory() as db:
@@ -119,6 +142,9 @@ def test_reward_rl_evaluate_candidates_offline_and_sft_jobs(settings: Settings, 
     for algo in ("dpo", "kto"):
         job = run(settings, factory, algo, **SMALL, gate_prompts=4)
         assert job.status == JobStatus.succeeded, job.error
+        with factory() as db:
+            offline = db.query(ModelVersion).filter_by(job_id=job.id).one()
+            assert offline.metrics["gate_max_new_tokens"] == 64  # no sampling of its own: the gate's default
     with factory() as db:
         assert db.query(ModelVersion).filter_by(kind=ModelKind.policy).count() == 3
         assert db.query(ModelVersion).filter_by(kind=ModelKind.policy, status=ModelStatus.active).count() <= 1
@@ -208,3 +234,61 @@ def test_active_learning_the_reward_job_fits_an_ensemble_and_candidates_keep_the
 
     job = run(settings, factory, "candidates", active_learning="uncertainty")
     assert job.status == JobStatus.failed and "active_learning must be one of random, disagreement" in job.error
+
+
+def test_lora_jobs_record_base_and_adapter_and_the_promoted_policy_is_served(
+    settings: Settings, factory, client
+) -> None:
+    """Reward and RL jobs with a `lora` parameter: the lineage names the adapter and the frozen base under it, the
+    admin page shows both, and once promoted the policy (served merged) answers as base + adapter do."""
+    collect_labels(factory)
+    spec = {"rank": 4, "alpha": 8}
+    assert run(settings, factory, "reward", **SMALL, lora=spec).status == JobStatus.succeeded
+    rl_job = run(
+        settings,
+        factory,
+        "rl",
+        steps=2,
+        prompts_per_step=2,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        gate_prompts=4,
+        lr=3e-2,
+        lora=spec,
+    )
+    assert rl_job.status == JobStatus.succeeded, rl_job.error
+    with factory() as db:
+        sft = db.query(ModelVersion).filter_by(kind=ModelKind.sft).one()
+        reward = db.query(ModelVersion).filter_by(kind=ModelKind.reward).one()
+        policy = db.query(ModelVersion).filter_by(kind=ModelKind.policy).one()
+        assert (
+            reward.training_data["adapter"]["rank"] == 4 and reward.training_data["adapter_base_version_id"] == sft.id
+        )
+        assert policy.training_data["adapter"]["targets"] == list(lora.TARGETS)
+        assert policy.training_data["adapter_base_version_id"] == sft.id  # the trunk under it, also its KL reference
+        model_versions.promote(db, version_id=policy.id)
+        db.commit()
+        policy_id, policy_path, sft_path = policy.id, policy.path, sft.path
+    bad = run(settings, factory, "rl", steps=1, lora={"rank": 4, "dropout": 0.1})
+    assert bad.status == JobStatus.failed and "unknown LoRA settings: dropout" in bad.error
+
+    with client.app.state.session_factory() as db:
+        make_user(db, "chief", Role.admin)
+        db.commit()
+    login(client, "chief")
+    page = client.get(f"/admin/models/{policy_id}").text
+    assert "LoRA adapter" in page and "rank 4, alpha 8 on q_proj" in page
+    assert "frozen base under the LoRA adapter" in page and f'/admin/models/{sft.id}"' in page
+
+    base, _ = load_checkpoint(sft_path)
+    lora.load_adapter(base, Path(policy_path) / "adapter")
+    served = InferenceService()
+    served.load(policy_path)
+    question = [{"role": "user", "content": "What is 2 plus 3?"}]
+    text, _ = asyncio.run(collect(served, question, GREEDY))
+    served.close()
+    tokenizer = Tokenizer.load(policy_path)
+    ids = tokenizer.render_prompt(question)
+    stops = set(tokenizer.stop_token_ids)
+    sample = Engine(base).generate(ids, n=1, max_new_tokens=GREEDY.max_tokens, temperature=0.0, stop_token_ids=stops)[0]
+    assert text == clean(tokenizer.decode(sample.token_ids, skip_special=True))

@@ -105,7 +105,7 @@ def worker_process(settings: Settings, *extra: str) -> subprocess.Popen:
 
 
 def test_kill_9_of_a_worker_mid_job_is_retried_and_registers_one_model(settings: Settings, factory) -> None:
-    job_id = enqueue(factory, steps=40)
+    job_id = enqueue(factory, steps=40, data="demo")  # one source given as a string, not a list
     first = worker_process(settings)
     wait_for(lambda: job_row(factory, job_id).progress > 0, 120, "training progress")
     first.send_signal(signal.SIGKILL)
@@ -122,6 +122,7 @@ def test_kill_9_of_a_worker_mid_job_is_retried_and_registers_one_model(settings:
     assert job.status == JobStatus.succeeded and job.attempts == 2, job.error
     (version,) = model_versions(factory)
     assert version.job_id == job_id and version.kind == "base"
+    assert version.training_data["data"] == ["demo"]  # one source, not the letters d, e, m, o
     model, _ = load_checkpoint(version.path)  # complete and loadable
     assert model.config.n_embd == TINY["n_embd"]
     leftovers = [p.name for p in Path(version.path).parent.iterdir() if p.name != Path(version.path).name]

@@ -5,23 +5,25 @@ import re
 
 from playwright.sync_api import Page, expect
 
-from app.models import Feedback, Message, MessageRole
+from app.models import Feedback, Message, MessageRole, User
+from app.services import chat
 from ml.tokenizer import Tokenizer
 from tests.browser.conftest import screenshot, sign_up
-
-
-def visible(text: str) -> str:
-    """Letters and digits only: a random tiny model emits control characters that browsers render their own way."""
-    return "".join(ch for ch in text if ch.isalnum())
 
 
 def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> None:
     page = served_page
     sign_up(page, "chatter")
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Chat").click()
-    page.get_by_role("button", name="New chat").click()
+    page.get_by_role("link", name="New chat").click()
     screenshot(page, "chat-empty")
+    with page.app.state.session_factory() as db:
+        assert db.query(Message).count() == 0  # New chat stored nothing
 
+    page.get_by_text("Answer settings").click()
+    page.get_by_label("Temperature (0–2)").fill("0.25")
+    page.get_by_label("Longest answer (tokens)").fill("40")
+    page.get_by_label("Longest answer (tokens)").blur()  # a change: kept in this browser
     box = page.get_by_label("Your message")
     box.fill("<script>window.hacked = 1</script> Where does Mira live?")
     box.press("Enter")
@@ -29,11 +31,25 @@ def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> 
     expect(first.get_by_role("button", name="Regenerate")).to_be_visible(timeout=20_000)  # the answer finished
     expect(page.locator("article.message.user").first).to_contain_text("<script>window.hacked = 1</script>")
     assert page.evaluate("window.hacked") is None  # shown as text, never run
-    streamed = first.locator(".content").first.inner_text()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    first.get_by_role("button", name="Copy answer").click()  # the answer's markdown source, as the model wrote it
+    expect(first.get_by_role("button", name="Copy answer")).to_have_text("Copied")
+    copied = page.evaluate("navigator.clipboard.readText()")
 
     with page.app.state.session_factory() as db:
         answer = db.query(Message).filter_by(role=MessageRole.assistant).one()
-        assert visible(answer.content) == visible(streamed) and answer.finish_reason in {"stop", "length"}
+        # An HTML page cannot hold a carriage return (the parser makes every CR a LF); the random model writes some.
+        assert copied == re.sub(r"\r\n?", "\n", answer.content) and answer.finish_reason in {"stop", "length"}
+        assert answer.model_version_id is not None
+        assert (answer.sampling_params["temperature"], answer.sampling_params["max_tokens"]) == (0.25, 40)
+    expect(page.get_by_label("Temperature (0–2)")).to_have_value("0.25")  # still set for the next message
+    model_name = page.app.state.inference.current.name
+    expect(first.locator(".model-name")).to_have_text(model_name)  # which model version answered
+    # The new chat got its title from the first message, in the sidebar and the heading, without a reload.
+    title = "<script>window.hacked = 1</script> Where does Mira live?"
+    expect(page.locator("#conversation-list a[aria-current=page]")).to_have_text(title)
+    expect(page.get_by_role("heading", level=1)).to_have_text(title)
+    assert re.search(r"/chat/\d+$", page.url)  # the address is the new conversation's
 
     first.locator("summary", has_text="Reason").click()
     first.get_by_label("Reason", exact=True).select_option("helpful")
@@ -44,6 +60,15 @@ def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> 
     with page.app.state.session_factory() as db:
         vote = db.query(Feedback).one()
         assert (vote.value, vote.reason, vote.comment) == (1, "helpful", "short & <b>clear</b>")
+    # A reason or comment changed after the thumb is saved as soon as it is chosen: no second click on the thumb.
+    first.get_by_label("Reason", exact=True).select_option("concise")
+    expect(first.get_by_role("status")).to_have_text("reason saved")
+    first.get_by_label("Comment").fill("short")
+    first.get_by_label("Comment").press("Enter")  # saves the comment; does not click the first thumb
+    expect(first.get_by_label("Comment")).to_have_value("short")
+    with page.app.state.session_factory() as db:
+        vote = db.query(Feedback).one()
+        assert (vote.value, vote.reason, vote.comment) == (1, "concise", "short")
     screenshot(page, "chat-answered")
 
     # A long answer (no stop token, room for 600 tokens: a new chat, so no history eats the context) is stopped.
@@ -59,7 +84,9 @@ def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> 
             yield delta
 
     monkeypatch.setattr(page.app.state.inference, "stream", paced)
-    page.get_by_role("button", name="New chat").click()
+    page.get_by_role("link", name="New chat").click()
+    page.get_by_text("Answer settings").click()
+    page.get_by_label("Longest answer (tokens)").fill("600")  # this browser still asks for 40 otherwise
     box = page.get_by_label("Your message")
     box.fill("Tell me a very long story")
     box.press("Enter")
@@ -76,3 +103,27 @@ def test_chat_streams_stops_and_takes_thumbs(served_page: Page, monkeypatch) -> 
     screenshot(page, "chat-stopped")
     # Closing an EventSource mid-stream logs network errors in the console; nothing else may.
     assert not [e for e in page.console_errors if not re.search(r"EventSource|net::ERR", e)], page.console_errors
+
+
+def test_a_chat_made_over_rest_is_titled_live_by_its_first_message(served_page: Page) -> None:
+    """A conversation the REST API made empty ("New chat") takes its title from the first message sent on the page:
+    the sidebar and the heading change without a reload (out-of-band swaps), and the turn is added once."""
+    page = served_page
+    sign_up(page, "rester")
+    with page.app.state.session_factory() as db:
+        user = db.query(User).filter_by(username="rester").one()
+        conversation_id = chat.create_conversation(db, user=user).id
+        db.commit()
+    page.goto(f"/chat/{conversation_id}")
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    page.evaluate("window.__notReloaded = true")
+    box = page.get_by_label("Your message")
+    box.fill("Which city does Mira live in?\nSecond line")
+    box.press("Enter")
+    expect(page.locator("#chat-title")).to_have_text("Which city does Mira live in?")
+    expect(page.locator(f"#conversation-{conversation_id}")).to_have_text("Which city does Mira live in?")
+    expect(page.locator("#conversation-list")).to_have_count(1)
+    expect(page.locator("article.message.user")).to_have_count(1)
+    expect(page.get_by_role("button", name="Regenerate")).to_be_visible(timeout=20_000)
+    assert page.evaluate("window.__notReloaded") is True
+    assert page.title() == "Which city does Mira live in? · Flywheel"

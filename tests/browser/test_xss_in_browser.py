@@ -45,22 +45,26 @@ FIND_LIVE_MARKUP = """() => {
 }"""
 
 
-@pytest.fixture
-def watched(served_page: Page, monkeypatch: pytest.MonkeyPatch) -> Page:
-    """The served page, every dialog recorded (and dismissed), and the model answering with the payload."""
-    page = served_page
+def answering_with(page: Page, monkeypatch: pytest.MonkeyPatch, text: str, pause: float = 0.005) -> Page:
+    """Every dialog recorded (and dismissed), and the model answering `text`, streamed in pieces that split its tags
+    (model output is untrusted too)."""
     page.dialogs = []
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
 
     async def payload_stream(messages, params, *, user_id=None):
-        """Model output is untrusted too: stream the payload in pieces that split its tags."""
-        for i in range(0, len(PAYLOAD), 7):
-            yield Delta(PAYLOAD[i : i + 7])
-            await asyncio.sleep(0.005)
+        for i in range(0, len(text), 7):
+            yield Delta(text[i : i + 7])
+            await asyncio.sleep(pause)
         yield Delta("", finish_reason="stop", tokens=40)
 
     monkeypatch.setattr(page.app.state.inference, "stream", payload_stream)
     return page
+
+
+@pytest.fixture
+def watched(served_page: Page, monkeypatch: pytest.MonkeyPatch) -> Page:
+    """The served page, the model answering with the payload."""
+    return answering_with(served_page, monkeypatch, PAYLOAD)
 
 
 def assert_inert(page: Page, where: str, page_status: int | None = None) -> None:
@@ -79,7 +83,7 @@ def test_chat_text_model_output_titles_comments_and_token_names_stay_text(watche
     page = watched
     sign_up(page, "first")
     page.goto("/chat")
-    page.get_by_role("button", name="New chat").click()
+    page.get_by_role("link", name="New chat").click()
     box = page.get_by_label("Your message")
     box.fill(PAYLOAD)
     box.press("Enter")
@@ -92,8 +96,8 @@ def test_chat_text_model_output_titles_comments_and_token_names_stay_text(watche
     page.locator("details.chat-settings summary").click()
     page.get_by_label("Title").fill(PAYLOAD)
     page.get_by_role("button", name="Save", exact=True).click()
-    expect(page.locator("aside.chat-list a[aria-current=page]")).to_have_text(PAYLOAD)
-    expect(page.locator("details.chat-settings summary")).to_have_text(PAYLOAD)
+    expect(page.locator("#conversation-list a[aria-current=page]")).to_have_text(PAYLOAD)
+    expect(page.locator("#chat-title")).to_have_text(PAYLOAD)
     assert page.title() == f"{PAYLOAD} · Flywheel"
     assert page.get_by_label("Title").input_value() == PAYLOAD
     assert_inert(page, "chat with a markup title")
@@ -114,7 +118,7 @@ def test_chat_text_model_output_titles_comments_and_token_names_stay_text(watche
     newest.locator("details.older summary").click()
     expect(newest.locator(".content.earlier")).to_have_text(PAYLOAD)
     page.goto("/chat")  # the list of conversations alone
-    expect(page.locator("aside.chat-list a").first).to_have_text(PAYLOAD)
+    expect(page.locator("#conversation-list a").first).to_have_text(PAYLOAD)
     assert_inert(page, "chat after regenerating")
 
     page.goto("/account/tokens")
@@ -130,7 +134,7 @@ def test_chat_text_model_output_titles_comments_and_token_names_stay_text(watche
 def test_prompts_candidates_flag_reasons_and_guidelines_stay_text(watched: Page) -> None:
     page = watched
     sign_up(page, "first")
-    page.goto("/admin")
+    page.goto("/admin/data")
     page.get_by_label("Import", exact=True).select_option("prompts")
     line = json.dumps({"prompt": PAYLOAD}).encode()
     page.set_input_files("#import-file", files=[{"name": "p.jsonl", "mimeType": "text/plain", "buffer": line}])
@@ -164,7 +168,7 @@ def test_prompts_candidates_flag_reasons_and_guidelines_stay_text(watched: Page)
 def test_job_parameters_errors_model_names_notices_and_file_names_stay_text(watched: Page) -> None:
     page = watched
     sign_up(page, "first")
-    page.goto("/admin")
+    page.goto("/admin/jobs")
     page.get_by_label("Job", exact=True).select_option("reward")
     page.get_by_label("Parameters (JSON, optional)").fill(json.dumps({"note": PAYLOAD}))
     page.get_by_role("button", name="Start job").click()
@@ -186,14 +190,16 @@ def test_job_parameters_errors_model_names_notices_and_file_names_stay_text(watc
         db.add(version)
         db.commit()
         version_id = version.id
-    expect(page.locator("#job p.error")).to_have_text(PAYLOAD, timeout=10_000)
+    expect(page.locator("#job-error")).to_have_text(PAYLOAD, timeout=10_000)
     expect(page.locator("#job pre.log")).to_contain_text(PAYLOAD)
     assert_inert(page, "job page after an htmx refresh")
 
-    page.goto("/admin")
+    page.goto("/admin/jobs")
     with page.expect_response(lambda r: r.url.endswith("/admin/jobs"), timeout=10_000):
         pass  # the jobs table refreshes itself (htmx, every 3 s): wait for one refresh to be swapped in
-    expect(page.locator(f"#job-{job_id} td.error")).to_have_text(PAYLOAD[:120])
+    expect(page.locator(f"#job-{job_id} td.error")).to_have_text(PAYLOAD.splitlines()[-1][:160])
+    assert_inert(page, "jobs page")
+    page.goto("/admin/models")
     expect(page.locator(f"#model-{version_id} td").first).to_have_text(SHORT)
     expect(page.locator(f"#model-{version_id} .load-error")).to_have_text(PAYLOAD)
     expect(page.locator(f"#model-{version_id}")).to_contain_text(PAYLOAD)  # the gate's reason
@@ -210,10 +216,67 @@ def test_job_parameters_errors_model_names_notices_and_file_names_stay_text(watc
     expect(page.locator("p.notice")).to_have_count(0)
     assert_inert(page, "admin with a notice in the link")
 
-    page.goto("/admin")
+    page.goto("/admin/data")
     page.get_by_label("Import", exact=True).select_option("prompts")
     bad_name = "<img src=x onerror=alert(7)>.jsonl"  # no quotes: browsers send those as %22 in a file name
     page.set_input_files("#import-file", files=[{"name": bad_name, "mimeType": "text/plain", "buffer": b"\xff\xfe"}])
     page.get_by_role("button", name="Import", exact=True).click()
     expect(page.get_by_role("alert")).to_contain_text(f"{bad_name}: not UTF-8 text")
     assert_inert(page, "error page naming the file", page_status=422)
+
+
+# Markdown written to run script: links and images with javascript: (and data:) addresses in every spelling, raw
+# HTML of every kind between the markdown, in a table, by reference, inside and around code. The markdown itself must
+# render (heading, bold, code block, an https link); the rest stays text or loses its address.
+MARKDOWN = (
+    "# Heading\n\n**bold** and `<b>code</b>`\n\n```python\nprint('<img src=x onerror=alert(1)>')\n```\n\n"
+    "[click](javascript:window.__xss=7) [ok](https://example.org/) [mixed](JaVaScRiPt:window.__xss=8)\n\n"
+    "[spaced]( javascript:window.__xss=9 ) [entity](&#106;avascript:window.__xss=10) [ref][r]\n\n"
+    "[r]: javascript:window.__xss=11\n\n"
+    "![pic](javascript:window.__xss=12) ![remote](https://example.org/x.png)\n\n"
+    '<img src=x onerror="window.__xss=13;alert(13)">\n\n'
+    "<script>window.__xss=14;alert(14)</script>\n\n"
+    'inline <a href="javascript:window.__xss=15">raw link</a> and <svg onload="window.__xss=16">\n\n'
+    "<details open><summary>s</summary><iframe src=javascript:alert(17)></iframe></details>\n\n"
+    "| a | b |\n|---|---|\n| <img src=x onerror=alert(18)> | [x](data:text/html;base64,PHNjcmlwdD4=) |\n\n"
+    "<style>body{display:none}</style>\n\n<https://example.org/auto> <javascript:alert(19)>\n"
+)
+
+
+def test_markdown_in_answers_renders_but_never_runs(served_page: Page, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = answering_with(served_page, monkeypatch, MARKDOWN, pause=0.02)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    sign_up(page, "first")
+    page.goto("/chat")
+    box = page.get_by_label("Your message")
+    mine = "**not bold** [link](javascript:window.__xss=20) <b>x</b>"
+    box.fill(mine)  # the person's own message is shown as typed: never rendered
+    box.press("Enter")
+    answer = page.locator("article.message.assistant").first
+    expect(answer.locator(".content h1")).to_have_text("Heading")  # rendered while it streams
+    assert_inert(page, "markdown while it streams")
+
+    expect(answer.get_by_role("button", name="Regenerate")).to_be_visible(timeout=20_000)  # finished and swapped
+    expect(page.locator("article.message.user .content")).to_have_text(mine)
+    content = answer.locator(".content")
+    expect(content.locator("strong")).to_have_text("bold")
+    expect(content.locator("p code")).to_have_text("<b>code</b>")
+    expect(content.locator("pre code")).to_have_text("print('<img src=x onerror=alert(1)>')\n")
+    ok = content.get_by_role("link", name="ok")
+    expect(ok).to_have_attribute("href", "https://example.org/")
+    expect(ok).to_have_attribute("rel", "noopener noreferrer nofollow")
+    for name in ("click", "mixed", "spaced", "entity", "ref", "pic", "x"):  # shown, but go nowhere
+        expect(content.get_by_text(name, exact=True)).not_to_have_attribute("href", re.compile("."))
+    expect(content).to_contain_text('<img src=x onerror="window.__xss=13;alert(13)">')  # raw HTML is text
+    expect(content).to_contain_text("<script>window.__xss=14;alert(14)</script>")
+    expect(content).to_contain_text("<style>body{display:none}</style>")
+    assert content.locator("details, iframe, style, svg, img, script").count() == 0
+    assert_inert(page, "a markdown answer")
+    screenshot(page, "xss-markdown")
+
+    answer.get_by_role("button", name="Copy answer").click()  # Copy gives the markdown as the model wrote it
+    expect(answer.get_by_role("button", name="Copy answer")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == MARKDOWN
+    page.reload()  # rendered again from the stored text
+    expect(page.locator("article.message.assistant .content h1")).to_have_text("Heading")
+    assert_inert(page, "a markdown answer after a reload")

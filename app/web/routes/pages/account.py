@@ -19,7 +19,15 @@ router = APIRouter(prefix="/account")
 def tokens_page(request: Request, session: Session, user: User, *, status_code: int = 200, **context) -> HTMLResponse:
     """The tokens page, or only its `tokens` block for htmx."""
     rows = tokens.list_tokens(session, user=user)
-    return render(request, "account_tokens.html", {"tokens": rows, **context}, status_code=status_code, block="tokens")
+    context = {"tokens": rows, "example": _example(request), **context}
+    return render(request, "account_tokens.html", context, status_code=status_code, block="tokens")
+
+
+def _example(request: Request) -> dict[str, str]:
+    """What the usage examples need: this server's address as the browser reached it (behind a proxy, as the proxy
+    forwards it), and the name of the model served now (the OpenAI route answers with it whatever `model` says)."""
+    current = request.app.state.inference.current
+    return {"base_url": str(request.base_url).rstrip("/"), "model": current.name if current else "flywheel"}
 
 
 @router.get("/tokens", response_class=HTMLResponse, name="account_tokens")

@@ -1,60 +1,78 @@
-"""Admin pages: the dashboard (counts, models, jobs with live progress and charts, data import/export), people."""
+"""Admin dashboard pages: the overview with trends, data (counts, agreement, import and export) and settings. Jobs,
+models and people have modules of their own (admin_jobs, admin_models, admin_people); all share the nav."""
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from app.errors import Invalid, ServiceError
-from app.models import ModelKind, Role
-from app.services import (
-    annotation,
-    app_settings,
-    datasets,
-    imports,
-    jobs,
-    lineage,
-    model_versions,
-    stats,
-    tokens,
-    users,
-)
-from app.services.training_data import TrainingData
-from app.web.charts import job_charts, watch_charts, watch_flag
+from app.errors import ServiceError
+from app.models import JobStatus
+from app.services import annotation, app_settings, datasets, imports, jobs, role_requests, stats
+from app.web.charts import line_chart
 from app.web.deps import AdminUser, SessionDep
+from app.web.formatting import label
 from app.web.templating import is_htmx, render
 
 router = APIRouter(prefix="/admin")
 
 
-def notice_url(request: Request, text: str) -> str:
-    """The dashboard showing `text` as a notice, signed: a link made elsewhere cannot put words in an admin's page."""
+def notice_url(request: Request, text: str, page: str = "admin_dashboard") -> str:
+    """An admin page showing `text` as a notice, signed: a link made elsewhere cannot put words in an admin's page."""
     notice = request.app.state.notice_signer.sign(text)
-    return str(request.url_for("admin_dashboard").include_query_params(message=notice))
+    return str(request.url_for(page).include_query_params(message=notice))
 
 
-def _dashboard_context(request: Request, session: Session, message: str | None = None) -> dict[str, Any]:
-    settings = request.app.state.settings
+def notice(request: Request, message: str | None) -> str | None:
+    return request.app.state.notice_signer.unsign(message)  # only what this server signed: see notice_url
+
+
+def trends(session: Session) -> dict[str, Any]:
+    """Labels per day over two weeks and the served policies' scores over versions, as charts (None: too little)."""
+    days = stats.labels_per_day(session)
+    per_day = [(i - len(days) + 1, d.total) for i, d in enumerate(days)]
+    labels = line_chart("labels per day", per_day, "day (0 = today)", "labels", counts=True)
+    scores = stats.policy_scores(session)
+    metric = label(scores[0].metric) if scores else ""
+    by_version = [(i + 1, s.value) for i, s in enumerate(scores)]
+    quality = line_chart(f"{metric} by served version", by_version, "served version (oldest = 1)", metric)
+    if quality is not None:  # a score is no count: the axis keeps its range, only the versions are whole
+        quality.x_ticks = [t for t in quality.x_ticks if t.label.isdigit()]
+    return {"days": days, "labels_chart": labels, "scores": scores, "score_label": metric, "quality_chart": quality}
+
+
+@router.get("", response_class=HTMLResponse, name="admin_dashboard")
+def dashboard(request: Request, session: SessionDep, admin: AdminUser, message: str | None = None) -> HTMLResponse:
+    """The overview: what is served, what runs, what came in, and the trends."""
     current = request.app.state.inference.current
-    versions = model_versions.list_versions(session)
-    return {
-        "counts": stats.dashboard_counts(session, per_set=settings.annotations_per_set),
+    counts = stats.dashboard_counts(session, per_set=request.app.state.settings.annotations_per_set)
+    context = {
+        "section": "overview",
+        "served": current.name if current else None,
+        "counts": counts,
+        "running": jobs.list_jobs(session, status=JobStatus.running, limit=5),
+        "recent": jobs.list_jobs(session, limit=5),
+        "pending_requests": len(role_requests.pending(session)),
+        "labels_since": jobs.labels_since_last_reward_model(session),
+        "message": notice(request, message),
+        **trends(session),
+    }
+    return render(request, "admin.html", context)
+
+
+@router.get("/data", response_class=HTMLResponse, name="admin_data")
+def data(request: Request, session: SessionDep, admin: AdminUser, message: str | None = None) -> HTMLResponse:
+    """Counts, agreement between annotators, import and export."""
+    context = {
+        "section": "data",
+        "counts": stats.dashboard_counts(session, per_set=request.app.state.settings.annotations_per_set),
         "agreement": annotation.agreement(session),
-        "versions": versions,
-        "version_names": lineage.version_names(versions),
-        "describe": lineage.describe_training_data,
-        "gate_verdict": lineage.gate_verdict,
-        "kinds": list(ModelKind),
-        "jobs": jobs.list_jobs(session, limit=20),
-        "job_types": sorted(jobs.JOB_TYPES),
         "export_kinds": datasets.KINDS,
         "import_kinds": imports.IMPORT_KINDS,
-        "served": current.name if current else None,
-        "message": request.app.state.notice_signer.unsign(message),  # only what this server signed: see notice_url
-        **_retrain_context(request, session),
+        "message": notice(request, message),
     }
+    return render(request, "admin_data.html", context)
 
 
 def _retrain_context(
@@ -65,9 +83,22 @@ def _retrain_context(
     return {"rule": rule, "retrain_value": value, "retrain_error": error, "retrain_saved": saved}
 
 
-@router.get("", response_class=HTMLResponse, name="admin_dashboard")
-def dashboard(request: Request, session: SessionDep, admin: AdminUser, message: str | None = None) -> HTMLResponse:
-    return render(request, "admin.html", _dashboard_context(request, session, message))
+def _settings_page(request: Request, session: Session, message: str | None = None, **retrain: Any) -> dict[str, Any]:
+    settings = request.app.state.settings
+    return {
+        "section": "settings",
+        "message": notice(request, message),
+        "per_set": settings.annotations_per_set,
+        "active_learning": settings.active_learning.value,
+        "reward_min_labels": settings.reward_min_labels,
+        **_retrain_context(request, session, **retrain),
+    }
+
+
+@router.get("/settings", response_class=HTMLResponse, name="admin_settings")
+def settings_page(request: Request, session: SessionDep, admin: AdminUser, message: str | None = None) -> HTMLResponse:
+    """The automatic retraining rule (editable), the guidelines link, and the settings fixed at start-up."""
+    return render(request, "admin_settings.html", _settings_page(request, session, message))
 
 
 @router.post("/settings", name="admin_settings_update")
@@ -84,96 +115,16 @@ def update_settings(
         app_settings.set_auto_retrain_after(session, value=value, user=admin)
     except ServiceError as exc:
         session.rollback()
-        retrain = _retrain_context(request, session, value=auto_retrain_after, error=exc.message)
         if is_htmx(request):
+            retrain = _retrain_context(request, session, value=auto_retrain_after, error=exc.message)
             return render(request, "partials/retrain.html", retrain, status_code=exc.status_code)
-        context = {**_dashboard_context(request, session), **retrain}
-        return render(request, "admin.html", context, status_code=exc.status_code)
+        context = _settings_page(request, session, value=auto_retrain_after, error=exc.message)
+        return render(request, "admin_settings.html", context, status_code=exc.status_code)
     session.commit()
     if is_htmx(request):
         return render(request, "partials/retrain.html", _retrain_context(request, session, saved=True))
     state = f"after {value} new labels" if value else "off"
-    return RedirectResponse(notice_url(request, f"Automatic retraining: {state}"), status_code=303)
-
-
-@router.get("/models/{version_id}", response_class=HTMLResponse, name="admin_model")
-def model_detail(request: Request, session: SessionDep, admin: AdminUser, version_id: int) -> HTMLResponse:
-    """One model version's lineage: its ancestors, the data it was trained on, the gate's verdict, its metrics."""
-    version = model_versions.get_version(session, version_id=version_id)
-    chain = lineage.ancestors(session, version)
-    offspring = lineage.children(session, version)
-    record = TrainingData.from_json(version.training_data)
-    names = lineage.version_names([version, *chain, *offspring]) | lineage.referenced_names(session, record)
-    context = {
-        "version": version,
-        "ancestors": chain,
-        "children": offspring,
-        "trained_on": lineage.describe_training_data(record, names),
-        "withdrawn": lineage.withdrawn_data(session, version),
-        "gate": lineage.gate_verdict(version.metrics or {}),
-        "metrics": {k: v for k, v in (version.metrics or {}).items() if k not in ("gate", "promoted")},
-    }
-    return render(request, "admin_model.html", context)
-
-
-@router.get("/jobs", response_class=HTMLResponse, name="admin_jobs")
-def jobs_table(request: Request, session: SessionDep, admin: AdminUser) -> HTMLResponse:
-    """The jobs table alone (htmx polls it every few seconds for live status and progress)."""
-    return render(request, "partials/jobs.html", {"jobs": jobs.list_jobs(session, limit=20)})
-
-
-@router.post("/jobs", name="admin_jobs_create")
-def create_job(
-    request: Request,
-    session: SessionDep,
-    admin: AdminUser,
-    type: Annotated[str, Form(max_length=32)],
-    params: Annotated[str, Form(max_length=20_000)] = "",
-) -> Response:
-    try:
-        parsed = json.loads(params) if params.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise Invalid(f"params must be a JSON object ({exc.msg})") from exc
-    if not isinstance(parsed, dict):
-        raise Invalid("params must be a JSON object")
-    job = jobs.enqueue(session, type=type, params=parsed, created_by_id=admin.id)
-    session.commit()
-    return RedirectResponse(request.url_for("admin_job", job_id=job.id), status_code=303)
-
-
-@router.get("/jobs/{job_id}", response_class=HTMLResponse, name="admin_job")
-def job_detail(request: Request, session: SessionDep, admin: AdminUser, job_id: int) -> HTMLResponse:
-    job = jobs.get_job(session, job_id=job_id)
-    points = job.metrics or []
-    context = {
-        "job": job,
-        "charts": job_charts(points),
-        "watch_charts": watch_charts(points),
-        "watch_flag": watch_flag(points),
-        "params": json.dumps(job.params, indent=2),
-    }
-    return render(request, "admin_job.html", context, block="job")
-
-
-@router.post("/jobs/{job_id}/cancel", name="admin_jobs_cancel")
-def cancel_job(request: Request, session: SessionDep, admin: AdminUser, job_id: int) -> Response:
-    jobs.cancel(session, job_id=job_id)
-    session.commit()
-    return RedirectResponse(request.url_for("admin_job", job_id=job_id), status_code=303)
-
-
-@router.post("/models/{version_id}/promote", name="admin_models_promote")
-def promote(request: Request, session: SessionDep, admin: AdminUser, version_id: int) -> Response:
-    model_versions.promote(session, version_id=version_id)
-    session.commit()
-    return RedirectResponse(request.url_for("admin_dashboard"), status_code=303)
-
-
-@router.post("/models/rollback", name="admin_models_rollback")
-def roll_back(request: Request, session: SessionDep, admin: AdminUser, kind: Annotated[ModelKind, Form()]) -> Response:
-    model_versions.roll_back(session, kind=kind)
-    session.commit()
-    return RedirectResponse(request.url_for("admin_dashboard"), status_code=303)
+    return RedirectResponse(notice_url(request, f"Automatic retraining: {state}", "admin_settings"), status_code=303)
 
 
 @router.get("/export/{kind}", name="admin_export")
@@ -197,71 +148,4 @@ async def import_data(
         session, request.app.state.settings, kind=kind, filename=file.filename or "", data=data
     )
     session.commit()
-    return RedirectResponse(notice_url(request, f"Imported {kind}: {summary}"), status_code=303)
-
-
-def _people_context(session: Session, **extra: Any) -> dict[str, Any]:
-    return {"people": users.list_users(session), "roles": list(Role), "tokens": tokens.active_counts(session), **extra}
-
-
-@router.get("/users", response_class=HTMLResponse, name="admin_users")
-def list_users(request: Request, session: SessionDep, admin: AdminUser) -> HTMLResponse:
-    return render(request, "admin_users.html", _people_context(session))
-
-
-@router.post("/users", name="admin_users_create")
-def create_user(
-    request: Request,
-    session: SessionDep,
-    admin: AdminUser,
-    username: Annotated[str, Form(max_length=64)],
-    password: Annotated[str, Form(max_length=256)],
-    role: Annotated[Role, Form()] = Role.user,
-) -> Response:
-    try:
-        users.create_user(session, username=username, password=password, role=role)
-    except ServiceError as exc:
-        session.rollback()
-        context = _people_context(session, error=exc.message)
-        return render(request, "admin_users.html", context, status_code=exc.status_code)
-    session.commit()
-    return RedirectResponse(request.url_for("admin_users"), status_code=303)
-
-
-@router.post("/users/{user_id}", name="admin_users_update")
-def update_user(
-    request: Request,
-    session: SessionDep,
-    admin: AdminUser,
-    user_id: int,
-    role: Annotated[Role, Form()],
-    disabled: Annotated[bool, Form()] = False,
-) -> Response:
-    person = users.update_user(session, user_id=user_id, role=role, disabled=disabled)
-    session.commit()
-    if is_htmx(request):
-        context = {"person": person, "roles": list(Role), "saved": True, "tokens": tokens.active_counts(session)}
-        return render(request, "partials/user_row.html", context)
-    return RedirectResponse(request.url_for("admin_users"), status_code=303)
-
-
-@router.post("/users/{user_id}/delete", name="admin_users_delete")
-def delete_user(
-    request: Request,
-    session: SessionDep,
-    admin: AdminUser,
-    user_id: int,
-    confirm: Annotated[str, Form(max_length=64)] = "",
-) -> Response:
-    """Delete someone's account (the username typed again confirms it): one transaction, as app/services/users.py."""
-    users.delete_user(session, user_id=user_id, confirm=confirm.strip())
-    session.commit()
-    return RedirectResponse(request.url_for("admin_users"), status_code=303)
-
-
-@router.post("/users/{user_id}/revoke-tokens", name="admin_users_revoke_tokens")
-def revoke_tokens(request: Request, session: SessionDep, admin: AdminUser, user_id: int) -> Response:
-    users.get_user(session, user_id=user_id)
-    tokens.revoke_all(session, user_id=user_id)
-    session.commit()
-    return RedirectResponse(request.url_for("admin_users"), status_code=303)
+    return RedirectResponse(notice_url(request, f"Imported {kind}: {summary}", "admin_data"), status_code=303)

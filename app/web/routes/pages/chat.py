@@ -1,18 +1,41 @@
 """Chat pages (role `user` and up): conversations, streamed answers (SSE), stop, regenerate, thumbs up/down."""
 
+from dataclasses import asdict, replace
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.errors import ServiceError
-from app.models import Message, User
+from app.models import Feedback, Message, User
 from app.services import chat, feedback
 from app.serving import answering
+from app.serving.inference import SamplingParams
 from app.web.deps import CurrentUser, SessionDep
 from app.web.templating import is_htmx, render
 
 router = APIRouter(prefix="/chat")
+
+# The page's answer settings, posted with each message (the same bounds as the REST API's).
+Temperature = Annotated[float | None, Form(ge=0, le=2)]
+TopP = Annotated[float | None, Form(gt=0, le=1)]
+MaxTokens = Annotated[int | None, Form(ge=1, le=4096)]
+
+
+def _sampling(request: Request, temperature: float | None, top_p: float | None, max_tokens: int | None) -> dict | None:
+    """How the answer is to be sampled, stored on it until it streams; None: the server's defaults."""
+    if temperature is None and top_p is None and max_tokens is None:
+        return None
+    defaults = SamplingParams(max_tokens=request.app.state.settings.max_new_tokens)
+    return asdict(
+        replace(
+            defaults,
+            temperature=defaults.temperature if temperature is None else temperature,
+            top_p=defaults.top_p if top_p is None else top_p,
+            max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+        )
+    )
 
 
 def thread_context(session, user: User, conversation_id: int) -> dict:
@@ -26,24 +49,28 @@ def thread_context(session, user: User, conversation_id: int) -> dict:
         "thread": chat.visible_thread(messages),
         "votes": votes,
         "reasons": feedback.REASONS,
+        "model_names": chat.model_names(session, messages=messages),
     }
 
 
-def page(request: Request, session, user: User, conversation_id: int | None, **extra) -> HTMLResponse:
+def page(
+    request: Request, session: Session, user: User, conversation_id: int | None, block: str | None = None
+) -> HTMLResponse:
     context = {
         "conversations": chat.list_conversations(session, user=user),
         "conversation": None,
         "thread": [],
         "votes": {},
         "reasons": feedback.REASONS,
+        "model_names": {},
         "model_name": _model_name(request),
         "limit": request.app.state.inference.prompt_limit(),
         "max_chars": chat.MAX_MESSAGE_CHARS,
-        **extra,
+        "sampling": SamplingParams(max_tokens=request.app.state.settings.max_new_tokens),
     }
     if conversation_id is not None:
         context.update(thread_context(session, user, conversation_id))
-    return render(request, "chat.html", context)
+    return render(request, "chat.html", context, block=block)
 
 
 def _model_name(request: Request) -> str | None:
@@ -57,10 +84,28 @@ def chat_home(request: Request, session: SessionDep, user: CurrentUser) -> HTMLR
 
 
 @router.post("", name="chat_create")
-def create(request: Request, session: SessionDep, user: CurrentUser) -> Response:
-    conversation = chat.create_conversation(session, user=user)
+def create(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    content: Annotated[str, Form(max_length=20_000)],
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    max_tokens: MaxTokens = None,
+) -> Response:
+    """The first message of a new chat makes the conversation (New chat itself stores nothing). htmx gets the page
+    of the new conversation (it swaps the chat and the sidebar in, and the address becomes the conversation's)."""
+    answering.require_model(request.app)
+    sampling = _sampling(request, temperature, top_p, max_tokens)
+    conversation, _, answer = chat.start_conversation(session, user=user, content=content, sampling=sampling)
+    answering.require_room(request.app, session, user=user, answer=answer)  # too long: a 413, nothing committed
     session.commit()
-    return RedirectResponse(request.url_for("chat_view", conversation_id=conversation.id), status_code=303)
+    url = request.url_for("chat_view", conversation_id=conversation.id)
+    if is_htmx(request):
+        response = page(request, session, user, conversation.id, block="chat")
+        response.headers["HX-Push-Url"] = url.path
+        return response
+    return RedirectResponse(url, status_code=303)
 
 
 @router.get("/{conversation_id}", response_class=HTMLResponse, name="chat_view")
@@ -75,13 +120,28 @@ def send(
     user: CurrentUser,
     conversation_id: int,
     content: Annotated[str, Form(max_length=20_000)],
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    max_tokens: MaxTokens = None,
 ) -> Response:
     answering.require_model(request.app)
-    message, answer = chat.add_user_message(session, user=user, conversation_id=conversation_id, content=content)
+    sampling = _sampling(request, temperature, top_p, max_tokens)
+    message, answer = chat.add_user_message(
+        session, user=user, conversation_id=conversation_id, content=content, sampling=sampling
+    )
     answering.require_room(request.app, session, user=user, answer=answer)  # too long: a 413, nothing committed
     session.commit()
-    if is_htmx(request):
-        context = {"items": [(message, []), (answer, [])], "votes": {}, "reasons": feedback.REASONS}
+    if is_htmx(request):  # the new turn, and out of band the sidebar and the title (the first message names a chat)
+        context = {
+            "items": [(message, []), (answer, [])],
+            "votes": {},
+            "reasons": feedback.REASONS,
+            "model_names": {},
+            "model_name": _model_name(request),
+            "conversation": chat.get_conversation(session, user=user, conversation_id=conversation_id),
+            "conversations": chat.list_conversations(session, user=user),
+            "oob": True,
+        }
         return render(request, "partials/messages.html", context)
     return RedirectResponse(request.url_for("chat_view", conversation_id=conversation_id), status_code=303)
 
@@ -121,13 +181,17 @@ def delete_message(request: Request, session: SessionDep, user: CurrentUser, mes
 async def stream(request: Request, user: CurrentUser, message_id: int) -> StreamingResponse:
     """Server-sent events: `delta` {text} as tokens arrive, then `done` {finish_reason} (or `error` {detail})."""
     deltas = answering.answer(request.app, user=user, message_id=message_id)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     try:
         first = await anext(deltas, None)  # errors before the first token become a normal 4xx/5xx response
-    except ServiceError:
+    except ServiceError as exc:
         await deltas.aclose()
-        raise
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            raise
+        # The page's EventSource cannot read an error response: tell it why as an `error` event it can show.
+        event = answering.sse("error", {"detail": exc.message, "status": exc.status_code})
+        return StreamingResponse(iter([event]), media_type="text/event-stream", headers=headers)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(answering.answer_events(deltas, first), media_type="text/event-stream", headers=headers)
 
 
@@ -175,9 +239,46 @@ def rate(
 ) -> Response:
     vote = feedback.set_feedback(session, user=user, message_id=message_id, value=value, reason=reason, comment=comment)
     session.commit()
+    # The reason stays open after a thumb: picking one now saves it at once (rate_reason).
+    return _feedback_response(request, session, user, message_id, vote, saved="thanks", reason_open=True)
+
+
+@router.post("/messages/{message_id}/feedback/reason", name="chat_feedback_reason")
+def rate_reason(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    message_id: int,
+    reason: Annotated[str | None, Form(max_length=64)] = None,
+    comment: Annotated[str | None, Form(max_length=4000)] = None,
+) -> Response:
+    """A reason or comment picked after the thumb is saved at once on the vote (409 when there is no vote yet)."""
+    vote = feedback.set_reason(session, user=user, message_id=message_id, reason=reason, comment=comment)
+    session.commit()
+    return _feedback_response(request, session, user, message_id, vote, saved="reason saved", reason_open=True)
+
+
+def _feedback_response(
+    request: Request,
+    session: Session,
+    user: User,
+    message_id: int,
+    vote: Feedback,
+    *,
+    saved: str,
+    reason_open: bool = False,
+) -> Response:
+    """htmx: the feedback form again, saying what was saved; without JavaScript, back to the conversation."""
     if is_htmx(request):
         message = chat.get_message(session, user=user, message_id=message_id)
-        context = {"message": message, "vote": vote, "reasons": feedback.REASONS, "saved": True}
+        context = {
+            "message": message,
+            "vote": vote,
+            "reasons": feedback.REASONS,
+            "saved": True,
+            "saved_text": saved,
+            "reason_open": reason_open,
+        }
         return render(request, "partials/feedback.html", context)
     message = chat.get_message(session, user=user, message_id=message_id)
     return RedirectResponse(request.url_for("chat_view", conversation_id=message.conversation_id), status_code=303)

@@ -1,19 +1,37 @@
-"""The home page and the health probes."""
+"""The home page (with the first start's setup panel) and the health probes."""
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from app import migrate
-from app.web.deps import OptionalUser
-from app.web.templating import render
+from app.jobs.bootstrap import SetupStatus, setup_status
+from app.web.deps import OptionalUser, SessionDep
+from app.web.templating import is_htmx, render
 
 router = APIRouter()
 
 
+def _setup(request: Request, session: Session) -> SetupStatus:
+    """The first start's status as this process sees it: "ready" only once this process serves a model, so that the
+    chat it enables answers; "loading" while a newly trained model is on its way in (FLYWHEEL_MODEL_POLL_S)."""
+    status = setup_status(session)
+    if status.state == "trained":
+        status.state = "ready" if request.app.state.inference.current is not None else "loading"
+    return status
+
+
 @router.get("/", response_class=HTMLResponse, name="home")
-def home(request: Request, user: OptionalUser) -> HTMLResponse:
-    return render(request, "home.html")
+def home(request: Request, session: SessionDep, user: OptionalUser) -> HTMLResponse:
+    return render(request, "home.html", {"setup": _setup(request, session)})
+
+
+@router.get("/setup", response_class=HTMLResponse, name="setup_status")
+def setup(request: Request, session: SessionDep, user: OptionalUser) -> HTMLResponse:
+    """The setup panel that the home page polls while the demo model trains (the home page itself without htmx)."""
+    context = {"setup": _setup(request, session), "polled": True}
+    return render(request, "partials/setup.html" if is_htmx(request) else "home.html", context)
 
 
 @router.get("/healthz", name="healthz")
