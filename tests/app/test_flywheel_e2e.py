@@ -22,7 +22,7 @@ LOOP = [
     "--annotators",
     "2",
     "--tasks",
-    "32",
+    "48",
     "--chats",
     "4",
     "--eval-prompts",
@@ -64,7 +64,7 @@ def test_the_loop_raises_the_served_gold_score_through_http(
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("turn 0: serving demo-sft, gold "), lines
-    assert lines[1].startswith("turn 1: 64 rankings + 4 thumbs; reward model accuracy"), lines
+    assert lines[1].startswith("turn 1: 96 rankings + 4 thumbs; reward model accuracy"), lines
     assert "new policy active (wins" in lines[1] and "serving policy-job" in lines[1], lines  # the gate promoted it
     found = re.fullmatch(r"flywheel_turns: 1 gold_before=([\d.]+) gold_after=([\d.]+)", lines[-1])
     assert found, lines
