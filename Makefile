@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test lint format bench real-model clean
+.PHONY: setup run test lint format bench real-model screenshots clean
 
 $(BIN)/python:
 	@echo "Creating $(VENV) (once)"
@@ -51,6 +51,11 @@ bench: setup
 # `FLYWHEEL_REAL_MODEL=1 .venv/bin/python -m pytest -m slow`. Prints where it is cached.
 real-model: setup
 	$(BIN)/python bench/real_model.py
+
+# The screenshots in docs/screenshots.md: the browser walk of every page, at 1280 and 390 px (needs Chromium).
+screenshots: setup
+	$(BIN)/python -m pytest -q tests/browser/test_every_page.py
+	mkdir -p docs/screenshots && cp test-artifacts/screenshots/*.png docs/screenshots/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -79,7 +79,18 @@ def format_metrics(metrics: dict[str, Any] | None, *, skip: frozenset[str] = fro
 
 
 # What a version is judged by, most telling first: human labels and the gate before the trainer's own numbers.
-HEADLINE = ("heldout_acc", "win_rate", "gold", "heldout_gold_greedy", "val_acc", "kl", "reward_candidate", "val_ppl", "val_loss", "loss")
+HEADLINE = (
+    "heldout_acc",
+    "win_rate",
+    "gold",
+    "heldout_gold_greedy",
+    "val_acc",
+    "kl",
+    "reward_candidate",
+    "val_ppl",
+    "val_loss",
+    "loss",
+)
 
 
 def headline(metrics: dict[str, Any] | None, limit: int = 3) -> list[Metric]:

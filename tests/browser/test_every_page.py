@@ -45,6 +45,7 @@ PAGES = [
     PageToSee("admin-settings", "/admin/settings"),
     PageToSee("admin-job", "/admin/jobs/{job_id}"),
     PageToSee("admin-job-failed", "/admin/jobs/{failed_job_id}"),
+    PageToSee("admin-job-rl", "/admin/jobs/{rl_job_id}"),
     PageToSee("admin-model", "/admin/models/{model_id}"),
     PageToSee("admin-users", "/admin/users"),
     PageToSee("error-404", "/chat/999999", status=404),
@@ -76,8 +77,20 @@ ANSWER = (
 )
 
 
+# A finished PPO run's metrics, so that the job page shows its charts: reward rising as KL grows, a falling loss.
+RL_METRICS = [
+    {
+        "step": s,
+        "reward_mean": round(0.2 + 0.5 * (1 - 0.93**s) + 0.03 * (-1) ** s, 3),
+        "kl": round(0.004 * s + 0.002 * (s % 3), 4),
+        "loss": round(1.2 * 0.96**s + 0.05 * (s % 2), 3),
+    }
+    for s in range(1, 41)
+]
+
+
 def seed(app, username: str) -> dict[str, int]:
-    """Records the pages show: a conversation with a long answer, a queued and a failed job, a prompt to rank."""
+    """Records the pages show: a long answer, a queued, a failed and a finished RL job, a prompt to rank."""
     with app.state.session_factory() as db:
         user = db.query(User).filter_by(username=username).one()
         question = "Show me what a long answer looks like on a phone, with code and a table please"
@@ -90,10 +103,15 @@ def seed(app, username: str) -> dict[str, int]:
         failed.status = JobStatus.failed
         failed.error = "Traceback (most recent call last):\n" + "  File " + "/very/long/path/" * 20 + "x.py\nValueError"
         failed.log_tail = "step 1 loss=" + "9" * 200 + "\n"
+        rl = jobs.enqueue(db, type="rl", params={"algo": "ppo", "steps": 40}, created_by_id=user.id)
+        rl.status, rl.progress, rl.attempts, rl.metrics = JobStatus.succeeded, 1.0, 1, RL_METRICS
+        rl.effective_params = {"algo": "ppo", "steps": 40, "kl_coef": 0.5, "lr": 5e-5}
+        rl.log_tail = "".join(f"step {m['step']} reward_mean={m['reward_mean']} kl={m['kl']}\n" for m in RL_METRICS)
         prompts.import_jsonl(db, text='{"prompt": "Where does Mira live?"}\n')
         db.commit()
         model_id = app.state.inference.current.version_id
-        return {"conversation_id": conversation.id, "job_id": job.id, "failed_job_id": failed.id, "model_id": model_id}
+        ids = {"conversation_id": conversation.id, "job_id": job.id, "failed_job_id": failed.id, "rl_job_id": rl.id}
+        return ids | {"model_id": model_id}
 
 
 def signed_in(browser: Browser, url: str, sign_in: Callable[[Page], None]) -> dict:
