@@ -113,9 +113,14 @@ def import_prompts(driver: Driver, world: TaskWorld) -> int:
 
 
 def job_params(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The reward job's and the rl job's parameters."""
+    """The reward job's and the policy job's (rl or dpo) parameters."""
     lora = {"rank": args.lora_rank, "alpha": 2 * args.lora_rank}
     reward = {"steps": args.reward_steps, "batch_size": 8, "lr": args.reward_lr, "lora": lora}
+    sampling = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    gating = {"gate_prompts": args.gate_prompts, "gate_samples": 2}
+    if args.policy_job == "dpo":
+        dpo = {"lora": lora, "steps": args.dpo_steps, "lr": args.rl_lr, "beta": args.beta, "batch_size": 8}
+        return reward, {**dpo, **sampling, **gating}
     rl = {
         "algo": args.algo,
         "lora": lora,
@@ -157,7 +162,7 @@ def turns(url: str, token: str, args: argparse.Namespace) -> tuple[float, float]
         print(f"turn {turn}: {ranked} rankings + {thumbs} thumbs ({_clock()})", flush=True)
         reward = driver.run_job("reward", reward_params, args.job_timeout)
         print(f"  reward job {reward['id']} done ({_clock()})", flush=True)
-        rl = driver.run_job("rl", rl_params, args.job_timeout)
+        rl = driver.run_job(args.policy_job, rl_params, args.job_timeout)
         versions = driver.admin.get("/api/v1/models").raise_for_status().json()
         rm = next(v for v in versions if v["kind"] == "reward" and v["job_id"] == reward["id"])
         policy = next(v for v in versions if v["kind"] == "policy" and v["job_id"] == rl["id"])
@@ -197,7 +202,10 @@ def main() -> None:
     add("--lora-rank", type=int, default=16)
     add("--reward-steps", type=int, default=30)
     add("--reward-lr", type=float, default=5e-4)
+    add("--policy-job", default="rl", choices=["rl", "dpo"], help="rl against the reward model, or dpo on the rankings")
     add("--algo", default="grpo", choices=["ppo", "grpo", "rloo"])
+    add("--dpo-steps", type=int, default=60)
+    add("--beta", type=float, default=0.1, help="the dpo job's beta")
     add("--rl-steps", type=int, default=20)
     add("--rl-lr", type=float, default=2e-4)
     add("--kl-coef", type=float, default=None, help="the rl job's KL coefficient (default: the job's own, 0.5)")

@@ -227,8 +227,9 @@ def turns(url: str, token: str, args: argparse.Namespace) -> tuple[float, float]
         ranked = sum(driver.annotate(client, sim, args.tasks) for client, sim in annotators)
         chats = train[(turn - 1) * args.chats : turn * args.chats]
         thumbs = driver.chat_and_thumb(user_client, user, chats)
-        reward = driver.run_job("reward", {"steps": args.reward_steps}, args.job_timeout)
-        rl_params = {"steps": args.rl_steps, "kl_coef": args.kl_coef, "gate_prompts": args.eval_prompts}
+        threads = {"threads": args.threads} if args.threads else {}
+        reward = driver.run_job("reward", {"steps": args.reward_steps, **threads}, args.job_timeout)
+        rl_params = {"steps": args.rl_steps, "kl_coef": args.kl_coef, "gate_prompts": args.eval_prompts, **threads}
         rl = driver.run_job("rl", rl_params, args.job_timeout)
         versions = driver.admin.get("/api/v1/models").raise_for_status().json()
         rm = next(v for v in versions if v["kind"] == "reward" and v["job_id"] == reward["id"])
@@ -292,6 +293,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=FLYWHEEL_DEMO_MODEL["bad_fraction"],
         help="share of poor answers in the started server's SFT data (default %(default)s, as in the "
         "demo experiment: room for the loop to improve)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of the reward and rl jobs (default: the worker's, fewer on a busy machine); a fixed "
+        "count makes a run's numbers the same however busy the machine is",
     )
     parser.add_argument("--job-timeout", type=float, default=3600)
     parser.add_argument("--seed", type=int, default=0, help="the simulated people's noise and the evaluation's draws")

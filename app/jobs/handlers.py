@@ -79,7 +79,7 @@ def _version(session: Session, params: dict[str, Any], key: str, kinds: tuple[Mo
 
 def _trainer_params(params: dict[str, Any], config_type: type, fixed: set[str]) -> dict[str, Any]:
     allowed = {f.name for f in fields(config_type)} - fixed
-    unknown = set(params) - allowed - set(gate.GATE_DEFAULTS)
+    unknown = set(params) - allowed - set(gate.GATE_DEFAULTS) - set(gate.GATE_SAMPLING)  # the gate reads those
     if unknown:
         raise ValueError(f"unknown parameters for this job: {', '.join(sorted(unknown))}")
     return {k: v for k, v in params.items() if k in allowed}

@@ -63,6 +63,7 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, int, int, int], Callable[[Caller]
     ("GET", "/docs/oauth2-redirect"): ((200, 200, 200, 200), nothing),
     ("GET", "/redoc"): ((200, 200, 200, 200), nothing),
     ("GET", "/"): ((200, 200, 200, 200), nothing),
+    ("GET", "/setup"): ((200, 200, 200, 200), nothing),
     ("GET", "/healthz"): ((200, 200, 200, 200), nothing),
     ("GET", "/readyz"): ((200, 200, 200, 200), nothing),
     ("GET", "/login"): ((200, 303, 303, 303), nothing),
@@ -287,7 +288,13 @@ def test_role_matrix(callers: dict[str, Caller]) -> None:
 
 # A bad token is refused before anything else looks at the request, even where anonymous visitors are welcome.
 # A bad token is never redirected to the login page either (which would refuse it again: a redirect loop).
-BAD_TOKEN_OVERRIDES = {("GET", "/"): 401, ("GET", "/login"): 401, ("POST", "/signup"): 401, ("POST", "/logout"): 401}
+BAD_TOKEN_OVERRIDES = {
+    ("GET", "/"): 401,
+    ("GET", "/setup"): 401,
+    ("GET", "/login"): 401,
+    ("POST", "/signup"): 401,
+    ("POST", "/logout"): 401,
+}
 
 
 def test_disabled_users_and_revoked_tokens_get_no_further_than_anonymous(

@@ -9,6 +9,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import migrate
@@ -26,6 +27,7 @@ from ml import lora
 from ml.checkpoint import load_checkpoint
 from ml.demo.world import World, split_of
 from ml.engine import Engine
+from ml.textstream import decode_text
 from ml.tokenizer import Tokenizer
 from tests.app.test_inference import GREEDY, collect
 from tests.factories import login, make_user
@@ -291,4 +293,8 @@ def test_lora_jobs_record_base_and_adapter_and_the_promoted_policy_is_served(
     ids = tokenizer.render_prompt(question)
     stops = set(tokenizer.stop_token_ids)
     sample = Engine(base).generate(ids, n=1, max_new_tokens=GREEDY.max_tokens, temperature=0.0, stop_token_ids=stops)[0]
-    assert text == clean(tokenizer.decode(sample.token_ids, skip_special=True))
+    assert text == clean(decode_text(tokenizer, sample.token_ids))  # whole characters, as served
+    merged, _ = load_checkpoint(policy_path)  # what is served: the adapter merged into the base's weights
+    with torch.no_grad():
+        prompt = torch.tensor([ids + sample.token_ids])
+        assert torch.allclose(merged(prompt)[0], base(prompt)[0], atol=1e-4)
