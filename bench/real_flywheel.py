@@ -116,6 +116,8 @@ def job_params(args: argparse.Namespace) -> tuple[dict, dict]:
     """The reward job's and the policy job's (rl or dpo) parameters."""
     lora = {"rank": args.lora_rank, "alpha": 2 * args.lora_rank}
     reward = {"steps": args.reward_steps, "batch_size": 8, "lr": args.reward_lr, "lora": lora}
+    if args.reward_head_only:  # the score head alone on the frozen trunk's cached features: cheap steps
+        reward = {"steps": args.reward_steps, "batch_size": 16, "lr": args.reward_lr, "head_only": True}
     sampling = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     gating = {"gate_prompts": args.gate_prompts, "gate_samples": 2}
     if args.policy_job == "dpo":
@@ -202,6 +204,12 @@ def main() -> None:
     add("--lora-rank", type=int, default=16)
     add("--reward-steps", type=int, default=30)
     add("--reward-lr", type=float, default=5e-4)
+    add(
+        "--reward-head-only",
+        action="store_true",
+        help="the reward job trains its score head alone on the frozen trunk's features (use --reward-steps 400 "
+        "--reward-lr 1e-2)",
+    )
     add("--policy-job", default="rl", choices=["rl", "dpo"], help="rl against the reward model, or dpo on the rankings")
     add("--algo", default="grpo", choices=["ppo", "grpo", "rloo"])
     add("--dpo-steps", type=int, default=60)

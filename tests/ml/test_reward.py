@@ -4,6 +4,7 @@ are normalised so the reference answers average 0."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from ml.checkpoint import load_checkpoint
 from ml.demo.world import World
@@ -69,3 +70,33 @@ def test_pair_counts_per_ranking_pool_to_the_accuracy(make_rankings, trained_rm)
     assert len(counts) == len(fresh) and all(0 <= right <= pairs for right, pairs in counts)
     assert sum(p for _, p in counts) == pooled["pairs"]
     assert sum(r for r, _ in counts) / pooled["pairs"] == pytest.approx(pooled["accuracy"], abs=1e-9)
+
+
+def test_head_only_trains_the_score_head_alone_on_cached_features(
+    make_rankings, tiny_base: Path, tmp_path: Path
+) -> None:
+    """The trunk stays exactly the base's; the loss falls; the saved head reads raw features (the standardisation is
+    folded in) and so orders held-out rankings as well as training measured."""
+    rankings, thumbs = make_rankings(240, 0), []
+    for r in make_rankings(40, 3):
+        pairs = zip(r["answers"], r["ranking"], strict=True)
+        thumbs += [{"prompt": r["prompt"], "completion": a, "label": k == 1} for a, k in pairs]
+    config = RewardConfig(
+        sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=rankings, thumbs=thumbs, head_only=True,
+        **{**FAST, "steps": 200, "lr": 3e-2},
+    )  # fmt: skip
+    metrics = train(config)
+    assert sum(metrics["losses"][-20:]) < 0.8 * sum(metrics["losses"][:20]), metrics["losses"]
+    base, _ = load_checkpoint(tiny_base)
+    rm = RewardModel.load(tmp_path / "rm")
+    trunk = {k: v for k, v in rm.model.state_dict().items() if not k.startswith("score_head")}
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in trunk.items())
+    fresh = reward_accuracy(rm, load_rankings(make_rankings(40, seed=99)))["accuracy"]
+    assert metrics["val_acc"] >= 0.75 and fresh >= 0.75, (metrics["val_acc"], fresh)
+    assert abs(metrics["reference_mean"]) < 1e-4
+
+
+def test_head_only_refuses_lora(tiny_base: Path, tmp_path: Path) -> None:
+    config = RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=[{}], head_only=True, lora={"rank": 4})
+    with pytest.raises(ValueError, match="no LoRA"):
+        config.validate()
