@@ -118,6 +118,7 @@ def job_params(args: argparse.Namespace) -> tuple[dict, dict]:
     reward = {"steps": args.reward_steps, "batch_size": 8, "lr": args.reward_lr, "lora": lora}
     if args.reward_head_only:  # the score head alone on the frozen trunk's cached features: cheap steps
         reward = {"steps": args.reward_steps, "batch_size": 16, "lr": args.reward_lr, "head_only": True}
+        reward["weight_decay"] = args.reward_weight_decay
     sampling = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     gating = {"gate_prompts": args.gate_prompts, "gate_samples": 2}
     if args.policy_job == "dpo":
@@ -208,8 +209,9 @@ def main() -> None:
         "--reward-head-only",
         action="store_true",
         help="the reward job trains its score head alone on the frozen trunk's features (use --reward-steps 400 "
-        "--reward-lr 1e-2)",
+        "--reward-lr 1e-2 --reward-weight-decay 1)",
     )
+    add("--reward-weight-decay", type=float, default=0.0, help="the head-only reward job's AdamW weight decay")
     add("--policy-job", default="rl", choices=["rl", "dpo"], help="rl against the reward model, or dpo on the rankings")
     add("--algo", default="grpo", choices=["ppo", "grpo", "rloo"])
     add("--dpo-steps", type=int, default=60)

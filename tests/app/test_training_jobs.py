@@ -298,3 +298,23 @@ def test_lora_jobs_record_base_and_adapter_and_the_promoted_policy_is_served(
     with torch.no_grad():
         prompt = torch.tensor([ids + sample.token_ids])
         assert torch.allclose(merged(prompt)[0], base(prompt)[0], atol=1e-4)
+
+
+def test_a_head_only_reward_job_keeps_the_trunk_and_records_the_setting(settings: Settings, factory) -> None:
+    """`head_only` reaches the trainer through the job's parameters: the registered reward model's trunk is the SFT
+    model's, unchanged, and the job page's effective parameters say how it trained."""
+    import torch
+
+    from ml.checkpoint import load_checkpoint
+
+    collect_labels(factory)
+    job = run(settings, factory, "reward", head_only=True, **{**SMALL, "lr": 1e-2})
+    assert job.status == JobStatus.succeeded, job.error
+    assert job.effective_params["head_only"] is True and job.effective_params["lora"] is None
+    with factory() as db:
+        reward = db.query(ModelVersion).filter_by(kind=ModelKind.reward).one()
+        sft = db.get(ModelVersion, reward.parent_id)
+        trained, _ = load_checkpoint(reward.path)
+        base, _ = load_checkpoint(sft.path)
+    trunk = {k: v for k, v in trained.state_dict().items() if not k.startswith("score_head")}
+    assert trunk and all(torch.equal(v, base.state_dict()[k]) for k, v in trunk.items())
