@@ -81,10 +81,10 @@ def test_head_only_trains_the_score_head_alone_on_cached_features(
     for r in make_rankings(40, 3):
         pairs = zip(r["answers"], r["ranking"], strict=True)
         thumbs += [{"prompt": r["prompt"], "completion": a, "label": k == 1} for a, k in pairs]
+    fast = {**FAST, "steps": 200, "lr": 3e-2}
     config = RewardConfig(
-        sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=rankings, thumbs=thumbs, head_only=True,
-        **{**FAST, "steps": 200, "lr": 3e-2},
-    )  # fmt: skip
+        sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=rankings, thumbs=thumbs, head_only=True, **fast
+    )
     metrics = train(config)
     assert sum(metrics["losses"][-20:]) < 0.8 * sum(metrics["losses"][:20]), metrics["losses"]
     base, _ = load_checkpoint(tiny_base)
