@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,11 +190,6 @@ def _last_answer(messages: list[Message]) -> tuple[list[Message], str]:
     return messages[:i], messages[i]["content"]
 
 
-# How a batch's (N,) scores are computed: a forward of the model (by default), or the score head over cached
-# features (head_only). Called with the batch and the rankings' and thumbs' indices it was built from.
-ScoreFn = Callable[[ComparisonBatch, str, list[int], list[int]], Tensor]
-
-
 def comparison_loss(cb: ComparisonBatch, scores: Tensor, labels: Tensor, thumb_weight: float = 1.0) -> Tensor:
     """Bradley-Terry over the rankings' pairs plus thumb_weight * logistic loss on the thumbs."""
     loss = bradley_terry_loss(cb.grid(scores), cb.ranks) if cb.ranks.numel() else scores.sum() * 0.0
@@ -212,21 +206,31 @@ def reward_loss(model: nn.Module, batch: tuple[ComparisonBatch, Tensor], thumb_w
 
 @torch.no_grad()
 def evaluate_rewards(
-    model: nn.Module, data: RewardData, split: str = "heldout", batch_size: int = 16, score_fn: ScoreFn | None = None
+    model: nn.Module,
+    data: RewardData,
+    split: str = "heldout",
+    batch_size: int = 16,
+    features: CachedFeatures | None = None,
 ) -> dict:
-    """Held-out BT loss, pairwise accuracy over all pairs, thumbs accuracy (sign of the reward), all deterministic."""
+    """Held-out BT loss, pairwise accuracy over all pairs, thumbs accuracy (sign of the reward), all deterministic.
+    With `features` (head_only) the score head reads them instead of a forward of the model."""
     model = common.unwrap(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    scores_of = score_fn or (lambda cb, *_: score_sequences(model, cb.sequences))
+
+    def scores_of(cb: ComparisonBatch, idx_r: list[int], idx_t: list[int]) -> Tensor:
+        if features is None:
+            return score_sequences(model, cb.sequences)
+        return features.scores(model.score_head, split, idx_r, idx_t)
+
     losses, right, pairs, thumbs_right = [], 0.0, 0, 0
     n_r, n_t = len(data.rankings[split]), len(data.thumbs[split])
     for i in range(0, n_r, batch_size):
         idx = list(range(i, min(i + batch_size, n_r)))
         cb, _ = data.batch(split, idx, [])
         cb = cb.to(device)
-        grid = cb.grid(scores_of(cb, split, idx, []))
+        grid = cb.grid(scores_of(cb, idx, []))
         losses.append(float(bradley_terry_loss(grid, cb.ranks)) * len(cb.ranks))
         acc, n = pairwise_accuracy(grid, cb.ranks)
         right, pairs = right + float(acc) * int(n), pairs + int(n)
@@ -234,7 +238,7 @@ def evaluate_rewards(
         idx = list(range(i, min(i + batch_size, n_t)))
         cb, labels = data.batch(split, [], idx)
         cb = cb.to(device)
-        scores = cb.extra_scores(scores_of(cb, split, [], idx)).cpu()
+        scores = cb.extra_scores(scores_of(cb, [], idx)).cpu()
         thumbs_right += int(((scores > 0) == labels).sum())
     model.train(was_training)
     out: dict[str, float] = {}
@@ -318,12 +322,11 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
     model, tokenizer = _reward_model(config, dist.device)
     max_len = min(config.max_len or model.config.max_seq_len, model.config.max_seq_len)
     data = build_reward_data(config, tokenizer, max_len)
-    features, score_fn = None, None
+    features = None
     if config.head_only:
         model.requires_grad_(False)
         features = CachedFeatures.compute(model, data)
         model.score_head.requires_grad_(True)
-        score_fn = lambda cb, split, idx_r, idx_t: features.scores(model.score_head, split, idx_r, idx_t)  # noqa: E731
     model.train()
     training = common.start_training(model, config)
     rows = dist.rows(config.batch_size)
@@ -332,17 +335,18 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
     def pick(n: int) -> list[int]:
         return torch.randint(0, n, (config.batch_size,), generator=training.generator)[rows].tolist() if n else []
 
-    def next_batch() -> tuple[ComparisonBatch, Tensor] | tuple[ComparisonBatch, Tensor, list[int], list[int]]:
-        idx_r, idx_t = pick(n_r), pick(n_t)
+    def next_batch() -> tuple[ComparisonBatch, Tensor, list[int], list[int]]:
+        idx_r, idx_t = pick(n_r), pick(n_t)  # the indices let a head-only run find the batch's cached features
         cb, labels = data.batch("train", idx_r, idx_t)
-        cb, labels = cb.to(dist.device), labels.to(dist.device)
-        return (cb, labels) if score_fn is None else (cb, labels, idx_r, idx_t)
+        return cb.to(dist.device), labels.to(dist.device), idx_r, idx_t
 
-    def loss_fn(m: nn.Module, batch: tuple) -> Tensor:
-        if score_fn is None:
-            return reward_loss(m, batch, config.thumb_weight)
+    def loss_fn(m: nn.Module, batch: tuple[ComparisonBatch, Tensor, list[int], list[int]]) -> Tensor:
         cb, labels, idx_r, idx_t = batch
-        return comparison_loss(cb, score_fn(cb, "train", idx_r, idx_t), labels, config.thumb_weight)
+        if features is None:
+            return reward_loss(m, (cb, labels), config.thumb_weight)
+        return comparison_loss(
+            cb, features.scores(model.score_head, "train", idx_r, idx_t), labels, config.thumb_weight
+        )
 
     metrics: dict[str, Any] = {"train_rankings": n_r, "train_thumbs": n_t, **data.skipped}
     metrics.update(heldout_rankings=len(data.rankings["heldout"]), heldout_thumbs=len(data.thumbs["heldout"]))
@@ -353,7 +357,7 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
         metrics,
         next_batch=next_batch,
         loss_fn=loss_fn,
-        evaluate=lambda: evaluate_rewards(model, data, score_fn=score_fn),
+        evaluate=lambda: evaluate_rewards(model, data, features=features),
         on_progress=on_progress,
     )
     if features is not None:
