@@ -127,3 +127,31 @@ def test_a_chat_made_over_rest_is_titled_live_by_its_first_message(served_page: 
     expect(page.get_by_role("button", name="Regenerate")).to_be_visible(timeout=20_000)
     assert page.evaluate("window.__notReloaded") is True
     assert page.title() == "Which city does Mira live in? · Flywheel"
+
+
+def test_a_reason_picked_the_instant_the_thumb_lands_is_saved(served_page: Page) -> None:
+    """The fastest possible person: the reason changes in the same breath as the thumb's answer is swapped in. htmx
+    binds new content when it settles, so the app settles at once (defaultSettleDelay 0) or the change is lost."""
+    page = served_page
+    sign_up(page, "quick")
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Chat").click()
+    page.get_by_role("link", name="New chat").click()
+    box = page.get_by_label("Your message")
+    box.fill("Where does Mira live?")
+    box.press("Enter")
+    answer = page.locator("article.message.assistant").first
+    expect(answer.get_by_role("button", name="Regenerate")).to_be_visible(timeout=20_000)
+    # A mutation observer runs right after the swap's own task, before anything a timer would run.
+    page.evaluate(
+        """() => new MutationObserver((changes, observer) => {
+            const select = document.querySelector("article.message.assistant form.feedback select[name=reason]");
+            if (!select || !document.querySelector("form.feedback [role=status]")) return;
+            observer.disconnect();
+            select.value = "concise";
+            select.dispatchEvent(new Event("change", {bubbles: true}));
+        }).observe(document.body, {childList: true, subtree: true})"""
+    )
+    answer.get_by_role("button", name="Thumbs up").click()
+    expect(answer.get_by_role("status")).to_have_text("reason saved")
+    with page.app.state.session_factory() as db:
+        assert (db.query(Feedback).one().value, db.query(Feedback).one().reason) == (1, "concise")
