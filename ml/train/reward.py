@@ -329,7 +329,9 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
         model.score_head.requires_grad_(True)
     model.train()
     training = common.start_training(model, config)
-    rows = dist.rows(config.batch_size)
+    # The head-only loss is not a forward of the DDP-wrapped model, so DDP averages nothing: every rank takes the
+    # whole batch (the generator is the same on every rank) and makes the same update.
+    rows = slice(None) if features is not None else dist.rows(config.batch_size)
     n_r, n_t = len(data.rankings["train"]), len(data.thumbs["train"])
 
     def pick(n: int) -> list[int]:

@@ -1,10 +1,13 @@
 """Reward model: learns a synthetic preference to high held-out accuracy, from rankings and from thumbs; its rewards
 are normalised so the reference answers average 0."""
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from ml.checkpoint import load_checkpoint
 from ml.demo.world import World
@@ -100,3 +103,26 @@ def test_head_only_refuses_lora(tiny_base: Path, tmp_path: Path) -> None:
     config = RewardConfig(sft=str(tiny_base), out=str(tmp_path / "rm"), rankings=[{}], head_only=True, lora={"rank": 4})
     with pytest.raises(ValueError, match="no LoRA"):
         config.validate()
+
+
+def _head_only_rank(rank: int, port: int, config: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = "2"
+    train(RewardConfig(**config))
+
+
+def test_head_only_on_two_processes_saves_the_head_one_process_trains(
+    make_rankings, tiny_base: Path, tmp_path: Path
+) -> None:
+    """The head trains outside DDP's forward, so DDP cannot average its gradients: every rank must take the whole
+    batch and make the same update, or rank 0 saves a head that saw half the data."""
+    config = dict(
+        sft=str(tiny_base), rankings=make_rankings(60, 0), head_only=True, **{**FAST, "steps": 20, "lr": 3e-2}
+    )
+    train(RewardConfig(out=str(tmp_path / "one"), **config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_head_only_rank, args=(port, dict(config, out=str(tmp_path / "two"))), nprocs=2, join=True)
+    one, two = RewardModel.load(tmp_path / "one"), RewardModel.load(tmp_path / "two")
+    torch.testing.assert_close(two.model.score_head.weight, one.model.score_head.weight, rtol=1e-4, atol=1e-6)
