@@ -154,4 +154,5 @@ def test_a_reason_picked_the_instant_the_thumb_lands_is_saved(served_page: Page)
     answer.get_by_role("button", name="Thumbs up").click()
     expect(answer.get_by_role("status")).to_have_text("reason saved")
     with page.app.state.session_factory() as db:
-        assert (db.query(Feedback).one().value, db.query(Feedback).one().reason) == (1, "concise")
+        vote = db.query(Feedback).one()
+        assert (vote.value, vote.reason) == (1, "concise")
