@@ -198,10 +198,19 @@ def comparison_loss(cb: ComparisonBatch, scores: Tensor, labels: Tensor, thumb_w
     return loss
 
 
-def reward_loss(model: nn.Module, batch: tuple[ComparisonBatch, Tensor], thumb_weight: float = 1.0) -> Tensor:
-    """The comparison loss of one batch, from one forward."""
-    cb, labels = batch
-    return comparison_loss(cb, score_sequences(model, cb.sequences), labels, thumb_weight)
+def batch_scores(
+    model: nn.Module,
+    cb: ComparisonBatch,
+    split: str,
+    idx_r: list[int],
+    idx_t: list[int],
+    features: CachedFeatures | None = None,
+) -> Tensor:
+    """(N,) a batch's scores: one forward of the model, or (head_only) its score head over the cached features of
+    the rankings and thumbs the batch was built from."""
+    if features is None:
+        return score_sequences(model, cb.sequences)
+    return features.scores(common.unwrap(model).score_head, split, idx_r, idx_t)
 
 
 @torch.no_grad()
@@ -218,19 +227,13 @@ def evaluate_rewards(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-
-    def scores_of(cb: ComparisonBatch, idx_r: list[int], idx_t: list[int]) -> Tensor:
-        if features is None:
-            return score_sequences(model, cb.sequences)
-        return features.scores(model.score_head, split, idx_r, idx_t)
-
     losses, right, pairs, thumbs_right = [], 0.0, 0, 0
     n_r, n_t = len(data.rankings[split]), len(data.thumbs[split])
     for i in range(0, n_r, batch_size):
         idx = list(range(i, min(i + batch_size, n_r)))
         cb, _ = data.batch(split, idx, [])
         cb = cb.to(device)
-        grid = cb.grid(scores_of(cb, idx, []))
+        grid = cb.grid(batch_scores(model, cb, split, idx, [], features))
         losses.append(float(bradley_terry_loss(grid, cb.ranks)) * len(cb.ranks))
         acc, n = pairwise_accuracy(grid, cb.ranks)
         right, pairs = right + float(acc) * int(n), pairs + int(n)
@@ -238,7 +241,7 @@ def evaluate_rewards(
         idx = list(range(i, min(i + batch_size, n_t)))
         cb, labels = data.batch(split, [], idx)
         cb = cb.to(device)
-        scores = cb.extra_scores(scores_of(cb, [], idx)).cpu()
+        scores = cb.extra_scores(batch_scores(model, cb, split, [], idx, features)).cpu()
         thumbs_right += int(((scores > 0) == labels).sum())
     model.train(was_training)
     out: dict[str, float] = {}
@@ -344,11 +347,7 @@ def _run(config: RewardConfig, dist: Distributed, on_progress: ProgressCallback 
 
     def loss_fn(m: nn.Module, batch: tuple[ComparisonBatch, Tensor, list[int], list[int]]) -> Tensor:
         cb, labels, idx_r, idx_t = batch
-        if features is None:
-            return reward_loss(m, (cb, labels), config.thumb_weight)
-        return comparison_loss(
-            cb, features.scores(model.score_head, "train", idx_r, idx_t), labels, config.thumb_weight
-        )
+        return comparison_loss(cb, batch_scores(m, cb, "train", idx_r, idx_t, features), labels, config.thumb_weight)
 
     metrics: dict[str, Any] = {"train_rankings": n_r, "train_thumbs": n_t, **data.skipped}
     metrics.update(heldout_rankings=len(data.rankings["heldout"]), heldout_thumbs=len(data.thumbs["heldout"]))
